@@ -1,0 +1,63 @@
+"""stoppoint: interruptible async work that stops at the stopping points you choose.
+
+Declare async steps on a `Flow`, run it, and stop it from anywhere with an `Interrupter`: the run
+halts at the next stopping point and returns either `Completed` or `Interrupted`, with a report of
+what finished, what stopped where, and what never started.
+"""
+
+from ._checkpoint import Checkpoint as Checkpoint
+from ._context import StepContext as StepContext
+from ._errors import CheckpointError as CheckpointError
+from ._errors import CheckpointMismatch as CheckpointMismatch
+from ._errors import FlowDefinitionError as FlowDefinitionError
+from ._errors import FlowInputError as FlowInputError
+from ._errors import StepFailed as StepFailed
+from ._errors import StoppointError as StoppointError
+from ._errors import StopRequested as StopRequested
+from ._errors import StoreError as StoreError
+from ._flow import Flow as Flow
+from ._outcome import Completed as Completed
+from ._outcome import Interrupted as Interrupted
+from ._outcome import RunReport as RunReport
+from ._outcome import StepReport as StepReport
+from ._outcome import StepStatus as StepStatus
+from ._signal import Interrupter as Interrupter
+from ._signal import InterruptSignal as InterruptSignal
+from ._signal import interrupt_channel as interrupt_channel
+from ._strategy import AtCheckpoint as AtCheckpoint
+from ._strategy import FinishCurrent as FinishCurrent
+from ._strategy import Strategy as Strategy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AtCheckpoint",
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointMismatch",
+    "Completed",
+    "FinishCurrent",
+    "Flow",
+    "FlowDefinitionError",
+    "FlowInputError",
+    "InterruptSignal",
+    "Interrupted",
+    "Interrupter",
+    "RunReport",
+    "StepContext",
+    "StepFailed",
+    "StepReport",
+    "StepStatus",
+    "StopRequested",
+    "StoppointError",
+    "StoreError",
+    "Strategy",
+    "interrupt_channel",
+]
+
+# Public objects say they live in `stoppoint`, so reprs, docs and pickled names use the public path.
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "").startswith("stoppoint._"):
+        _obj.__module__ = __name__
+del _name, _obj

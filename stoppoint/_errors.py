@@ -1,0 +1,117 @@
+"""The exceptions stoppoint raises.
+
+The tree::
+
+    Exception
+     +-- StoppointError                 every error stoppoint raises on purpose
+          +-- FlowDefinitionError       a flow or step is declared wrongly (raised at decoration time)
+          +-- FlowInputError            run() got missing or unknown inputs (before any step starts)
+          +-- StepFailed                a step raised; __cause__ is the step's exception
+          +-- CheckpointError           a checkpoint cannot be read or used
+          |    +-- CheckpointMismatch   a checkpoint of another flow, version or inputs
+          +-- StoreError                a store cannot be read or written
+
+    BaseException
+     +-- StopRequested                  not an error: how a stopping point unwinds a step
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._checkpoint import Checkpoint
+    from ._outcome import RunReport
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointMismatch",
+    "FlowDefinitionError",
+    "FlowInputError",
+    "StepFailed",
+    "StopRequested",
+    "StoppointError",
+    "StoreError",
+]
+
+
+class StoppointError(Exception):
+    """Base class of every error stoppoint raises on purpose."""
+
+
+class FlowDefinitionError(StoppointError):
+    """A flow or one of its steps is declared wrongly.
+
+    Raised when the offending declaration is made (at decoration time), and the message names the
+    flow, the step and the offending name.
+    """
+
+
+class FlowInputError(StoppointError):
+    """`Flow.run()` was given missing or unknown inputs; raised before any step starts.
+
+    Attributes:
+        flow: The flow's name.
+        missing: Required inputs that were not given, in declaration order.
+        unknown: Given names that are not inputs of the flow, sorted.
+    """
+
+    def __init__(self, flow: str, missing: tuple[str, ...], unknown: tuple[str, ...]) -> None:
+        self.flow = flow
+        self.missing = missing
+        self.unknown = unknown
+        parts = []
+        if missing:
+            parts.append("missing input(s) " + ", ".join(repr(n) for n in missing))
+        if unknown:
+            parts.append("unknown input(s) " + ", ".join(repr(n) for n in unknown))
+        super().__init__(f"flow {flow!r}: " + "; ".join(parts))
+
+
+class StepFailed(StoppointError):
+    """A step raised an exception, so the run was abandoned.
+
+    Steps still running at that moment were cancelled (reported `CANCELLED`); steps that had not
+    started are `NOT_STARTED`. The step's own exception is the `__cause__`.
+
+    Attributes:
+        step: Name of the step that raised.
+        report: The run's final report.
+        checkpoint: What a resume needs: the outputs of the steps that did complete.
+    """
+
+    def __init__(self, step: str, report: RunReport, checkpoint: Checkpoint) -> None:
+        self.step = step
+        self.report = report
+        self.checkpoint = checkpoint
+        error = report.steps[step].error
+        super().__init__(f"step {step!r} of flow {report.flow!r} failed: {error}")
+
+
+class CheckpointError(StoppointError):
+    """A checkpoint cannot be read or used."""
+
+
+class CheckpointMismatch(CheckpointError):
+    """A checkpoint belongs to another flow, another flow version, or other inputs."""
+
+
+class StoreError(StoppointError):
+    """A store cannot be opened, read or written."""
+
+
+class StopRequested(BaseException):
+    """Raised by a stopping point when the run's strategy says this step must stop now.
+
+    It derives from `BaseException` so that `except Exception:` in user code cannot swallow it,
+    while `finally:` blocks and context managers still run. The executor catches it at the step
+    boundary (also when it comes out of a task group the step opened) and reports the step as
+    `INTERRUPTED`. User code should let it propagate.
+
+    Attributes:
+        stopped_at: `"file.py:LINE"` of the user's line whose stopping point stopped the step.
+    """
+
+    def __init__(self, stopped_at: str | None = None) -> None:
+        super().__init__(stopped_at)
+        self.stopped_at = stopped_at

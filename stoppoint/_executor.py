@@ -1,0 +1,392 @@
+"""The run loop: schedule ready steps, stop at stopping points, turn the end into an outcome.
+
+One `_Run` holds one run's mutable state; the `Flow` is only read. Steps of a chain cost no task:
+the task that finished a step goes on with the next ready one and spawns tasks only for the
+others, so a linear flow runs in the caller's task and a fan-out spawns one task per extra branch.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import deque
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.lowlevel
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from ._checkpoint import Checkpoint
+from ._context import YIELD_INTERVAL, StepContext
+from ._errors import FlowInputError, StepFailed, StopRequested
+from ._outcome import Completed, Interrupted, RunReport, StepReport, StepStatus
+from ._signal import InterruptSignal, hub_of
+from ._strategy import Strategy
+
+if TYPE_CHECKING:
+    from ._flow import Flow, StepSpec
+
+__all__ = ["execute"]
+
+
+async def execute(
+    flow: Flow,
+    inputs: Mapping[str, Any] | None,
+    *,
+    interrupts: MemoryObjectReceiveStream[InterruptSignal] | None,
+    strategy: Strategy,
+    run_id: str | None,
+) -> Completed[Any] | Interrupted:
+    """Check the arguments, then run `flow` once (see `Flow.run`)."""
+    if not isinstance(strategy, Strategy):
+        raise TypeError(f"flow {flow.name!r}: strategy must be a Strategy such as AtCheckpoint(), got {strategy!r}")
+    if interrupts is not None and not isinstance(interrupts, MemoryObjectReceiveStream):
+        raise TypeError(
+            f"flow {flow.name!r}: interrupts must be an anyio MemoryObjectReceiveStream[InterruptSignal], "
+            f"got {type(interrupts).__name__}"
+        )
+    if run_id is None:
+        run_id = uuid.uuid4().hex
+    elif not isinstance(run_id, str) or not run_id:
+        raise TypeError(f"flow {flow.name!r}: run_id must be a non-empty str, got {run_id!r}")
+    flow._freeze()
+    return await _Run(flow, _check_inputs(flow, inputs), strategy, run_id).execute(interrupts)
+
+
+def _check_inputs(flow: Flow, inputs: Mapping[str, Any] | None) -> dict[str, Any]:
+    if inputs is None:
+        given: dict[str, Any] = {}
+    elif isinstance(inputs, Mapping):
+        given = dict(inputs)
+    else:
+        raise TypeError(
+            f"flow {flow.name!r}: inputs must be a mapping of input names to values, got {type(inputs).__name__}"
+        )
+    known = flow._all_inputs
+    missing = tuple(name for name in flow.inputs if name not in given)
+    unknown = tuple(sorted(str(name) for name in given if name not in known))
+    if missing or unknown:
+        raise FlowInputError(flow.name, missing, unknown)
+    return given
+
+
+def _timestamp(t: float | None) -> datetime | None:
+    return None if t is None else datetime.fromtimestamp(t, UTC)
+
+
+def _first_stop(group: BaseExceptionGroup[Any]) -> StopRequested | None:
+    for exc in group.exceptions:
+        if isinstance(exc, StopRequested):
+            return exc
+        if isinstance(exc, BaseExceptionGroup) and (found := _first_stop(exc)) is not None:
+            return found
+    return None
+
+
+class _StepState:
+    """One step's mutable state within one run."""
+
+    __slots__ = ("dependants", "duration", "error", "finished", "spec", "started", "status", "stopped_at", "waiting")
+
+    def __init__(self, spec: StepSpec) -> None:
+        self.spec = spec
+        self.status = StepStatus.PENDING
+        self.waiting = len(spec.waits_for)
+        self.dependants: list[str] = []
+        self.started: float | None = None
+        self.finished: float | None = None
+        self.duration: float | None = None
+        self.stopped_at: str | None = None
+        self.error: str | None = None
+
+
+class _Run:
+    """One run of a flow: its mutable state and the loop that drives it."""
+
+    def __init__(self, flow: Flow, inputs: dict[str, Any], strategy: Strategy, run_id: str) -> None:
+        self.flow = flow
+        self.inputs = inputs
+        self.strategy = strategy
+        self.run_id = run_id
+        self.limit = flow.max_concurrency or len(flow.steps)
+        self.states = {name: _StepState(spec) for name, spec in flow._specs.items()}
+        for name, state in self.states.items():
+            for dependency in state.spec.waits_for:
+                self.states[dependency].dependants.append(name)
+        self.ready = deque(name for name, state in self.states.items() if not state.waiting)
+        self.outputs: dict[str, Any] = {}
+        self.active = 0  # steps handed to a worker and not finished
+        self.running: dict[str, StepContext] = {}
+        self.signals: list[InterruptSignal] = []
+        self.first: InterruptSignal | None = None
+        self.started_since_interrupt = 0
+        self.failure: tuple[str, BaseException] | None = None
+        self.bad_signal: TypeError | None = None
+        self.cancelled_exc = anyio.get_cancelled_exc_class()
+        self.watch_scope = anyio.CancelScope()
+        self.task_group: TaskGroup | None = None
+        self.started_at = time.time()
+
+    # -- interrupts ------------------------------------------------------------------------------
+
+    def on_signal(self, signal: InterruptSignal) -> None:
+        """Record a signal; the first one takes effect now, as the strategy says."""
+        self.signals.append(signal)
+        if self.first is not None:
+            return
+        self.first = signal
+        if self.strategy._stops_running_steps:
+            for ctx in self.running.values():
+                ctx._request_stop()
+
+    def drain(self, receiver: MemoryObjectReceiveStream[InterruptSignal]) -> bool:
+        """Take every signal already waiting in `receiver`; False if it is closed or ended."""
+        while True:
+            try:
+                item = receiver.receive_nowait()
+            except anyio.WouldBlock:
+                return True
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                return False
+            if not self.accept(item):
+                return True
+
+    def accept(self, item: object) -> bool:
+        if isinstance(item, InterruptSignal):
+            self.on_signal(item)
+            return True
+        # A foreign object on the stream is a programming error; stop the run and report it.
+        if self.bad_signal is None:
+            self.bad_signal = TypeError(
+                f"flow {self.flow.name!r}, run {self.run_id!r}: the interrupt stream carried "
+                f"{type(item).__name__} {item!r}; only InterruptSignal may be sent"
+            )
+            if self.task_group is not None:
+                self.task_group.cancel_scope.cancel()
+        return False
+
+    async def watch(self, receiver: MemoryObjectReceiveStream[InterruptSignal]) -> None:
+        """Read a plain anyio stream (one without the interrupt_channel hub) until the run ends."""
+        with self.watch_scope:
+            try:
+                async for item in receiver:
+                    if not self.accept(item):
+                        return
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                pass  # a closed stream means no more interrupts
+
+    # -- scheduling ------------------------------------------------------------------------------
+
+    def may_start(self) -> bool:
+        """The stopping point before a step: may one more step start now?"""
+        if self.failure is not None or self.bad_signal is not None:
+            return False
+        if self.first is None:
+            return True
+        if self.strategy._may_start(self.started_since_interrupt):
+            self.started_since_interrupt += 1
+            return True
+        return False
+
+    def next_step(self) -> str | None:
+        """Hand out ready steps: one for the calling worker, a new task for each other one."""
+        if self.failure is not None or self.bad_signal is not None:
+            return None
+        if self.first is not None and not self.strategy._may_start(self.started_since_interrupt):
+            return None
+        take: str | None = None
+        ready = self.ready
+        while ready and self.active < self.limit:
+            name = ready.popleft()
+            self.active += 1
+            if take is None:
+                take = name
+            else:
+                assert self.task_group is not None
+                self.task_group.start_soon(self.work, name, name=f"stoppoint {self.flow.name}.{name}")
+        return take
+
+    async def work(self, name: str | None) -> None:
+        """Run `name`, then whatever becomes ready, until nothing is left for this worker."""
+        last_yield = time.perf_counter()
+        while name is not None:
+            # Back-to-back steps in one task would never let other tasks run; yield now and then.
+            now = time.perf_counter()
+            if now - last_yield >= YIELD_INTERVAL:
+                last_yield = now
+                try:
+                    await anyio.lowlevel.checkpoint()
+                except BaseException:
+                    self.active -= 1
+                    raise
+            await self.run_step(name)
+            name = self.next_step()
+        if not self.active:
+            self.watch_scope.cancel()
+
+    async def run_step(self, name: str) -> None:
+        state = self.states[name]
+        try:
+            if not self.may_start():
+                return
+            spec = state.spec
+            ctx = StepContext(run_id=self.run_id, flow=self.flow.name, step=name)
+            kwargs = self.arguments(spec, ctx)
+            state.status = StepStatus.RUNNING
+            state.started = time.time()
+            t0 = time.perf_counter()
+            self.running[name] = ctx
+            try:
+                value = await spec.fn(**kwargs)
+            except StopRequested as stop:
+                self.stopped(state, ctx, stop, stop, t0)
+            except self.cancelled_exc:
+                self.finish(state, StepStatus.CANCELLED, t0)
+                raise
+            except BaseExceptionGroup as group:
+                _, rest = group.split(StopRequested)
+                if rest is None:
+                    self.stopped(state, ctx, _first_stop(group), group, t0)
+                elif rest.split(self.cancelled_exc)[1] is None:
+                    # Only stops and cancellations: the cancellation is what ends the step.
+                    self.finish(state, StepStatus.CANCELLED, t0)
+                    raise
+                else:
+                    self.failed(state, group, t0)
+            except Exception as exc:
+                self.failed(state, exc, t0)
+            except BaseException as exc:  # KeyboardInterrupt, SystemExit: record, then let it end the run
+                self.finish(state, StepStatus.FAILED, t0)
+                state.error = f"{type(exc).__name__}: {exc}"
+                raise
+            else:
+                self.finish(state, StepStatus.COMPLETED, t0)
+                self.outputs[name] = value
+                states = self.states
+                for dependant in state.dependants:
+                    waiting = states[dependant]
+                    waiting.waiting -= 1
+                    if not waiting.waiting:
+                        self.ready.append(dependant)
+            finally:
+                del self.running[name]
+        finally:
+            self.active -= 1
+
+    def arguments(self, spec: StepSpec, ctx: StepContext) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {}
+        if spec.context_param is not None:
+            kwargs[spec.context_param] = ctx
+        outputs = self.outputs
+        for dependency in spec.dependencies:
+            kwargs[dependency] = outputs[dependency]
+        inputs = self.inputs
+        for item in spec.inputs:
+            if item.param in inputs:
+                kwargs[item.param] = inputs[item.param]
+        return kwargs
+
+    # -- step endings -----------------------------------------------------------------------------
+
+    @staticmethod
+    def finish(state: _StepState, status: StepStatus, t0: float) -> None:
+        state.status = status
+        state.duration = time.perf_counter() - t0
+        state.finished = time.time()
+
+    def stopped(
+        self, state: _StepState, ctx: StepContext, stop: StopRequested | None, raised: BaseException, t0: float
+    ) -> None:
+        if ctx._stop:
+            self.finish(state, StepStatus.INTERRUPTED, t0)
+            state.stopped_at = stop.stopped_at if stop is not None else None
+        else:
+            # Nobody asked this step to stop: raising StopRequested itself is a bug in the step.
+            self.failed(state, raised, t0)
+
+    def failed(self, state: _StepState, exc: BaseException, t0: float) -> None:
+        self.finish(state, StepStatus.FAILED, t0)
+        state.error = f"{type(exc).__name__}: {exc}"
+        if self.failure is None:
+            self.failure = (state.spec.name, exc)
+            assert self.task_group is not None
+            self.task_group.cancel_scope.cancel()  # siblings still running end CANCELLED
+
+    # -- the whole run ----------------------------------------------------------------------------
+
+    async def execute(
+        self, receiver: MemoryObjectReceiveStream[InterruptSignal] | None
+    ) -> Completed[Any] | Interrupted:
+        hub = None
+        watch = False
+        if receiver is not None and self.drain(receiver):
+            # Listening starts in the same synchronous stretch as the drain: no signal falls between.
+            hub = hub_of(receiver)
+            if hub is not None:
+                hub.listen(self.on_signal)
+            else:
+                watch = True
+        try:
+            async with anyio.create_task_group() as task_group:
+                self.task_group = task_group
+                if watch:
+                    assert receiver is not None
+                    task_group.start_soon(self.watch, receiver, name=f"stoppoint {self.flow.name} interrupt watcher")
+                await self.work(self.next_step())
+        finally:
+            if hub is not None:
+                hub.unlisten(self.on_signal)
+        if receiver is not None:
+            self.drain(receiver)  # signals that came too late still belong in the report
+        return self.outcome()
+
+    def outcome(self) -> Completed[Any] | Interrupted:
+        if self.bad_signal is not None:
+            raise self.bad_signal
+        report = self.report()
+        if self.failure is not None:
+            name, exc = self.failure
+            raise StepFailed(name, report, self.checkpoint()) from exc
+        if len(self.outputs) == len(self.states):
+            return Completed(self.outputs[self.flow.result], report)
+        if self.first is None:  # pragma: no cover - every path that leaves a step unfinished records why
+            raise RuntimeError(
+                f"stoppoint: run {self.run_id!r} of flow {self.flow.name!r} ended unfinished without cause"
+            )
+        return Interrupted(self.first, report, self.checkpoint(), forced=False)
+
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint(
+            flow=self.flow.name,
+            flow_version=self.flow.version,
+            run_id=self.run_id,
+            inputs=dict(self.inputs),
+            outputs=dict(self.outputs),
+        )
+
+    def report(self) -> RunReport:
+        # model_construct: these values are ours and already valid; validating 10k step reports
+        # would cost more than running 10k trivial steps.
+        steps = {
+            name: StepReport.model_construct(
+                name=name,
+                status=StepStatus.NOT_STARTED if state.status is StepStatus.PENDING else state.status,
+                started_at=_timestamp(state.started),
+                finished_at=_timestamp(state.finished),
+                duration_s=state.duration,
+                stopped_at=state.stopped_at,
+                error=state.error,
+            )
+            for name, state in self.states.items()
+        }
+        return RunReport.model_construct(
+            run_id=self.run_id,
+            flow=self.flow.name,
+            started_at=_timestamp(self.started_at),
+            finished_at=_timestamp(time.time()),
+            steps=steps,
+            interrupts=list(self.signals),
+        )

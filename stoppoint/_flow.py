@@ -1,0 +1,302 @@
+"""Flow: declared steps, resolved by parameter name into a DAG."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from ._context import StepContext
+from ._errors import FlowDefinitionError
+from ._executor import execute
+from ._signal import InterruptSignal
+from ._strategy import AtCheckpoint, Strategy
+
+if TYPE_CHECKING:
+    from ._outcome import Completed, Interrupted
+
+__all__ = ["Flow"]
+
+StepFn = TypeVar("StepFn", bound=Callable[..., Awaitable[Any]])
+
+_CONTEXT_NAME = "ctx"
+_DEFAULT_STRATEGY = AtCheckpoint()
+_NO_DEFAULT = inspect.Parameter.empty
+
+
+@dataclass(frozen=True, slots=True)
+class _Input:
+    param: str
+    required: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StepSpec:
+    """One declared step: how to call it and what it waits for."""
+
+    name: str
+    fn: Callable[..., Awaitable[Any]]
+    context_param: str | None
+    dependencies: tuple[str, ...]  # steps whose outputs are parameters (parameter name == step name)
+    after: tuple[str, ...]  # ordering-only edges
+    inputs: tuple[_Input, ...]
+
+    @property
+    def waits_for(self) -> tuple[str, ...]:
+        """Every step that must complete before this one starts, data edges first."""
+        return self.dependencies + tuple(a for a in self.after if a not in self.dependencies)
+
+
+def _is_context_annotation(annotation: Any) -> bool:
+    if annotation is StepContext:
+        return True
+    # Under `from __future__ import annotations` the annotation is a string; do not eval it.
+    return isinstance(annotation, str) and annotation.rsplit(".", 1)[-1] == "StepContext"
+
+
+class Flow:
+    """A named set of async steps; each step's parameters say what it needs.
+
+    A parameter annotated `StepContext` (or named `ctx`) receives the step's context, a parameter
+    named like an earlier step receives that step's output, and any other parameter is a flow
+    input given to `run()`. Steps may only depend on steps declared earlier, so a flow is a DAG by
+    construction. The flow's result is the output of its last declared step unless `result=`
+    names another.
+
+    Args:
+        name: The flow's name (used in reports, errors and checkpoints).
+        version: Bumped when a change makes old checkpoints unusable.
+        max_concurrency: At most this many steps run at once (None: no limit).
+        result: Name of the step whose output is the flow's result (default: the last declared).
+
+    Raises:
+        FlowDefinitionError: A bad name, version or `max_concurrency`.
+    """
+
+    def __init__(
+        self, name: str, *, version: str = "1", max_concurrency: int | None = None, result: str | None = None
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise FlowDefinitionError(f"Flow(): name must be a non-empty str, got {name!r}")
+        if not isinstance(version, str) or not version:
+            raise FlowDefinitionError(f"flow {name!r}: version must be a non-empty str, got {version!r}")
+        if max_concurrency is not None and (
+            isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1
+        ):
+            raise FlowDefinitionError(
+                f"flow {name!r}: max_concurrency must be None or an int >= 1, got {max_concurrency!r}"
+            )
+        if result is not None and (not isinstance(result, str) or not result):
+            raise FlowDefinitionError(f"flow {name!r}: result must be a step name, got {result!r}")
+        self._name = name
+        self._version = version
+        self._max_concurrency = max_concurrency
+        self._result = result
+        self._specs: dict[str, StepSpec] = {}
+        # input name -> first step that uses it (to name it in errors)
+        self._input_users: dict[str, str] = {}
+        self._required_inputs: dict[str, None] = {}  # ordered set
+        self._frozen = False
+
+    # -- read-only views -------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The flow's name."""
+        return self._name
+
+    @property
+    def version(self) -> str:
+        """The flow's version (checkpoints of another version are refused)."""
+        return self._version
+
+    @property
+    def max_concurrency(self) -> int | None:
+        """At most this many steps run at once; None means no limit."""
+        return self._max_concurrency
+
+    @property
+    def steps(self) -> tuple[str, ...]:
+        """Step names in declaration order."""
+        return tuple(self._specs)
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """Names of the required inputs, in order of first use."""
+        return tuple(self._required_inputs)
+
+    @property
+    def result(self) -> str:
+        """Name of the step whose output is the flow's result.
+
+        Raises:
+            FlowDefinitionError: The flow has no steps, or `result=` names no step.
+        """
+        if not self._specs:
+            raise FlowDefinitionError(f"flow {self._name!r} has no steps")
+        if self._result is None:
+            return next(reversed(self._specs))
+        if self._result not in self._specs:
+            raise FlowDefinitionError(
+                f"flow {self._name!r}: result={self._result!r} is not a step (steps: {', '.join(self._specs)})"
+            )
+        return self._result
+
+    def graph(self) -> dict[str, tuple[str, ...]]:
+        """Each step's name mapped to the steps it waits for (data dependencies, then `after=`)."""
+        return {name: spec.waits_for for name, spec in self._specs.items()}
+
+    def __repr__(self) -> str:
+        return f"<Flow {self._name!r} version={self._version!r} steps={list(self._specs)}>"
+
+    # -- declaring steps ---------------------------------------------------------------------------
+
+    @overload
+    def step(self, fn: StepFn) -> StepFn: ...
+    @overload
+    def step(self, *, name: str | None = None, after: str | Iterable[str] = ()) -> Callable[[StepFn], StepFn]: ...
+    def step(
+        self,
+        fn: Callable[..., Awaitable[Any]] | None = None,
+        *,
+        name: str | None = None,
+        after: str | Iterable[str] = (),
+    ) -> Any:
+        """Declare an `async def` function as a step of this flow; returns the function unchanged.
+
+        Use as `@flow.step` or `@flow.step(name="...", after=("other",))`.
+
+        Args:
+            fn: The step function.
+            name: The step's name (default: the function's name).
+            after: Steps that must complete first although no output is passed.
+
+        Raises:
+            FlowDefinitionError: The declaration is invalid (the message names flow, step and problem).
+        """
+        if fn is not None:
+            self._add(fn, name, after)
+            return fn
+
+        def decorate(fn: StepFn) -> StepFn:
+            self._add(fn, name, after)
+            return fn
+
+        return decorate
+
+    def _add(self, fn: Callable[..., Awaitable[Any]], name: str | None, after: str | Iterable[str]) -> None:
+        label = name if name is not None else getattr(fn, "__name__", repr(fn))
+        where = f"flow {self._name!r}, step {label!r}"
+        if self._frozen:
+            raise FlowDefinitionError(f"{where}: the flow has already run; declare every step before the first run")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise FlowDefinitionError(f"flow {self._name!r}: step name must be a non-empty str, got {name!r}")
+        if not callable(fn):
+            raise FlowDefinitionError(f"{where}: a step must be an `async def` function, got {type(fn).__name__}")
+        if not inspect.iscoroutinefunction(fn):
+            kind = "an async generator" if inspect.isasyncgenfunction(fn) else "not an `async def` function"
+            raise FlowDefinitionError(f"{where}: {kind}; a step must be declared with `async def`")
+        step_name: str = label
+        if step_name in self._specs:
+            raise FlowDefinitionError(f"{where}: duplicate step name {step_name!r}")
+        if step_name == _CONTEXT_NAME:
+            raise FlowDefinitionError(f"{where}: {_CONTEXT_NAME!r} is reserved for the step context")
+        if step_name in self._input_users:
+            raise FlowDefinitionError(
+                f"{where}: the name {step_name!r} is already an input of earlier step "
+                f"{self._input_users[step_name]!r}; rename the step or that parameter"
+            )
+
+        after_names = (after,) if isinstance(after, str) else tuple(after)
+        for other in after_names:
+            if not isinstance(other, str):
+                raise FlowDefinitionError(f"{where}: after= must hold step names, got {other!r}")
+            if other not in self._specs:
+                known = ", ".join(self._specs) or "none yet"
+                raise FlowDefinitionError(f"{where}: after={other!r} is not an earlier step (declared so far: {known})")
+
+        try:
+            signature = inspect.signature(fn)
+        except (TypeError, ValueError) as exc:
+            raise FlowDefinitionError(f"{where}: cannot read the signature: {exc}") from exc
+
+        context_param: str | None = None
+        dependencies: list[str] = []
+        inputs: list[_Input] = []
+        for param in signature.parameters.values():
+            if param.kind is inspect.Parameter.VAR_POSITIONAL or param.kind is inspect.Parameter.VAR_KEYWORD:
+                star = "*" if param.kind is inspect.Parameter.VAR_POSITIONAL else "**"
+                raise FlowDefinitionError(
+                    f"{where}: parameter {star}{param.name} is not allowed; steps take named parameters only"
+                )
+            if param.kind is inspect.Parameter.POSITIONAL_ONLY:
+                raise FlowDefinitionError(
+                    f"{where}: parameter {param.name!r} is positional-only; steps are called by parameter name"
+                )
+            if _is_context_annotation(param.annotation) or param.name == _CONTEXT_NAME:
+                if context_param is not None:
+                    raise FlowDefinitionError(f"{where}: two context parameters ({context_param!r} and {param.name!r})")
+                context_param = param.name
+            elif param.name in self._specs:
+                dependencies.append(param.name)
+            else:
+                inputs.append(_Input(param.name, param.default is _NO_DEFAULT))
+
+        self._specs[step_name] = StepSpec(
+            name=step_name,
+            fn=fn,
+            context_param=context_param,
+            dependencies=tuple(dependencies),
+            after=tuple(dict.fromkeys(after_names)),
+            inputs=tuple(inputs),
+        )
+        for item in inputs:
+            self._input_users.setdefault(item.param, step_name)
+            if item.required:
+                self._required_inputs[item.param] = None
+
+    # -- running -------------------------------------------------------------------------------------
+
+    def _freeze(self) -> None:
+        """Check what can only be checked once all steps exist, and forbid further declarations."""
+        _ = self.result  # raises on an empty flow or a bad result=
+        self._frozen = True
+
+    @property
+    def _all_inputs(self) -> frozenset[str]:
+        return frozenset(self._input_users)
+
+    async def run(
+        self,
+        inputs: Mapping[str, Any] | None = None,
+        *,
+        interrupts: MemoryObjectReceiveStream[InterruptSignal] | None = None,
+        strategy: Strategy = _DEFAULT_STRATEGY,
+        run_id: str | None = None,
+    ) -> Completed[Any] | Interrupted:
+        """Run the flow until every step completed or an interrupt stopped it.
+
+        Independent steps run concurrently (at most `max_concurrency` at once); a step starts as
+        soon as the steps it waits for have completed. Before each step starts is a stopping point.
+
+        Args:
+            inputs: Values for the flow's inputs, by name.
+            interrupts: The receiver to watch for interrupt signals (from `interrupt_channel()`, or
+                any anyio memory-object receive stream). A closed or ended stream means no more
+                interrupts. The run does not close it.
+            strategy: When an interrupt takes effect (default `AtCheckpoint()`).
+            run_id: The run's id (default: a new random hex id).
+
+        Returns:
+            `Completed` with the result when every step completed, else `Interrupted`.
+
+        Raises:
+            FlowDefinitionError: The flow has no steps or a bad `result=`.
+            FlowInputError: Missing or unknown inputs (before any step starts).
+            StepFailed: A step raised; `__cause__` is its exception.
+            TypeError: A bad `interrupts`, `strategy` or `run_id`.
+        """
+        return await execute(self, inputs, interrupts=interrupts, strategy=strategy, run_id=run_id)

@@ -1,0 +1,142 @@
+"""What a run returns: `Completed` or `Interrupted`, each with a `RunReport`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Generic, TypeVar, final
+
+from pydantic import BaseModel, ConfigDict
+
+from ._checkpoint import Checkpoint
+from ._signal import InterruptSignal
+
+__all__ = ["Completed", "Interrupted", "RunReport", "StepReport", "StepStatus"]
+
+T = TypeVar("T")
+
+
+class StepStatus(StrEnum):
+    """Where a step stands in a run."""
+
+    PENDING = "pending"
+    """Not started yet; the run is still going (live reports only)."""
+    RUNNING = "running"
+    """Started and not finished (live reports only)."""
+    COMPLETED = "completed"
+    """Returned; its output is in the checkpoint."""
+    INTERRUPTED = "interrupted"
+    """Stopped at a stopping point (`StepReport.stopped_at` says where)."""
+    CANCELLED = "cancelled"
+    """Cancelled mid-flight: forced, or because a sibling step failed."""
+    FAILED = "failed"
+    """Raised an exception (`StepReport.error`)."""
+    NOT_STARTED = "not_started"
+    """Never started: the run stopped or failed first."""
+
+
+class StepReport(BaseModel):
+    """What happened to one step.
+
+    Attributes:
+        name: The step's name.
+        status: Its final (or, in a live report, current) status.
+        started_at: When it started (UTC), None if it never did.
+        finished_at: When it ended (UTC), None if it never started or is still running.
+        duration_s: Seconds between start and end.
+        stopped_at: `"file.py:LINE"` of the stopping point where an interrupted step stopped.
+        error: `"ExcType: message"` of a failed step.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    status: StepStatus
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    duration_s: float | None = None
+    stopped_at: str | None = None
+    error: str | None = None
+
+
+class RunReport(BaseModel):
+    """What happened in one run, step by step (steps in declaration order).
+
+    Attributes:
+        run_id: The run's id.
+        flow: The flow's name.
+        started_at: When the run started (UTC).
+        finished_at: When it ended (UTC); None in a live report.
+        steps: Every step of the flow, by name, in declaration order.
+        interrupts: Every signal the run received, in order, each once (ignored ones too).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    run_id: str
+    flow: str
+    started_at: datetime
+    finished_at: datetime | None = None
+    steps: dict[str, StepReport]
+    interrupts: list[InterruptSignal] = []
+
+    def _names(self, status: StepStatus) -> list[str]:
+        return [name for name, step in self.steps.items() if step.status is status]
+
+    @property
+    def completed(self) -> list[str]:
+        """Names of the steps that completed."""
+        return self._names(StepStatus.COMPLETED)
+
+    @property
+    def stopped(self) -> list[str]:
+        """Names of the steps stopped at a stopping point (`INTERRUPTED`)."""
+        return self._names(StepStatus.INTERRUPTED)
+
+    @property
+    def cancelled(self) -> list[str]:
+        """Names of the steps cancelled mid-flight."""
+        return self._names(StepStatus.CANCELLED)
+
+    @property
+    def failed(self) -> list[str]:
+        """Names of the steps that raised."""
+        return self._names(StepStatus.FAILED)
+
+    @property
+    def not_started(self) -> list[str]:
+        """Names of the steps that never started."""
+        return self._names(StepStatus.NOT_STARTED)
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Completed(Generic[T]):
+    """Every step completed.
+
+    Attributes:
+        value: The flow's result: the output of its result step.
+        report: The run's report (it lists any interrupt that arrived too late to matter).
+    """
+
+    value: T
+    report: RunReport
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Interrupted:
+    """The run was stopped by an interrupt before every step completed.
+
+    Attributes:
+        signal: The first signal received: the one that stopped the run.
+        report: Which steps completed, which stopped (and where), which never started.
+        checkpoint: What `Flow.run(resume=...)` needs to go on.
+        forced: True when steps were cancelled instead of stopping at a stopping point.
+    """
+
+    signal: InterruptSignal
+    report: RunReport
+    checkpoint: Checkpoint
+    forced: bool = False
