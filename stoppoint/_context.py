@@ -178,21 +178,36 @@ class StepContext:
 
     async def _iterate_sync(self, it: Iterator[T], every: int) -> AsyncIterator[T]:
         due = 1
-        for item in it:
-            due -= 1
-            if not due:
-                due = every
-                await self.checkpoint()
-            yield item
+        try:
+            for item in it:
+                due -= 1
+                if not due:
+                    due = every
+                    await self.checkpoint()
+                yield item
+        except BaseException:
+            # Stopped (or abandoned by the caller): the source will not be read again, so release
+            # it now rather than leave a half-consumed generator to the garbage collector.
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+            raise
 
     async def _iterate_async(self, it: AsyncIterator[T], every: int) -> AsyncIterator[T]:
         due = 1
-        async for item in it:
-            due -= 1
-            if not due:
-                due = every
-                await self.checkpoint()
-            yield item
+        try:
+            async for item in it:
+                due -= 1
+                if not due:
+                    due = every
+                    await self.checkpoint()
+                yield item
+        except BaseException:
+            # As above; an unclosed async generator is also reported by trio and asyncio.
+            aclose = getattr(it, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            raise
 
     def __repr__(self) -> str:
         return f"<StepContext flow={self._flow!r} step={self._step!r} run_id={self._run_id!r}>"

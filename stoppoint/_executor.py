@@ -128,6 +128,7 @@ class _Run:
         self.cancelled_exc = anyio.get_cancelled_exc_class()
         self.watch_scope = anyio.CancelScope()
         self.task_group: TaskGroup | None = None
+        self.polled: MemoryObjectReceiveStream[InterruptSignal] | None = None  # a plain stream
         self.started_at = time.time()
 
     # -- interrupts ------------------------------------------------------------------------------
@@ -182,6 +183,10 @@ class _Run:
 
     def may_start(self) -> bool:
         """The stopping point before a step: may one more step start now?"""
+        if self.polled is not None:
+            # A plain stream's signal may sit in its buffer while the watcher task has not
+            # reached receive() yet; look now rather than start one more step.
+            self.drain(self.polled)
         if self.failure is not None or self.bad_signal is not None:
             return False
         if self.first is None:
@@ -329,6 +334,7 @@ class _Run:
                 hub.listen(self.on_signal)
             else:
                 watch = True
+                self.polled = receiver
         try:
             async with anyio.create_task_group() as task_group:
                 self.task_group = task_group
