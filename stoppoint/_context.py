@@ -5,7 +5,16 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Generator, Iterable, Iterator
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Generator,
+    Iterable,
+    Iterator,
+    Sized,
+)
 from types import FrameType
 from typing import Any, TypeVar, overload
 
@@ -25,6 +34,7 @@ YIELD_INTERVAL = 0.001
 # countdown in CPython's small-int cache, so the fast path allocates nothing.
 _MAX_STRIDE = 256
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_loop_yield = anyio.lowlevel.checkpoint  # module-level so tests can run code "during" the yield
 
 
 def _finished() -> Generator[Any, None, None]:
@@ -144,8 +154,14 @@ class StepContext:
         self._last_check = now
         if now - self._last_yield >= YIELD_INTERVAL:
             self._last_yield = now
-            return anyio.lowlevel.checkpoint()
+            return self._yield()
         return _READY
+
+    async def _yield(self) -> None:
+        await _loop_yield()
+        # The interrupter may well have run during this very yield: stop now, not a checkpoint later.
+        if self._stop:
+            raise StopRequested(_user_location(sys._getframe()))
 
     @overload
     def iterate(self, source: AsyncIterable[T], every: int = 1) -> AsyncIterator[T]: ...
@@ -154,9 +170,12 @@ class StepContext:
     def iterate(self, source: AsyncIterable[T] | Iterable[T], every: int = 1) -> AsyncIterator[T]:
         """Iterate `source` with a stopping point before every `every`-th item.
 
-        The stopping points come before items 0, `every`, `2*every`, ... — after the item was
-        fetched and before it is handed out, so iterating n items passes ceil(n / every) stopping
-        points and none after the last item.
+        The stopping points come before *taking* items 0, `every`, `2*every`, ... from the source,
+        so a stop never drops an item already taken (a queue-backed source loses nothing). A sized
+        source (list, tuple, range, ...) has no stopping point after its last item; for other
+        sources there is one before their end is discovered when the count is a multiple of
+        `every`. When a stop ends the iteration, a generator source is closed at once (its
+        `finally` blocks run); other sources, such as streams, are left open for their owner.
 
         Args:
             source: A sync or async iterable.
@@ -168,45 +187,50 @@ class StepContext:
         """
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"step {self._step!r}: iterate(every=) must be an int >= 1, got {every!r}")
+        size = len(source) if isinstance(source, Sized) else -1
         if isinstance(source, AsyncIterable):
-            return self._iterate_async(source.__aiter__(), every)
+            return self._iterate_async(source.__aiter__(), every, size)
         if isinstance(source, Iterable):
-            return self._iterate_sync(iter(source), every)
+            return self._iterate_sync(iter(source), every, size)
         raise TypeError(
             f"step {self._step!r}: iterate() needs an iterable or async iterable, got {type(source).__name__}"
         )
 
-    async def _iterate_sync(self, it: Iterator[T], every: int) -> AsyncIterator[T]:
-        due = 1
+    async def _iterate_sync(self, it: Iterator[T], every: int, size: int) -> AsyncIterator[T]:
+        index = 0
         try:
-            for item in it:
-                due -= 1
-                if not due:
-                    due = every
+            while True:
+                if not index % every and index != size:
                     await self.checkpoint()
+                try:
+                    item = next(it)
+                except StopIteration:
+                    return
+                index += 1
                 yield item
-        except BaseException:
-            # Stopped (or abandoned by the caller): the source will not be read again, so release
-            # it now rather than leave a half-consumed generator to the garbage collector.
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
+        except StopRequested:
+            # The step is over: run a generator source's finally blocks now rather than at garbage
+            # collection. Other sources (streams, files) belong to the caller and stay open.
+            if isinstance(it, Generator):
+                it.close()
             raise
 
-    async def _iterate_async(self, it: AsyncIterator[T], every: int) -> AsyncIterator[T]:
-        due = 1
+    async def _iterate_async(self, it: AsyncIterator[T], every: int, size: int) -> AsyncIterator[T]:
+        index = 0
         try:
-            async for item in it:
-                due -= 1
-                if not due:
-                    due = every
+            while True:
+                if not index % every and index != size:
                     await self.checkpoint()
+                try:
+                    item = await it.__anext__()
+                except StopAsyncIteration:
+                    return
+                index += 1
                 yield item
-        except BaseException:
-            # As above; an unclosed async generator is also reported by trio and asyncio.
-            aclose = getattr(it, "aclose", None)
-            if aclose is not None:
-                await aclose()
+        except StopRequested:
+            # As above; an async generator left unclosed is also reported by trio and asyncio.
+            if isinstance(it, AsyncGenerator):
+                await it.aclose()
             raise
 
     def __repr__(self) -> str:

@@ -488,6 +488,32 @@ async def test_checkpoint_yields_when_due(monkeypatch: pytest.MonkeyPatch) -> No
     assert outcome.value <= 3
 
 
+async def test_signal_arriving_during_a_checkpoints_yield_stops_there(
+    monkeypatch: pytest.MonkeyPatch, channel: Channel
+) -> None:
+    interrupter, receiver = channel
+    monkeypatch.setattr("stoppoint._context.YIELD_INTERVAL", 0.0)
+
+    async def yield_while_interrupted() -> None:
+        interrupter.interrupt("arrived during the yield")  # what another task would do meanwhile
+        await anyio.lowlevel.checkpoint()
+
+    monkeypatch.setattr("stoppoint._context._loop_yield", yield_while_interrupted)
+    flow = sp.Flow("yield")
+    passed: list[str] = []
+
+    @flow.step
+    async def once(ctx: sp.StepContext) -> None:
+        await ctx.checkpoint()
+        passed.append("past the checkpoint")
+
+    outcome = await flow.run(interrupts=receiver)
+    assert isinstance(outcome, sp.Interrupted)
+    assert passed == []
+    assert outcome.report.steps["once"].stopped_at is not None
+    assert outcome.report.steps["once"].stopped_at.startswith("test_executor.py:")
+
+
 async def test_one_interrupter_serves_several_runs_on_clones(channel: Channel) -> None:
     interrupter, receiver = channel
     flow = sp.Flow("shared")
@@ -841,7 +867,7 @@ async def test_iterate_stops_before_every_nth_item(channel: Channel) -> None:
         (0, [0, 1], False),
         (3, [0, 1, 2, 3], False),
         (5, [0, 1, 2, 3, 4, 5], False),
-        (6, [0, 1, 2, 3, 4, 5, 6], True),  # no stopping point after the last item
+        (6, [0, 1, 2, 3, 4, 5, 6], True),  # 7 items, every=2: no stopping point after the last one
     ],
 )
 async def test_iterate_async_source_stopping_points(
@@ -860,7 +886,7 @@ async def test_iterate_async_source_stopping_points(
     async def consume(ctx: sp.StepContext) -> list[int]:
         if interrupt_after is None:
             interrupter.interrupt()
-        async for item in ctx.iterate(numbers(7), every=2):  # stopping points before 0, 2, 4, 6
+        async for item in ctx.iterate(numbers(7), every=2):  # stopping points before taking 0, 2, 4, 6
             got.append(item)
             if item == interrupt_after:
                 interrupter.interrupt()
@@ -873,6 +899,50 @@ async def test_iterate_async_source_stopping_points(
         assert isinstance(outcome, sp.Interrupted)
         assert outcome.report.steps["consume"].stopped_at is not None
         assert outcome.report.steps["consume"].stopped_at.startswith("test_executor.py:")
+
+
+@pytest.mark.parametrize(("sized", "completed"), [(True, True), (False, False)])
+async def test_iterate_end_of_source(sized: bool, completed: bool, channel: Channel) -> None:
+    """Interrupted during the last item: a sized source ends; another source stops before its end."""
+    interrupter, receiver = channel
+    flow = sp.Flow("end")
+
+    @flow.step
+    async def consume(ctx: sp.StepContext) -> int:
+        source = [1, 2, 3] if sized else (x for x in [1, 2, 3])
+        total = 0
+        async for item in ctx.iterate(source):
+            total += item
+            if item == 3:
+                interrupter.interrupt()
+        return total
+
+    outcome = await flow.run(interrupts=receiver)
+    assert isinstance(outcome, sp.Completed) is completed
+
+
+async def test_iterate_never_drops_a_taken_item(channel: Channel) -> None:
+    """The stopping point comes before an item is taken, so a one-shot source keeps the rest."""
+    interrupter, receiver = channel
+    queue_send, queue_receive = anyio.create_memory_object_stream[int](10)
+    for i in range(5):
+        queue_send.send_nowait(i)
+    queue_send.close()
+    flow = sp.Flow("queue")
+    processed: list[int] = []
+
+    @flow.step
+    async def drain(ctx: sp.StepContext) -> None:
+        async for item in ctx.iterate(queue_receive):
+            processed.append(item)
+            if item == 1:
+                interrupter.interrupt()
+
+    with queue_receive:
+        outcome = await flow.run(interrupts=receiver)
+        assert isinstance(outcome, sp.Interrupted)
+        assert processed == [0, 1]
+        assert [queue_receive.receive_nowait() for _ in range(3)] == [2, 3, 4]
 
 
 async def test_iterate_rejects_bad_arguments() -> None:

@@ -1,0 +1,111 @@
+"""StepContext outside and inside a run (API.md §5)."""
+
+from __future__ import annotations
+
+import inspect
+
+import anyio
+import pytest
+import structlog
+
+import stoppoint as sp
+from tests.conftest import Channel
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_hand_made_context_never_stops() -> None:
+    ctx = sp.StepContext(run_id="r1", flow="deploy", step="upload")
+    assert (ctx.run_id, ctx.flow, ctx.step) == ("r1", "deploy", "upload")
+    assert "upload" in repr(ctx)
+    for _ in range(1000):
+        await ctx.checkpoint()
+    assert ctx.stop_requested is False
+    assert [x async for x in ctx.iterate("abc")] == ["a", "b", "c"]
+
+
+async def test_log_is_bound_with_run_flow_and_step() -> None:
+    ctx = sp.StepContext(run_id="r1", flow="deploy", step="upload")
+    with structlog.testing.capture_logs() as logs:
+        ctx.log.info("part.done", part=2)
+    assert logs == [
+        {"event": "part.done", "part": 2, "run_id": "r1", "flow": "deploy", "step": "upload", "log_level": "info"}
+    ]
+
+
+async def test_context_names_inside_a_run() -> None:
+    flow = sp.Flow("names")
+    seen: list[tuple[str, str, str]] = []
+
+    @flow.step
+    async def only(ctx: sp.StepContext) -> None:
+        seen.append((ctx.run_id, ctx.flow, ctx.step))
+
+    outcome = await flow.run(run_id="run-7")
+    assert isinstance(outcome, sp.Completed)
+    assert seen == [("run-7", "names", "only")]
+
+
+async def test_iterate_stopped_at_points_to_the_users_loop(channel: Channel) -> None:
+    interrupter, receiver = channel
+    flow = sp.Flow("loop")
+    lines: list[int] = []
+
+    @flow.step
+    async def loop(ctx: sp.StepContext) -> None:
+        frame = inspect.currentframe()
+        assert frame is not None
+        lines.append(frame.f_lineno + 1)
+        async for item in ctx.iterate(range(5)):
+            if item == 1:
+                interrupter.interrupt()
+
+    outcome = await flow.run(interrupts=receiver)
+    assert isinstance(outcome, sp.Interrupted)
+    assert outcome.report.steps["loop"].stopped_at == f"test_context.py:{lines[0]}"
+
+
+async def test_stop_requested_is_a_base_exception_with_a_location(channel: Channel) -> None:
+    interrupter, receiver = channel
+    flow = sp.Flow("raise")
+    caught: list[sp.StopRequested] = []
+
+    @flow.step
+    async def step(ctx: sp.StepContext) -> None:
+        interrupter.interrupt()
+        try:
+            await ctx.checkpoint()
+        except sp.StopRequested as exc:
+            caught.append(exc)
+            raise
+
+    outcome = await flow.run(interrupts=receiver)
+    assert isinstance(outcome, sp.Interrupted)
+    assert not issubclass(sp.StopRequested, Exception)
+    assert caught[0].stopped_at == outcome.report.steps["step"].stopped_at
+    assert caught[0].stopped_at is not None
+    assert caught[0].stopped_at.startswith("test_context.py:")
+
+
+async def test_iterate_closes_an_abandoned_async_source(channel: Channel) -> None:
+    interrupter, receiver = channel
+    flow = sp.Flow("source")
+    closed: list[bool] = []
+
+    async def source() -> object:
+        try:
+            for i in range(100):
+                await anyio.lowlevel.checkpoint()
+                yield i
+        finally:
+            closed.append(True)
+
+    @flow.step
+    async def consume(ctx: sp.StepContext) -> None:
+        async for item in ctx.iterate(source()):
+            if item == 3:
+                interrupter.interrupt()
+
+    outcome = await flow.run(interrupts=receiver)
+    assert isinstance(outcome, sp.Interrupted)
+    assert closed == [True]
