@@ -1,0 +1,111 @@
+"""A deploy flow that an operator stops halfway through the upload.
+
+Run it with `python examples/deploy.py`. The flow has four steps, server -> upload -> config -> start. While
+`upload` sends its parts, another task (the "operator") interrupts the run once the first part is up. The part
+being uploaded at that moment is finished, never cut off; the upload then stops at its next stopping point, and
+`config` and `start` never begin. The run returns `sp.Interrupted`, whose report says what happened to each step.
+"""
+
+from typing import Any
+
+import anyio
+from pydantic import BaseModel
+
+import stoppoint as sp
+
+PARTS = ("app.tar.gz", "static.tar.gz", "migrations.sql")
+
+
+class ServerInfo(BaseModel):
+    host: str
+    release_dir: str
+
+
+class UploadReceipt(BaseModel):
+    server: ServerInfo
+    parts: list[str]
+
+
+class AppConfig(BaseModel):
+    release_dir: str
+    settings: dict[str, str]
+
+
+class Deployment(BaseModel):
+    url: str
+
+
+deploy = sp.Flow("deploy")
+
+# The upload step sets this event once its first part is up, which is the operator's cue to press stop. `main()`
+# makes a fresh one per run: an anyio event belongs to one event loop, and the tests run `main()` once per backend.
+first_part_uploaded: anyio.Event | None = None
+
+
+@deploy.step
+async def server(ctx: sp.StepContext, host: str) -> ServerInfo:
+    await ctx.checkpoint()
+    return ServerInfo(host=host, release_dir=f"/srv/app/releases/{ctx.run_id[:8]}")
+
+
+@deploy.step
+async def upload(ctx: sp.StepContext, server: ServerInfo) -> UploadReceipt:
+    uploaded: list[str] = []
+    # `ctx.iterate` puts a stopping point before every part: if the run was interrupted, the step stops there.
+    async for part in ctx.iterate(PARTS):
+        await anyio.sleep(0.05)  # pretend to send the part
+        uploaded.append(part)
+        print(f"  uploaded part {len(uploaded)}/{len(PARTS)}: {part} -> {server.host}:{server.release_dir}")
+        if len(uploaded) == 1 and first_part_uploaded is not None:
+            first_part_uploaded.set()
+    return UploadReceipt(server=server, parts=uploaded)
+
+
+@deploy.step
+async def config(ctx: sp.StepContext, upload: UploadReceipt) -> AppConfig:
+    await ctx.checkpoint()
+    return AppConfig(release_dir=upload.server.release_dir, settings={"parts": ",".join(upload.parts)})
+
+
+@deploy.step
+async def start(ctx: sp.StepContext, config: AppConfig) -> Deployment:
+    await ctx.checkpoint()
+    return Deployment(url=f"https://example.com/ (serving {config.release_dir})")
+
+
+async def operator(interrupter: sp.Interrupter, cue: anyio.Event) -> None:
+    """Another task: press stop as soon as the first part is uploaded."""
+    await cue.wait()
+    interrupter.interrupt("operator pressed stop", source="example")
+
+
+def print_report(outcome: sp.Completed[Any] | sp.Interrupted) -> None:
+    report = outcome.report
+    print(f"outcome:     {type(outcome).__name__}")
+    match outcome:
+        case sp.Completed(value):
+            print(f"result:      {value!r}")
+        case sp.Interrupted(signal):
+            print(f"signal:      {signal.reason!r} (source: {signal.source})")
+    print(f"completed:   {', '.join(report.completed) or '-'}")
+    for name in report.stopped:
+        print(f"stopped:     {name} at {report.steps[name].stopped_at}")
+    print(f"not started: {', '.join(report.not_started) or '-'}")
+
+
+async def main() -> sp.Completed[Any] | sp.Interrupted:
+    global first_part_uploaded
+    first_part_uploaded = cue = anyio.Event()
+    interrupter, receiver = sp.interrupt_channel()
+    with interrupter, receiver:  # closing both avoids "unclosed stream" ResourceWarnings
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(operator, interrupter, cue)
+            print(f"deploying in {len(deploy.steps)} steps: {' -> '.join(deploy.steps)}")
+            outcome = await deploy.run({"host": "web-1.example.com"}, interrupts=receiver)
+            task_group.cancel_scope.cancel()  # the operator need not wait for a cue that will never come
+    print_report(outcome)
+    return outcome
+
+
+if __name__ == "__main__":
+    anyio.run(main)
