@@ -27,7 +27,7 @@ from ._signal import InterruptSignal, hub_of
 from ._strategy import Strategy
 
 if TYPE_CHECKING:
-    from ._flow import Flow, StepSpec
+    from ._flow import Flow, Plan
 
 __all__ = ["execute"]
 
@@ -52,11 +52,11 @@ async def execute(
         run_id = uuid.uuid4().hex
     elif not isinstance(run_id, str) or not run_id:
         raise TypeError(f"flow {flow.name!r}: run_id must be a non-empty str, got {run_id!r}")
-    flow._freeze()
-    return await _Run(flow, _check_inputs(flow, inputs), strategy, run_id).execute(interrupts)
+    plan = flow._freeze()
+    return await _Run(flow, plan, _check_inputs(flow, inputs, plan), strategy, run_id).execute(interrupts)
 
 
-def _check_inputs(flow: Flow, inputs: Mapping[str, Any] | None) -> dict[str, Any]:
+def _check_inputs(flow: Flow, inputs: Mapping[str, Any] | None, plan: Plan) -> dict[str, Any]:
     if inputs is None:
         given: dict[str, Any] = {}
     elif isinstance(inputs, Mapping):
@@ -65,16 +65,12 @@ def _check_inputs(flow: Flow, inputs: Mapping[str, Any] | None) -> dict[str, Any
         raise TypeError(
             f"flow {flow.name!r}: inputs must be a mapping of input names to values, got {type(inputs).__name__}"
         )
-    known = flow._all_inputs
+    known = plan.all_inputs
     missing = tuple(name for name in flow.inputs if name not in given)
     unknown = tuple(sorted(str(name) for name in given if name not in known))
     if missing or unknown:
         raise FlowInputError(flow.name, missing, unknown)
     return given
-
-
-def _timestamp(t: float | None) -> datetime | None:
-    return None if t is None else datetime.fromtimestamp(t, UTC)
 
 
 def _first_stop(group: BaseExceptionGroup[Any]) -> StopRequested | None:
@@ -86,17 +82,14 @@ def _first_stop(group: BaseExceptionGroup[Any]) -> StopRequested | None:
     return None
 
 
-class _StepState:
-    """One step's mutable state within one run."""
+class _StepRecord:
+    """What happened to one started step in one run (steps that never start get none)."""
 
-    __slots__ = ("dependants", "duration", "error", "finished", "spec", "started", "status", "stopped_at", "waiting")
+    __slots__ = ("duration", "error", "finished", "started", "status", "stopped_at")
 
-    def __init__(self, spec: StepSpec) -> None:
-        self.spec = spec
-        self.status = StepStatus.PENDING
-        self.waiting = len(spec.waits_for)
-        self.dependants: list[str] = []
-        self.started: float | None = None
+    def __init__(self, started: float) -> None:
+        self.status = StepStatus.RUNNING
+        self.started = started  # perf_counter(); turned into wall-clock time for the report
         self.finished: float | None = None
         self.duration: float | None = None
         self.stopped_at: str | None = None
@@ -106,17 +99,18 @@ class _StepState:
 class _Run:
     """One run of a flow: its mutable state and the loop that drives it."""
 
-    def __init__(self, flow: Flow, inputs: dict[str, Any], strategy: Strategy, run_id: str) -> None:
+    def __init__(self, flow: Flow, plan: Plan, inputs: dict[str, Any], strategy: Strategy, run_id: str) -> None:
         self.flow = flow
+        self.name = flow.name
+        self.specs = flow._specs
+        self.plan = plan
         self.inputs = inputs
         self.strategy = strategy
         self.run_id = run_id
-        self.limit = flow.max_concurrency or len(flow.steps)
-        self.states = {name: _StepState(spec) for name, spec in flow._specs.items()}
-        for name, state in self.states.items():
-            for dependency in state.spec.waits_for:
-                self.states[dependency].dependants.append(name)
-        self.ready = deque(name for name, state in self.states.items() if not state.waiting)
+        self.limit = flow.max_concurrency or len(self.specs)
+        self.waiting = dict(plan.waiting)
+        self.ready = deque(plan.roots)
+        self.records: dict[str, _StepRecord] = {}
         self.outputs: dict[str, Any] = {}
         self.active = 0  # steps handed to a worker and not finished
         self.running: dict[str, StepContext] = {}
@@ -129,7 +123,10 @@ class _Run:
         self.watch_scope = anyio.CancelScope()
         self.task_group: TaskGroup | None = None
         self.polled: MemoryObjectReceiveStream[InterruptSignal] | None = None  # a plain stream
-        self.started_at = time.time()
+        # One wall-clock reading per run; step times are perf_counter() offsets from it.
+        self.wall0 = time.time()
+        self.perf0 = time.perf_counter()
+        self.ended: float | None = None
 
     # -- interrupts ------------------------------------------------------------------------------
 
@@ -162,7 +159,7 @@ class _Run:
         # A foreign object on the stream is a programming error; stop the run and report it.
         if self.bad_signal is None:
             self.bad_signal = TypeError(
-                f"flow {self.flow.name!r}, run {self.run_id!r}: the interrupt stream carried "
+                f"flow {self.name!r}, run {self.run_id!r}: the interrupt stream carried "
                 f"{type(item).__name__} {item!r}; only InterruptSignal may be sent"
             )
             if self.task_group is not None:
@@ -211,7 +208,7 @@ class _Run:
                 take = name
             else:
                 assert self.task_group is not None
-                self.task_group.start_soon(self.work, name, name=f"stoppoint {self.flow.name}.{name}")
+                self.task_group.start_soon(self.work, name, name=f"stoppoint {self.name}.{name}")
         return take
 
     async def work(self, name: str | None) -> None:
@@ -233,90 +230,90 @@ class _Run:
             self.watch_scope.cancel()
 
     async def run_step(self, name: str) -> None:
-        state = self.states[name]
         try:
             if not self.may_start():
                 return
-            spec = state.spec
-            ctx = StepContext(run_id=self.run_id, flow=self.flow.name, step=name)
-            kwargs = self.arguments(spec, ctx)
-            state.status = StepStatus.RUNNING
-            state.started = time.time()
-            t0 = time.perf_counter()
-            self.running[name] = ctx
+            spec = self.specs[name]
+            ctx: StepContext | None = None
+            kwargs: dict[str, Any] = {}
+            if spec.context_param is not None:
+                ctx = StepContext(run_id=self.run_id, flow=self.name, step=name)
+                kwargs[spec.context_param] = ctx
+                self.running[name] = ctx
+            outputs = self.outputs
+            for dependency in spec.dependencies:
+                kwargs[dependency] = outputs[dependency]
+            inputs = self.inputs
+            for item in spec.inputs:
+                if item.param in inputs:
+                    kwargs[item.param] = inputs[item.param]
+            self.records[name] = record = _StepRecord(time.perf_counter())
             try:
                 value = await spec.fn(**kwargs)
             except StopRequested as stop:
-                self.stopped(state, ctx, stop, stop, t0)
+                self.stopped(name, record, ctx, stop, stop)
             except self.cancelled_exc:
-                self.finish(state, StepStatus.CANCELLED, t0)
+                self.finish(record, StepStatus.CANCELLED)
                 raise
             except BaseExceptionGroup as group:
                 _, rest = group.split(StopRequested)
                 if rest is None:
-                    self.stopped(state, ctx, _first_stop(group), group, t0)
+                    self.stopped(name, record, ctx, _first_stop(group), group)
                 elif rest.split(self.cancelled_exc)[1] is None:
                     # Only stops and cancellations: the cancellation is what ends the step.
-                    self.finish(state, StepStatus.CANCELLED, t0)
+                    self.finish(record, StepStatus.CANCELLED)
                     raise
                 else:
-                    self.failed(state, group, t0)
+                    self.failed(name, record, group)
             except Exception as exc:
-                self.failed(state, exc, t0)
+                self.failed(name, record, exc)
             except BaseException as exc:  # KeyboardInterrupt, SystemExit: record, then let it end the run
-                self.finish(state, StepStatus.FAILED, t0)
-                state.error = f"{type(exc).__name__}: {exc}"
+                self.finish(record, StepStatus.FAILED)
+                record.error = f"{type(exc).__name__}: {exc}"
                 raise
             else:
-                self.finish(state, StepStatus.COMPLETED, t0)
-                self.outputs[name] = value
-                states = self.states
-                for dependant in state.dependants:
-                    waiting = states[dependant]
-                    waiting.waiting -= 1
-                    if not waiting.waiting:
+                self.finish(record, StepStatus.COMPLETED)
+                outputs[name] = value
+                waiting = self.waiting
+                for dependant in self.plan.dependants[name]:
+                    left = waiting[dependant] - 1
+                    waiting[dependant] = left
+                    if not left:
                         self.ready.append(dependant)
             finally:
-                del self.running[name]
+                if ctx is not None:
+                    del self.running[name]
         finally:
             self.active -= 1
-
-    def arguments(self, spec: StepSpec, ctx: StepContext) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {}
-        if spec.context_param is not None:
-            kwargs[spec.context_param] = ctx
-        outputs = self.outputs
-        for dependency in spec.dependencies:
-            kwargs[dependency] = outputs[dependency]
-        inputs = self.inputs
-        for item in spec.inputs:
-            if item.param in inputs:
-                kwargs[item.param] = inputs[item.param]
-        return kwargs
 
     # -- step endings -----------------------------------------------------------------------------
 
     @staticmethod
-    def finish(state: _StepState, status: StepStatus, t0: float) -> None:
-        state.status = status
-        state.duration = time.perf_counter() - t0
-        state.finished = time.time()
+    def finish(record: _StepRecord, status: StepStatus) -> None:
+        record.status = status
+        record.finished = now = time.perf_counter()
+        record.duration = now - record.started
 
     def stopped(
-        self, state: _StepState, ctx: StepContext, stop: StopRequested | None, raised: BaseException, t0: float
+        self,
+        name: str,
+        record: _StepRecord,
+        ctx: StepContext | None,
+        stop: StopRequested | None,
+        raised: BaseException,
     ) -> None:
-        if ctx._stop:
-            self.finish(state, StepStatus.INTERRUPTED, t0)
-            state.stopped_at = stop.stopped_at if stop is not None else None
+        if ctx is not None and ctx._stop:
+            self.finish(record, StepStatus.INTERRUPTED)
+            record.stopped_at = stop.stopped_at if stop is not None else None
         else:
             # Nobody asked this step to stop: raising StopRequested itself is a bug in the step.
-            self.failed(state, raised, t0)
+            self.failed(name, record, raised)
 
-    def failed(self, state: _StepState, exc: BaseException, t0: float) -> None:
-        self.finish(state, StepStatus.FAILED, t0)
-        state.error = f"{type(exc).__name__}: {exc}"
+    def failed(self, name: str, record: _StepRecord, exc: BaseException) -> None:
+        self.finish(record, StepStatus.FAILED)
+        record.error = f"{type(exc).__name__}: {exc}"
         if self.failure is None:
-            self.failure = (state.spec.name, exc)
+            self.failure = (name, exc)
             assert self.task_group is not None
             self.task_group.cancel_scope.cancel()  # siblings still running end CANCELLED
 
@@ -340,7 +337,7 @@ class _Run:
                 self.task_group = task_group
                 if watch:
                     assert receiver is not None
-                    task_group.start_soon(self.watch, receiver, name=f"stoppoint {self.flow.name} interrupt watcher")
+                    task_group.start_soon(self.watch, receiver, name=f"stoppoint {self.name} interrupt watcher")
                 await self.work(self.next_step())
         finally:
             if hub is not None:
@@ -350,49 +347,54 @@ class _Run:
         return self.outcome()
 
     def outcome(self) -> Completed[Any] | Interrupted:
+        self.ended = time.perf_counter()
         if self.bad_signal is not None:
             raise self.bad_signal
-        report = self.report()
         if self.failure is not None:
             name, exc = self.failure
-            raise StepFailed(name, report, self.checkpoint()) from exc
-        if len(self.outputs) == len(self.states):
-            return Completed(self.outputs[self.flow.result], report)
+            raise StepFailed(name, self.report(), self.checkpoint()) from exc
+        if len(self.outputs) == len(self.specs):
+            return Completed(self.outputs[self.plan.result], self.report)
         if self.first is None:  # pragma: no cover - every path that leaves a step unfinished records why
-            raise RuntimeError(
-                f"stoppoint: run {self.run_id!r} of flow {self.flow.name!r} ended unfinished without cause"
-            )
-        return Interrupted(self.first, report, self.checkpoint(), forced=False)
+            raise RuntimeError(f"stoppoint: run {self.run_id!r} of flow {self.name!r} ended unfinished without cause")
+        return Interrupted(self.first, self.report, self.checkpoint(), forced=False)
 
     def checkpoint(self) -> Checkpoint:
         return Checkpoint(
-            flow=self.flow.name,
+            flow=self.name,
             flow_version=self.flow.version,
             run_id=self.run_id,
             inputs=dict(self.inputs),
             outputs=dict(self.outputs),
         )
 
+    def wall(self, t: float | None) -> datetime | None:
+        return None if t is None else datetime.fromtimestamp(self.wall0 + (t - self.perf0), UTC)
+
     def report(self) -> RunReport:
-        # model_construct: these values are ours and already valid; validating 10k step reports
-        # would cost more than running 10k trivial steps.
-        steps = {
-            name: StepReport.model_construct(
+        """Build the pydantic report (outcomes call this only when their `.report` is read)."""
+        steps = {}
+        for name in self.specs:
+            record = self.records.get(name)
+            if record is None:
+                status = StepStatus.PENDING if self.ended is None else StepStatus.NOT_STARTED
+                steps[name] = StepReport.model_construct(name=name, status=status)
+                continue
+            # model_construct: these values are ours and already valid.
+            steps[name] = StepReport.model_construct(
                 name=name,
-                status=StepStatus.NOT_STARTED if state.status is StepStatus.PENDING else state.status,
-                started_at=_timestamp(state.started),
-                finished_at=_timestamp(state.finished),
-                duration_s=state.duration,
-                stopped_at=state.stopped_at,
-                error=state.error,
+                status=record.status,
+                started_at=self.wall(record.started),
+                finished_at=self.wall(record.finished),
+                duration_s=record.duration,
+                stopped_at=record.stopped_at,
+                error=record.error,
             )
-            for name, state in self.states.items()
-        }
         return RunReport.model_construct(
             run_id=self.run_id,
-            flow=self.flow.name,
-            started_at=_timestamp(self.started_at),
-            finished_at=_timestamp(time.time()),
+            flow=self.name,
+            started_at=self.wall(self.perf0),
+            finished_at=self.wall(self.ended),
             steps=steps,
             interrupts=list(self.signals),
         )

@@ -43,11 +43,18 @@ class StepSpec:
     dependencies: tuple[str, ...]  # steps whose outputs are parameters (parameter name == step name)
     after: tuple[str, ...]  # ordering-only edges
     inputs: tuple[_Input, ...]
+    waits_for: tuple[str, ...]  # every step that must complete first: data edges, then `after=`
 
-    @property
-    def waits_for(self) -> tuple[str, ...]:
-        """Every step that must complete before this one starts, data edges first."""
-        return self.dependencies + tuple(a for a in self.after if a not in self.dependencies)
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What every run of a frozen flow needs, derived once from its steps."""
+
+    waiting: dict[str, int]  # step -> how many steps it waits for (each run works on a copy)
+    dependants: dict[str, tuple[str, ...]]  # step -> steps that wait for it
+    roots: tuple[str, ...]  # steps that wait for nothing, in declaration order
+    result: str
+    all_inputs: frozenset[str]
 
 
 def _is_context_annotation(annotation: Any) -> bool:
@@ -99,7 +106,7 @@ class Flow:
         # input name -> first step that uses it (to name it in errors)
         self._input_users: dict[str, str] = {}
         self._required_inputs: dict[str, None] = {}  # ordered set
-        self._frozen = False
+        self._plan: Plan | None = None
 
     # -- read-only views -------------------------------------------------------------------------
 
@@ -190,7 +197,7 @@ class Flow:
     def _add(self, fn: Callable[..., Awaitable[Any]], name: str | None, after: str | Iterable[str]) -> None:
         label = name if name is not None else getattr(fn, "__name__", repr(fn))
         where = f"flow {self._name!r}, step {label!r}"
-        if self._frozen:
+        if self._plan is not None:
             raise FlowDefinitionError(f"{where}: the flow has already run; declare every step before the first run")
         if name is not None and (not isinstance(name, str) or not name):
             raise FlowDefinitionError(f"flow {self._name!r}: step name must be a non-empty str, got {name!r}")
@@ -245,13 +252,15 @@ class Flow:
             else:
                 inputs.append(_Input(param.name, param.default is _NO_DEFAULT))
 
+        after_unique = tuple(dict.fromkeys(after_names))
         self._specs[step_name] = StepSpec(
             name=step_name,
             fn=fn,
             context_param=context_param,
             dependencies=tuple(dependencies),
-            after=tuple(dict.fromkeys(after_names)),
+            after=after_unique,
             inputs=tuple(inputs),
+            waits_for=tuple(dependencies) + tuple(a for a in after_unique if a not in dependencies),
         )
         for item in inputs:
             self._input_users.setdefault(item.param, step_name)
@@ -260,14 +269,23 @@ class Flow:
 
     # -- running -------------------------------------------------------------------------------------
 
-    def _freeze(self) -> None:
-        """Check what can only be checked once all steps exist, and forbid further declarations."""
-        _ = self.result  # raises on an empty flow or a bad result=
-        self._frozen = True
-
-    @property
-    def _all_inputs(self) -> frozenset[str]:
-        return frozenset(self._input_users)
+    def _freeze(self) -> Plan:
+        """Check what can only be checked once all steps exist, forbid further declarations, and
+        return the plan every run of this flow shares."""
+        if self._plan is None:
+            result = self.result  # raises on an empty flow or a bad result=
+            dependants: dict[str, list[str]] = {name: [] for name in self._specs}
+            for name, spec in self._specs.items():
+                for other in spec.waits_for:
+                    dependants[other].append(name)
+            self._plan = Plan(
+                waiting={name: len(spec.waits_for) for name, spec in self._specs.items()},
+                dependants={name: tuple(names) for name, names in dependants.items()},
+                roots=tuple(name for name, spec in self._specs.items() if not spec.waits_for),
+                result=result,
+                all_inputs=frozenset(self._input_users),
+            )
+        return self._plan
 
     async def run(
         self,

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import FrozenInstanceError
 from datetime import datetime
 from enum import StrEnum
-from typing import Generic, TypeVar, final
+from typing import ClassVar, Generic, TypeVar, final
 
 from pydantic import BaseModel, ConfigDict
 
@@ -110,33 +111,104 @@ class RunReport(BaseModel):
         return self._names(StepStatus.NOT_STARTED)
 
 
+class _Outcome:
+    """Shared by the outcomes: frozen attributes and a report built on first use.
+
+    A run keeps its per-step records as plain objects; turning them into pydantic reports costs
+    more than running thousands of trivial steps, so that happens only when `.report` is read.
+    """
+
+    __slots__ = ("_make_report", "_report")
+    _fields: ClassVar[tuple[str, ...]]
+    _report: RunReport | None
+    _make_report: Callable[[], RunReport] | None
+
+    def _init_report(self, report: RunReport | Callable[[], RunReport]) -> None:
+        if isinstance(report, RunReport):
+            object.__setattr__(self, "_report", report)
+            object.__setattr__(self, "_make_report", None)
+        else:
+            object.__setattr__(self, "_report", None)
+            object.__setattr__(self, "_make_report", report)
+
+    @property
+    def report(self) -> RunReport:
+        """What happened in the run, step by step."""
+        report = self._report
+        if report is None:
+            assert self._make_report is not None
+            report = self._make_report()
+            object.__setattr__(self, "_report", report)
+            object.__setattr__(self, "_make_report", None)
+        return report
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise FrozenInstanceError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise FrozenInstanceError(f"cannot delete field {name!r}")
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(getattr(self, f) == getattr(other, f) for f in self._fields)
+
+    __hash__ = None  # type: ignore[assignment]  # values and reports may be unhashable
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{f}={getattr(self, f)!r}" for f in self._fields)
+        return f"{type(self).__name__}({fields})"
+
+
 @final
-@dataclass(frozen=True, slots=True)
-class Completed(Generic[T]):
+class Completed(_Outcome, Generic[T]):
     """Every step completed.
+
+    Frozen; matches `case Completed(value, report)`.
 
     Attributes:
         value: The flow's result: the output of its result step.
         report: The run's report (it lists any interrupt that arrived too late to matter).
     """
 
+    __slots__ = ("value",)
+    __match_args__ = ("value", "report")
+    _fields = ("value", "report")
     value: T
-    report: RunReport
+
+    def __init__(self, value: T, report: RunReport | Callable[[], RunReport]) -> None:
+        object.__setattr__(self, "value", value)
+        self._init_report(report)
 
 
 @final
-@dataclass(frozen=True, slots=True)
-class Interrupted:
+class Interrupted(_Outcome):
     """The run was stopped by an interrupt before every step completed.
+
+    Frozen; matches `case Interrupted(signal, report, checkpoint, forced)`.
 
     Attributes:
         signal: The first signal received: the one that stopped the run.
         report: Which steps completed, which stopped (and where), which never started.
-        checkpoint: What `Flow.run(resume=...)` needs to go on.
+        checkpoint: What a later run needs to go on: the completed steps' outputs.
         forced: True when steps were cancelled instead of stopping at a stopping point.
     """
 
+    __slots__ = ("checkpoint", "forced", "signal")
+    __match_args__ = ("signal", "report", "checkpoint", "forced")
+    _fields = ("signal", "report", "checkpoint", "forced")
     signal: InterruptSignal
-    report: RunReport
     checkpoint: Checkpoint
-    forced: bool = False
+    forced: bool
+
+    def __init__(
+        self,
+        signal: InterruptSignal,
+        report: RunReport | Callable[[], RunReport],
+        checkpoint: Checkpoint,
+        forced: bool = False,
+    ) -> None:
+        object.__setattr__(self, "signal", signal)
+        object.__setattr__(self, "checkpoint", checkpoint)
+        object.__setattr__(self, "forced", forced)
+        self._init_report(report)
