@@ -1,0 +1,1 @@
+"""stoppoint benchmarks: run with `python -m benchmarks` (add `--quick` for a smoke run)."""
