@@ -180,10 +180,11 @@ class _Run:
 
     def may_start(self) -> bool:
         """The stopping point before a step: may one more step start now?"""
-        if self.polled is not None:
+        if self.polled is not None and not self.drain(self.polled):
             # A plain stream's signal may sit in its buffer while the watcher task has not
-            # reached receive() yet; look now rather than start one more step.
-            self.drain(self.polled)
+            # reached receive() yet, so look now rather than start one more step. An ended
+            # stream has nothing more to say: stop looking.
+            self.polled = None
         if self.failure is not None or self.bad_signal is not None:
             return False
         if self.first is None:

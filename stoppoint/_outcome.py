@@ -155,6 +155,10 @@ class _Outcome:
 
     __hash__ = None  # type: ignore[assignment]  # values and reports may be unhashable
 
+    def __reduce__(self) -> tuple[type[_Outcome], tuple[object, ...]]:
+        # The frozen __setattr__ would refuse the default slot-by-slot unpickling.
+        return type(self), tuple(getattr(self, f) for f in self._fields)
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{f}={getattr(self, f)!r}" for f in self._fields)
         return f"{type(self).__name__}({fields})"

@@ -114,6 +114,9 @@ class Interrupter:
     def interrupt(self, reason: str = "interrupted", *, force: bool = False, source: str | None = None) -> bool:
         """Send an interrupt without waiting. Never blocks and never raises.
 
+        Call it from the event loop's thread (any task, or a step itself); a thread-safe variant
+        for other threads is planned (API.md: `interrupt_threadsafe`).
+
         Args:
             reason: Free text shown in reports.
             force: Ask not to wait for a stopping point.

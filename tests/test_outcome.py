@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import pickle
 
 import pytest
 
@@ -95,3 +97,25 @@ async def test_report_round_trips_through_json(channel: Channel) -> None:
 def test_completed_is_generic() -> None:
     alias = sp.Completed[int]
     assert alias.__origin__ is sp.Completed  # type: ignore[attr-defined]
+
+
+async def test_outcomes_pickle_and_copy(channel: Channel) -> None:
+    interrupter, receiver = channel
+    flow = sp.Flow("f")
+
+    @flow.step
+    async def a(ctx: sp.StepContext) -> int:
+        if ctx.run_id == "stop":
+            interrupter.interrupt("halt")
+            await ctx.checkpoint()
+        return 1
+
+    completed = await flow.run()
+    interrupted = await flow.run(interrupts=receiver, run_id="stop")
+    for outcome in (completed, interrupted):
+        again = pickle.loads(pickle.dumps(outcome))
+        assert again == outcome
+        assert again.report == outcome.report
+        assert copy.copy(outcome) == outcome
+    assert isinstance(interrupted, sp.Interrupted)
+    assert pickle.loads(pickle.dumps(interrupted)).report.stopped == ["a"]
