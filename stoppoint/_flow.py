@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, overload
@@ -58,10 +59,14 @@ class Plan:
 
 
 def _is_context_annotation(annotation: Any) -> bool:
+    """`StepContext`, or an optional/union that includes it (`StepContext | None`)."""
     if annotation is StepContext:
         return True
-    # Under `from __future__ import annotations` the annotation is a string; do not eval it.
-    return isinstance(annotation, str) and annotation.rsplit(".", 1)[-1] == "StepContext"
+    if isinstance(annotation, str):
+        # Under `from __future__ import annotations` the annotation is a string; do not eval it.
+        parts = annotation.replace("Optional[", "").replace("]", "").split("|")
+        return any(part.strip().rsplit(".", 1)[-1] == "StepContext" for part in parts)
+    return any(arg is StepContext for arg in typing.get_args(annotation))
 
 
 class Flow:
@@ -195,14 +200,20 @@ class Flow:
         return decorate
 
     def _add(self, fn: Callable[..., Awaitable[Any]], name: str | None, after: str | Iterable[str]) -> None:
-        label = name if name is not None else getattr(fn, "__name__", repr(fn))
+        if not callable(fn):
+            raise FlowDefinitionError(
+                f"flow {self._name!r}, step {name!r}: a step must be an `async def` function, got {type(fn).__name__}"
+            )
+        label = name if name is not None else getattr(fn, "__name__", None)
+        if label is None:
+            raise FlowDefinitionError(
+                f"flow {self._name!r}: {fn!r} has no __name__ (a functools.partial?); give the step a name="
+            )
         where = f"flow {self._name!r}, step {label!r}"
         if self._plan is not None:
             raise FlowDefinitionError(f"{where}: the flow has already run; declare every step before the first run")
         if name is not None and (not isinstance(name, str) or not name):
             raise FlowDefinitionError(f"flow {self._name!r}: step name must be a non-empty str, got {name!r}")
-        if not callable(fn):
-            raise FlowDefinitionError(f"{where}: a step must be an `async def` function, got {type(fn).__name__}")
         if not inspect.iscoroutinefunction(fn):
             kind = "an async generator" if inspect.isasyncgenfunction(fn) else "not an `async def` function"
             raise FlowDefinitionError(f"{where}: {kind}; a step must be declared with `async def`")
@@ -247,6 +258,11 @@ class Flow:
                 if context_param is not None:
                     raise FlowDefinitionError(f"{where}: two context parameters ({context_param!r} and {param.name!r})")
                 context_param = param.name
+            elif param.name == step_name:
+                raise FlowDefinitionError(
+                    f"{where}: parameter {param.name!r} has the step's own name; a step cannot take its own "
+                    "output, and an input of that name would be shadowed by the step"
+                )
             elif param.name in self._specs:
                 dependencies.append(param.name)
             else:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Optional
 
 import pytest
 
@@ -239,7 +240,9 @@ def test_bad_step_name() -> None:
 
 def test_not_callable() -> None:
     flow = sp.Flow("deploy")
-    with pytest.raises(sp.FlowDefinitionError, match=r"flow 'deploy', step .*: a step must be an `async def` function"):
+    with pytest.raises(
+        sp.FlowDefinitionError, match=r"flow 'deploy', step None: a step must be an `async def` function, got int"
+    ):
         flow.step(42)  # type: ignore[type-var]
 
 
@@ -258,3 +261,42 @@ def test_unknown_result_step() -> None:
         sp.FlowDefinitionError, match=r"flow 'deploy': result='nowhere' is not a step \(steps: server\)"
     ):
         _ = flow.result
+
+
+def test_parameter_named_like_its_own_step() -> None:
+    flow = sp.Flow("deploy")
+
+    async def server(server: str) -> str:
+        return server
+
+    with pytest.raises(sp.FlowDefinitionError, match=r"step 'server': parameter 'server' has the step's own name"):
+        flow.step(server)
+
+
+def test_optional_context_annotation_is_the_context() -> None:
+    flow = sp.Flow("f")
+
+    @flow.step
+    async def a(context: sp.StepContext | None = None) -> None: ...
+
+    @flow.step
+    async def b(context: Optional[sp.StepContext] = None) -> None:  # noqa: UP045 - the spelling under test
+        ...
+
+    assert flow._specs["a"].context_param == "context"
+    assert flow._specs["b"].context_param == "context"
+    assert flow.inputs == ()
+
+
+def test_partial_needs_a_name() -> None:
+    flow = sp.Flow("f")
+
+    async def body(x: int) -> int:
+        return x
+
+    with pytest.raises(
+        sp.FlowDefinitionError, match=r"has no __name__ \(a functools.partial\?\); give the step a name="
+    ):
+        flow.step(functools.partial(body, x=1))
+    flow.step(name="one")(functools.partial(body, x=1))
+    assert flow.steps == ("one",)
