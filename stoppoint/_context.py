@@ -30,9 +30,10 @@ T = TypeVar("T")
 YIELD_INTERVAL = 0.001
 """Seconds of a step's time between checkpoints after which a checkpoint yields to the loop."""
 
-# The clock is read at most every _MAX_STRIDE checkpoints. Staying at or below 256 keeps the
-# countdown in CPython's small-int cache, so the fast path allocates nothing.
-_MAX_STRIDE = 256
+# The clock is read at most every _MAX_STRIDE checkpoints: reading it costs about half a bare await,
+# so 32 amortises it to ~2% while bounding how long a step whose iterations suddenly slow down can
+# go without yielding (32 iterations). Small ints are cached, so the countdown allocates nothing.
+_MAX_STRIDE = 32
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _loop_yield = anyio.lowlevel.checkpoint  # module-level so tests can run code "during" the yield
 
@@ -75,7 +76,18 @@ class StepContext:
     step=...)`) never stops, which lets a step function be called directly in unit tests.
     """
 
-    __slots__ = ("_countdown", "_flow", "_last_check", "_last_yield", "_log", "_run_id", "_step", "_stop", "_stride")
+    __slots__ = (
+        "_countdown",
+        "_flow",
+        "_last_check",
+        "_last_yield",
+        "_log",
+        "_open",
+        "_run_id",
+        "_step",
+        "_stop",
+        "_stride",
+    )
 
     def __init__(self, *, run_id: str, flow: str, step: str) -> None:
         self._run_id = run_id
@@ -89,6 +101,7 @@ class StepContext:
         self._last_check = now
         self._last_yield = now
         self._log: Any = None
+        self._open: list[_Iteration[Any]] | None = None  # iterate() loops over generators, unfinished
 
     @property
     def run_id(self) -> str:
@@ -174,8 +187,9 @@ class StepContext:
         so a stop never drops an item already taken (a queue-backed source loses nothing). A sized
         source (list, tuple, range, ...) has no stopping point after its last item; for other
         sources there is one before their end is discovered when the count is a multiple of
-        `every`. When a stop ends the iteration, a generator source is closed at once (its
-        `finally` blocks run); other sources, such as streams, are left open for their owner.
+        `every`. When the step ends (stopped, failed or cancelled) while such a loop over a
+        generator is unfinished, the generator is closed at once, so its `finally` blocks run;
+        other sources, such as streams, are left open for their owner.
 
         Args:
             source: A sync or async iterable.
@@ -189,49 +203,69 @@ class StepContext:
             raise ValueError(f"step {self._step!r}: iterate(every=) must be an int >= 1, got {every!r}")
         size = len(source) if isinstance(source, Sized) else -1
         if isinstance(source, AsyncIterable):
-            return self._iterate_async(source.__aiter__(), every, size)
-        if isinstance(source, Iterable):
-            return self._iterate_sync(iter(source), every, size)
-        raise TypeError(
-            f"step {self._step!r}: iterate() needs an iterable or async iterable, got {type(source).__name__}"
-        )
+            iteration: _Iteration[T] = _Iteration(self, source.__aiter__(), True, every, size)
+        elif isinstance(source, Iterable):
+            iteration = _Iteration(self, iter(source), False, every, size)
+        else:
+            raise TypeError(
+                f"step {self._step!r}: iterate() needs an iterable or async iterable, got {type(source).__name__}"
+            )
+        if isinstance(iteration._source, Generator | AsyncGenerator):
+            if self._open is None:
+                self._open = []
+            self._open.append(iteration)
+        return iteration
 
-    async def _iterate_sync(self, it: Iterator[T], every: int, size: int) -> AsyncIterator[T]:
-        index = 0
-        try:
-            while True:
-                if not index % every and index != size:
-                    await self.checkpoint()
-                try:
-                    item = next(it)
-                except StopIteration:
-                    return
-                index += 1
-                yield item
-        except StopRequested:
-            # The step is over: run a generator source's finally blocks now rather than at garbage
-            # collection. Other sources (streams, files) belong to the caller and stay open.
-            if isinstance(it, Generator):
-                it.close()
-            raise
-
-    async def _iterate_async(self, it: AsyncIterator[T], every: int, size: int) -> AsyncIterator[T]:
-        index = 0
-        try:
-            while True:
-                if not index % every and index != size:
-                    await self.checkpoint()
-                try:
-                    item = await it.__anext__()
-                except StopAsyncIteration:
-                    return
-                index += 1
-                yield item
-        except StopRequested:
-            # As above; an async generator left unclosed is also reported by trio and asyncio.
-            if isinstance(it, AsyncGenerator):
-                await it.aclose()
-            raise
+    async def _close_iterations(self) -> None:
+        """Close generator sources of unfinished `iterate()` loops (the executor calls this)."""
+        open_iterations, self._open = self._open or [], None
+        for iteration in open_iterations:
+            source = iteration._source
+            if isinstance(source, AsyncGenerator):
+                await source.aclose()
+            elif isinstance(source, Generator):
+                source.close()
 
     def __repr__(self) -> str:
         return f"<StepContext flow={self._flow!r} step={self._step!r} run_id={self._run_id!r}>"
+
+
+class _Iteration(AsyncIterator[T]):
+    """The async iterator `StepContext.iterate()` returns.
+
+    A class rather than an async generator: an async generator abandoned mid-loop (the loop body
+    stopped) would be finalised by the garbage collector, which trio reports as a warning.
+    """
+
+    __slots__ = ("_ctx", "_every", "_index", "_is_async", "_size", "_source")
+
+    def __init__(self, ctx: StepContext, source: Iterator[T] | AsyncIterator[T], is_async: bool, every: int, size: int):
+        self._ctx = ctx
+        self._source = source
+        self._is_async = is_async
+        self._every = every
+        self._size = size  # -1: unknown
+        self._index = 0
+
+    def __aiter__(self) -> _Iteration[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        index = self._index
+        if not index % self._every and index != self._size:
+            await self._ctx.checkpoint()
+        try:
+            if self._is_async:
+                item: T = await self._source.__anext__()  # type: ignore[union-attr]
+            else:
+                item = next(self._source)  # type: ignore[arg-type]
+        except (StopIteration, StopAsyncIteration):
+            self._finished()
+            raise StopAsyncIteration from None
+        self._index = index + 1
+        return item
+
+    def _finished(self) -> None:
+        open_iterations = self._ctx._open
+        if open_iterations is not None and self in open_iterations:
+            open_iterations.remove(self)

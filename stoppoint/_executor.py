@@ -7,6 +7,8 @@ others, so a linear flow runs in the caller's task and a fan-out spawns one task
 
 from __future__ import annotations
 
+import asyncio
+import math
 import time
 import uuid
 from collections import deque
@@ -23,7 +25,7 @@ from ._checkpoint import Checkpoint
 from ._context import YIELD_INTERVAL, StepContext
 from ._errors import FlowInputError, StepFailed, StopRequested
 from ._outcome import Completed, Interrupted, RunReport, StepReport, StepStatus
-from ._signal import InterruptSignal, hub_of
+from ._signal import InterruptSignal, linked
 from ._strategy import Strategy
 
 if TYPE_CHECKING:
@@ -96,6 +98,65 @@ class _StepRecord:
         self.error: str | None = None
 
 
+class _Timeline:
+    """What a report is built from: step records, signals and times (no outputs, no tasks), so
+    an outcome that builds its report lazily keeps nothing else of the run alive."""
+
+    __slots__ = ("ended", "flow", "perf0", "records", "run_id", "signals", "steps", "wall0")
+
+    def __init__(self, run_id: str, flow: str, steps: tuple[str, ...]) -> None:
+        self.run_id = run_id
+        self.flow = flow
+        self.steps = steps
+        self.records: dict[str, _StepRecord] = {}
+        self.signals: list[InterruptSignal] = []
+        # One wall-clock reading per run; step times are perf_counter() offsets from it.
+        self.wall0 = time.time()
+        self.perf0 = time.perf_counter()
+        self.ended: float | None = None
+
+    def wall(self, t: float | None) -> datetime | None:
+        return None if t is None else datetime.fromtimestamp(self.wall0 + (t - self.perf0), UTC)
+
+    def report(self) -> RunReport:
+        """Build the pydantic report (outcomes call this only when their `.report` is read)."""
+        steps = {}
+        for name in self.steps:
+            record = self.records.get(name)
+            # model_construct: these values are ours and already valid.
+            if record is None:
+                status = StepStatus.PENDING if self.ended is None else StepStatus.NOT_STARTED
+                steps[name] = StepReport.model_construct(name=name, status=status)
+                continue
+            steps[name] = StepReport.model_construct(
+                name=name,
+                status=record.status,
+                started_at=self.wall(record.started),
+                finished_at=self.wall(record.finished),
+                duration_s=record.duration,
+                stopped_at=record.stopped_at,
+                error=record.error,
+            )
+        return RunReport.model_construct(
+            run_id=self.run_id,
+            flow=self.flow,
+            started_at=self.wall(self.perf0),
+            finished_at=self.wall(self.ended),
+            steps=steps,
+            interrupts=list(self.signals),
+        )
+
+
+def _cancellation_in_effect() -> bool:
+    """Is the current task really being cancelled (rather than a step raising CancelledError)?"""
+    if anyio.current_effective_deadline() == -math.inf:
+        return True
+    if anyio.get_cancelled_exc_class() is not asyncio.CancelledError:
+        return True  # trio's Cancelled cannot be raised by user code
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0  # a native Task.cancel() of the caller
+
+
 class _Run:
     """One run of a flow: its mutable state and the loop that drives it."""
 
@@ -110,23 +171,29 @@ class _Run:
         self.limit = flow.max_concurrency or len(self.specs)
         self.waiting = dict(plan.waiting)
         self.ready = deque(plan.roots)
-        self.records: dict[str, _StepRecord] = {}
+        self.timeline = _Timeline(run_id, flow.name, tuple(self.specs))
+        self.records = self.timeline.records
+        self.signals = self.timeline.signals
         self.outputs: dict[str, Any] = {}
         self.active = 0  # steps handed to a worker and not finished
         self.running: dict[str, StepContext] = {}
-        self.signals: list[InterruptSignal] = []
         self.first: InterruptSignal | None = None
         self.started_since_interrupt = 0
+        # Why the run is being abandoned, if it is; `halted` is their "or", checked per step.
+        self.halted = False
         self.failure: tuple[str, BaseException] | None = None
+        self.fatal: BaseException | None = None  # KeyboardInterrupt, SystemExit from a step
         self.bad_signal: TypeError | None = None
         self.cancelled_exc = anyio.get_cancelled_exc_class()
         self.watch_scope = anyio.CancelScope()
         self.task_group: TaskGroup | None = None
         self.polled: MemoryObjectReceiveStream[InterruptSignal] | None = None  # a plain stream
-        # One wall-clock reading per run; step times are perf_counter() offsets from it.
-        self.wall0 = time.time()
-        self.perf0 = time.perf_counter()
-        self.ended: float | None = None
+
+    def halt(self) -> None:
+        """Start no more steps and cancel the running ones (a failure or a bad stream item)."""
+        self.halted = True
+        if self.task_group is not None:
+            self.task_group.cancel_scope.cancel()
 
     # -- interrupts ------------------------------------------------------------------------------
 
@@ -162,8 +229,7 @@ class _Run:
                 f"flow {self.name!r}, run {self.run_id!r}: the interrupt stream carried "
                 f"{type(item).__name__} {item!r}; only InterruptSignal may be sent"
             )
-            if self.task_group is not None:
-                self.task_group.cancel_scope.cancel()
+            self.halt()
         return False
 
     async def watch(self, receiver: MemoryObjectReceiveStream[InterruptSignal]) -> None:
@@ -185,7 +251,7 @@ class _Run:
             # reached receive() yet, so look now rather than start one more step. An ended
             # stream has nothing more to say: stop looking.
             self.polled = None
-        if self.failure is not None or self.bad_signal is not None:
+        if self.halted:
             return False
         if self.first is None:
             return True
@@ -196,7 +262,7 @@ class _Run:
 
     def next_step(self) -> str | None:
         """Hand out ready steps: one for the calling worker, a new task for each other one."""
-        if self.failure is not None or self.bad_signal is not None:
+        if self.halted:
             return None
         if self.first is not None and not self.strategy._may_start(self.started_since_interrupt):
             return None
@@ -253,7 +319,12 @@ class _Run:
                 value = await spec.fn(**kwargs)
             except StopRequested as stop:
                 self.stopped(name, record, ctx, stop, stop)
-            except self.cancelled_exc:
+            except self.cancelled_exc as exc:
+                if not _cancellation_in_effect():
+                    # asyncio: the step raised CancelledError (say, from a cancelled future) while
+                    # nobody cancelled it. Raising it on would cancel the caller: it is a failure.
+                    self.failed(name, record, exc)
+                    return
                 self.finish(record, StepStatus.CANCELLED)
                 raise
             except BaseExceptionGroup as group:
@@ -261,17 +332,22 @@ class _Run:
                 if rest is None:
                     self.stopped(name, record, ctx, _first_stop(group), group)
                 elif rest.split(self.cancelled_exc)[1] is None:
-                    # Only stops and cancellations: the cancellation is what ends the step.
+                    # Only stops and cancellations: the cancellation is what ends the step. Raise
+                    # the cancellations alone, or the caller's cancel scope could not absorb them.
                     self.finish(record, StepStatus.CANCELLED)
-                    raise
+                    raise rest from None
                 else:
                     self.failed(name, record, group)
             except Exception as exc:
                 self.failed(name, record, exc)
-            except BaseException as exc:  # KeyboardInterrupt, SystemExit: record, then let it end the run
+            except BaseException as exc:
+                # KeyboardInterrupt, SystemExit: record it, end the run, and re-raise it as itself
+                # once the task group is gone (raised here, it would leave run() in a group).
                 self.finish(record, StepStatus.FAILED)
                 record.error = f"{type(exc).__name__}: {exc}"
-                raise
+                if self.fatal is None:
+                    self.fatal = exc
+                    self.halt()
             else:
                 self.finish(record, StepStatus.COMPLETED)
                 outputs[name] = value
@@ -284,8 +360,19 @@ class _Run:
             finally:
                 if ctx is not None:
                     del self.running[name]
+                    if ctx._open and record.status is not StepStatus.COMPLETED:
+                        await self.close_iterations(name, record, ctx)
         finally:
             self.active -= 1
+
+    async def close_iterations(self, name: str, record: _StepRecord, ctx: StepContext) -> None:
+        """Close the generators of `ctx.iterate()` loops the step left unfinished, so their
+        `finally` blocks run now rather than at garbage collection."""
+        try:
+            with anyio.CancelScope(shield=True):
+                await ctx._close_iterations()
+        except Exception as exc:
+            self.failed(name, record, exc)
 
     # -- step endings -----------------------------------------------------------------------------
 
@@ -315,21 +402,20 @@ class _Run:
         record.error = f"{type(exc).__name__}: {exc}"
         if self.failure is None:
             self.failure = (name, exc)
-            assert self.task_group is not None
-            self.task_group.cancel_scope.cancel()  # siblings still running end CANCELLED
+            self.halt()  # siblings still running end CANCELLED
 
     # -- the whole run ----------------------------------------------------------------------------
 
     async def execute(
         self, receiver: MemoryObjectReceiveStream[InterruptSignal] | None
     ) -> Completed[Any] | Interrupted:
-        hub = None
+        channel = None
         watch = False
         if receiver is not None and self.drain(receiver):
             # Listening starts in the same synchronous stretch as the drain: no signal falls between.
-            hub = hub_of(receiver)
-            if hub is not None:
-                hub.listen(self.on_signal)
+            channel = linked(receiver)
+            if channel is not None:
+                channel._listeners.append(self.on_signal)
             else:
                 watch = True
                 self.polled = receiver
@@ -341,24 +427,26 @@ class _Run:
                     task_group.start_soon(self.watch, receiver, name=f"stoppoint {self.name} interrupt watcher")
                 await self.work(self.next_step())
         finally:
-            if hub is not None:
-                hub.unlisten(self.on_signal)
+            if channel is not None:
+                channel._listeners.remove(self.on_signal)
+        if self.fatal is not None:
+            raise self.fatal
         if receiver is not None:
             self.drain(receiver)  # signals that came too late still belong in the report
         return self.outcome()
 
     def outcome(self) -> Completed[Any] | Interrupted:
-        self.ended = time.perf_counter()
+        self.timeline.ended = time.perf_counter()
         if self.bad_signal is not None:
             raise self.bad_signal
         if self.failure is not None:
             name, exc = self.failure
-            raise StepFailed(name, self.report(), self.checkpoint()) from exc
+            raise StepFailed(name, self.timeline.report(), self.checkpoint()) from exc
         if len(self.outputs) == len(self.specs):
-            return Completed(self.outputs[self.plan.result], self.report)
+            return Completed(self.outputs[self.plan.result], self.timeline.report)
         if self.first is None:  # pragma: no cover - every path that leaves a step unfinished records why
             raise RuntimeError(f"stoppoint: run {self.run_id!r} of flow {self.name!r} ended unfinished without cause")
-        return Interrupted(self.first, self.report, self.checkpoint(), forced=False)
+        return Interrupted(self.first, self.timeline.report, self.checkpoint(), forced=False)
 
     def checkpoint(self) -> Checkpoint:
         return Checkpoint(
@@ -367,35 +455,4 @@ class _Run:
             run_id=self.run_id,
             inputs=dict(self.inputs),
             outputs=dict(self.outputs),
-        )
-
-    def wall(self, t: float | None) -> datetime | None:
-        return None if t is None else datetime.fromtimestamp(self.wall0 + (t - self.perf0), UTC)
-
-    def report(self) -> RunReport:
-        """Build the pydantic report (outcomes call this only when their `.report` is read)."""
-        steps = {}
-        for name in self.specs:
-            record = self.records.get(name)
-            if record is None:
-                status = StepStatus.PENDING if self.ended is None else StepStatus.NOT_STARTED
-                steps[name] = StepReport.model_construct(name=name, status=status)
-                continue
-            # model_construct: these values are ours and already valid.
-            steps[name] = StepReport.model_construct(
-                name=name,
-                status=record.status,
-                started_at=self.wall(record.started),
-                finished_at=self.wall(record.finished),
-                duration_s=record.duration,
-                stopped_at=record.stopped_at,
-                error=record.error,
-            )
-        return RunReport.model_construct(
-            run_id=self.run_id,
-            flow=self.name,
-            started_at=self.wall(self.perf0),
-            finished_at=self.wall(self.ended),
-            steps=steps,
-            interrupts=list(self.signals),
         )

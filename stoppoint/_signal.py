@@ -1,11 +1,15 @@
 """Interrupt signals and the channel that carries them to runs.
 
-A run listens on an anyio `MemoryObjectReceiveStream[InterruptSignal]`. Memory streams hand each
-item to exactly one receiver, and a receiver parked in `receive()` takes an item before anybody can
-poll for it, so a plain stream alone cannot promise "the next stopping point sees it". The receiver
-made by `interrupt_channel()` therefore carries a small hub: the `Interrupter` hands a signal
-straight to every run currently listening on that receiver or one of its clones (synchronously, so
-the very next stopping point sees it), and only puts it in the stream when nobody listens yet.
+A run listens on an anyio `MemoryObjectReceiveStream[InterruptSignal]`. A plain memory stream hands
+each item to exactly one receiver, and a receiver parked in `receive()` takes an item before anybody
+can poll for it, so a plain stream alone can promise neither "every run on a clone sees it" nor
+"the next stopping point sees it". `interrupt_channel()` therefore makes a small broadcast channel:
+
+* every receiver clone is a real anyio memory stream with a private buffer of its own;
+* `Interrupter.interrupt()` hands a signal synchronously to every run listening on a clone (so the
+  very next stopping point of each sees it) and puts it in the buffer of every other open clone
+  (so a run that starts on that clone later stops before its first step).
+
 Plain anyio streams keep working: a run reads them with a watcher task.
 """
 
@@ -50,72 +54,127 @@ class InterruptSignal(BaseModel):
 
 
 class _Hub:
-    """The runs listening on one `interrupt_channel()`, to hand them signals synchronously."""
+    """One interrupt channel: its open receiver clones and how many interrupters are open."""
 
-    __slots__ = ("_listeners",)
+    __slots__ = ("max_buffer_size", "open_interrupters", "receivers")
 
-    def __init__(self) -> None:
-        self._listeners: list[Listener] = []
+    def __init__(self, max_buffer_size: int) -> None:
+        self.max_buffer_size = max_buffer_size
+        self.receivers: list[_LinkedReceiver] = []
+        self.open_interrupters = 0
 
-    def listen(self, listener: Listener) -> None:
-        self._listeners.append(listener)
+    def new_receiver(self) -> _LinkedReceiver:
+        sender, plain = anyio.create_memory_object_stream[InterruptSignal](self.max_buffer_size)
+        # anyio's own clone() builds a receiver from `_state` the same way; the subclass only adds
+        # the fields below. This is the one private name used (anyio pinned to 4.x in pyproject).
+        receiver = _LinkedReceiver(_state=plain._state, _hub=self, _sender=sender)
+        plain.close()
+        if self.open_interrupters:
+            self.receivers.append(receiver)
+        else:
+            sender.close()  # every interrupter is closed already: this clone only sees the end
+        return receiver
 
-    def unlisten(self, listener: Listener) -> None:
-        self._listeners.remove(listener)
+    def deliver(self, signal: InterruptSignal) -> bool:
+        """Hand `signal` to every run listening on a clone, buffer it for the other clones."""
+        delivered = False
+        # A listener may end its run (and unlisten) while we iterate.
+        for receiver in tuple(self.receivers):
+            if receiver._listeners:
+                for listener in tuple(receiver._listeners):
+                    listener(signal)
+                delivered = True
+            else:
+                try:
+                    receiver._sender.send_nowait(signal)
+                except anyio.WouldBlock:
+                    continue  # this clone's buffer is full: nobody reads it
+                delivered = True
+        return delivered
 
-    def broadcast(self, signal: InterruptSignal) -> bool:
-        """Give `signal` to every listener; False when there is none."""
-        if not self._listeners:
-            return False
-        # A listener may unlisten while we iterate (its run just ended).
-        for listener in tuple(self._listeners):
-            listener(signal)
-        return True
+    async def deliver_waiting(self, signal: InterruptSignal) -> None:
+        """As `deliver`, but wait for room in full buffers."""
+        for receiver in tuple(self.receivers):
+            if receiver._listeners:
+                for listener in tuple(receiver._listeners):
+                    listener(signal)
+            else:
+                # The clone may be closed while we wait: that just means one reader fewer.
+                with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    await receiver._sender.send(signal)
+
+    def interrupter_closed(self) -> None:
+        self.open_interrupters -= 1
+        if not self.open_interrupters:
+            for receiver in self.receivers:
+                receiver._sender.close()  # readers drain the buffer, then see the end of the stream
+            self.receivers.clear()
 
 
-# anyio's clone() builds a plain MemoryObjectReceiveStream from the shared `_state`; overriding it
-# is the only way to keep the hub on clones. `_state` is the dataclass field anyio's own clone()
-# passes, stable across anyio 4.x (the pinned range); tests/test_signal.py checks the behaviour.
 @dataclass(eq=False)
 class _LinkedReceiver(MemoryObjectReceiveStream[InterruptSignal]):
-    _hub: _Hub = field(default_factory=_Hub)
+    """A receiver clone of an interrupt channel: an anyio memory stream with its own buffer."""
+
+    _hub: _Hub = field(kw_only=True)
+    _sender: MemoryObjectSendStream[InterruptSignal] = field(kw_only=True)
+    # Runs listening on this clone now; the channel calls them instead of buffering.
+    _listeners: list[Listener] = field(default_factory=list, kw_only=True)
 
     def clone(self) -> _LinkedReceiver:
+        """Another receiver of the same channel; it sees every signal sent from now on."""
         if self._closed:
             raise anyio.ClosedResourceError
-        return _LinkedReceiver(_state=self._state, _hub=self._hub)
+        return self._hub.new_receiver()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._sender.close()
+            with contextlib.suppress(ValueError):
+                self._hub.receivers.remove(self)
+        super().close()
 
 
-def hub_of(receiver: MemoryObjectReceiveStream[InterruptSignal]) -> _Hub | None:
-    """The hub of a receiver made by `interrupt_channel()`, else None (a plain anyio stream)."""
-    return receiver._hub if isinstance(receiver, _LinkedReceiver) else None
+def linked(receiver: MemoryObjectReceiveStream[InterruptSignal]) -> _LinkedReceiver | None:
+    """The receiver as a channel clone if `interrupt_channel()` made it, else None (a plain stream)."""
+    return receiver if isinstance(receiver, _LinkedReceiver) else None
 
 
 class Interrupter:
-    """The sending side of an interrupt channel: ask every run listening on it to stop.
+    """The sending side of an interrupt channel: ask the runs listening on it to stop.
 
-    Made by `interrupt_channel()`. It is cheap to `clone()`; each clone is closed separately, and
-    the receiving side sees the end of the stream when all of them are closed. Also a sync and
-    async context manager that closes it.
+    Made by `interrupt_channel()`. A signal goes at once to every run listening on the channel's
+    receiver or any of its clones, so each of them sees it at its next stopping point; every other
+    open clone keeps it in its buffer, so a run that starts on that clone later stops before its
+    first step.
 
-    A signal goes at once to every run currently listening on the channel's receiver or any of
-    its clones, so each of those runs sees it at its next stopping point; when no run is listening
-    it waits in the stream's buffer for the next run (which then stops before its first step).
+    Wrapping a plain anyio send stream (`Interrupter(send_stream)`) also works; its signals then
+    travel like any item on that stream (one receiver takes each, within a loop turn or two).
+
+    It is cheap to `clone()`; each clone is closed separately, and the receivers see the end of the
+    stream when all of them are closed. Also a sync and async context manager that closes it.
     """
 
     __slots__ = ("_closed", "_hub", "_sender")
 
-    def __init__(self, sender: MemoryObjectSendStream[InterruptSignal], hub: _Hub | None = None) -> None:
-        """Wrap `sender`. Use `interrupt_channel()` rather than calling this directly."""
-        self._sender = sender
-        self._hub = hub if hub is not None else _Hub()
+    def __init__(self, sender: MemoryObjectSendStream[InterruptSignal]) -> None:
+        """Wrap a plain anyio send stream. Prefer `interrupt_channel()`, which broadcasts."""
+        self._sender: MemoryObjectSendStream[InterruptSignal] | None = sender
+        self._hub: _Hub | None = None
         self._closed = False
+
+    @classmethod
+    def _for_hub(cls, hub: _Hub) -> Interrupter:
+        interrupter = cls.__new__(cls)
+        interrupter._sender = None
+        interrupter._hub = hub
+        interrupter._closed = False
+        hub.open_interrupters += 1
+        return interrupter
 
     def interrupt(self, reason: str = "interrupted", *, force: bool = False, source: str | None = None) -> bool:
         """Send an interrupt without waiting. Never blocks and never raises.
 
-        Call it from the event loop's thread (any task, or a step itself); a thread-safe variant
-        for other threads is planned (API.md: `interrupt_threadsafe`).
+        Call it from the event loop's thread (any task, or a step itself).
 
         Args:
             reason: Free text shown in reports.
@@ -123,14 +182,15 @@ class Interrupter:
             source: Where the request came from (e.g. `"api"`).
 
         Returns:
-            True if the signal reached a listening run or the stream's buffer; False when this
-            interrupter is closed, the buffer is full, or every receiver is closed.
+            True if the signal reached a listening run or a buffer; False when this interrupter is
+            closed, every buffer is full, or every receiver is closed.
         """
         if self._closed:
             return False
         signal = InterruptSignal(reason=reason, force=force, source=source)
-        if self._hub.broadcast(signal):
-            return True
+        if self._hub is not None:
+            return self._hub.deliver(signal)
+        assert self._sender is not None
         try:
             self._sender.send_nowait(signal)
         except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -138,7 +198,7 @@ class Interrupter:
         return True
 
     async def send(self, signal: InterruptSignal) -> None:
-        """Send `signal`, waiting for buffer space when no run is listening and the buffer is full.
+        """Send `signal`, waiting for room where a buffer is full and no run is listening.
 
         Raises:
             TypeError: `signal` is not an `InterruptSignal`.
@@ -148,8 +208,10 @@ class Interrupter:
             raise TypeError(f"send() expects an InterruptSignal, got {type(signal).__name__}")
         if self._closed:
             raise anyio.ClosedResourceError
-        if self._hub.broadcast(signal):
+        if self._hub is not None:
+            await self._hub.deliver_waiting(signal)
             return
+        assert self._sender is not None
         # Every receiver closed means nobody can be interrupted any more, which is not an error.
         with contextlib.suppress(anyio.BrokenResourceError):
             await self._sender.send(signal)
@@ -158,12 +220,20 @@ class Interrupter:
         """Another interrupter on the same channel, closed independently."""
         if self._closed:
             raise anyio.ClosedResourceError
-        return Interrupter(self._sender.clone(), self._hub)
+        if self._hub is not None:
+            return Interrupter._for_hub(self._hub)
+        assert self._sender is not None
+        return Interrupter(self._sender.clone())
 
     def close(self) -> None:
         """Close this interrupter; receivers see the end of the stream once every clone is closed."""
-        if not self._closed:
-            self._closed = True
+        if self._closed:
+            return
+        self._closed = True
+        if self._hub is not None:
+            self._hub.interrupter_closed()
+        else:
+            assert self._sender is not None
             self._sender.close()
 
     def __enter__(self) -> Self:
@@ -186,19 +256,18 @@ class Interrupter:
 def interrupt_channel(max_buffer_size: int = 16) -> tuple[Interrupter, MemoryObjectReceiveStream[InterruptSignal]]:
     """Make an interrupt channel: an `Interrupter` and the receiver to pass to `Flow.run(interrupts=)`.
 
-    The receiver is an ordinary anyio memory-object receive stream (clone it to share it between
-    runs; each run listening on a clone sees every signal).
+    The receiver is an anyio memory-object receive stream. Clone it (`receiver.clone()`) to share
+    the channel between runs: every clone sees every signal sent while it is open. Close what you
+    no longer need (both are context managers); anyio warns about unclosed streams.
 
     Args:
-        max_buffer_size: How many signals wait in the stream while no run is listening.
+        max_buffer_size: How many signals each clone keeps while no run listens on it.
 
     Raises:
         ValueError: `max_buffer_size` is not an int >= 1.
     """
     if isinstance(max_buffer_size, bool) or not isinstance(max_buffer_size, int) or max_buffer_size < 1:
         raise ValueError(f"interrupt_channel(): max_buffer_size must be an int >= 1, got {max_buffer_size!r}")
-    sender, plain = anyio.create_memory_object_stream[InterruptSignal](max_buffer_size)
-    hub = _Hub()
-    receiver = _LinkedReceiver(_state=plain._state, _hub=hub)
-    plain.close()  # the linked receiver took its place on the shared state
-    return Interrupter(sender, hub), receiver
+    hub = _Hub(max_buffer_size)
+    interrupter = Interrupter._for_hub(hub)
+    return interrupter, hub.new_receiver()

@@ -68,3 +68,21 @@ async def test_interrupt_from_another_asyncio_task(channel: tuple[sp.Interrupter
     assert isinstance(outcome, sp.Interrupted)
     assert outcome.report.stopped == ["upload"]
     assert outcome.signal.source == "api"
+
+
+@pytest.mark.asyncio
+async def test_cancelled_error_raised_by_a_step_is_a_failure() -> None:
+    """A step awaiting a cancelled future raises CancelledError without being cancelled itself:
+    that is the step's failure, not a cancellation of the caller."""
+    flow = sp.Flow("spurious")
+
+    @flow.step
+    async def a() -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.cancel()
+        await future
+
+    with pytest.raises(sp.StepFailed, match=r"step 'a' of flow 'spurious' failed: CancelledError") as info:
+        await flow.run()
+    assert isinstance(info.value.__cause__, asyncio.CancelledError)
+    assert info.value.report.failed == ["a"]
