@@ -15,6 +15,7 @@ from collections.abc import (
     Iterator,
     Sized,
 )
+from time import perf_counter as _perf_counter
 from types import FrameType
 from typing import Any, TypeVar, overload
 
@@ -31,7 +32,7 @@ YIELD_INTERVAL = 0.001
 """Seconds of a step's time between checkpoints after which a checkpoint yields to the loop."""
 
 # The clock is read at most every _MAX_STRIDE checkpoints: reading it costs about half a bare await,
-# so 32 amortises it to ~2% while bounding how long a step whose iterations suddenly slow down can
+# so 32 amortises it to a few percent while bounding how long a step whose iterations suddenly slow down can
 # go without yielding (32 iterations). Small ints are cached, so the countdown allocates nothing.
 _MAX_STRIDE = 32
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -159,12 +160,20 @@ class StepContext:
     def _slow_checkpoint(self) -> Awaitable[None]:
         if self._stop:
             raise StopRequested(_user_location(sys._getframe(1)))
-        now = time.perf_counter()
-        # Adapt the stride so the clock is read about four times per yield interval.
+        now = _perf_counter()
+        # Adapt the stride so the clock is read about four times per yield interval: double it
+        # while reads come too often (cheap checkpoints), shrink it at once when they come late.
+        quarter = YIELD_INTERVAL * 0.25
         elapsed = now - self._last_check
-        stride = int(self._stride * (YIELD_INTERVAL / 4) / elapsed) if elapsed > 0 else _MAX_STRIDE
-        self._stride = self._countdown = min(_MAX_STRIDE, max(1, stride))
         self._last_check = now
+        stride = self._stride
+        if elapsed < quarter:
+            stride += stride
+            if stride > _MAX_STRIDE:
+                stride = _MAX_STRIDE
+        else:
+            stride = int(stride * quarter / elapsed) or 1
+        self._stride = self._countdown = stride
         if now - self._last_yield >= YIELD_INTERVAL:
             self._last_yield = now
             return self._yield()

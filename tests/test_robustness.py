@@ -220,4 +220,4 @@ async def test_checkpoint_yields_within_the_stride_bound_when_iterations_slow_do
             pass
         await ctx.checkpoint()
     assert yields
-    assert yields[0] <= 33
+    assert yields[0] <= 32  # the countdown never exceeds the stride bound
