@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -31,9 +30,9 @@ T = TypeVar("T")
 YIELD_INTERVAL = 0.001
 """Seconds of a step's time between checkpoints after which a checkpoint yields to the loop."""
 
-# The clock is read at most every _MAX_STRIDE checkpoints: reading it costs about half a bare await,
-# so 32 amortises it to a few percent while bounding how long a step whose iterations suddenly slow down can
-# go without yielding (32 iterations). Small ints are cached, so the countdown allocates nothing.
+# The clock is read at most every _MAX_STRIDE checkpoints: a read costs about half a bare await, so
+# 32 amortises it to a few percent, while a step whose iterations suddenly turn slow still yields
+# within 32 of them. Small ints are cached, so the countdown allocates nothing.
 _MAX_STRIDE = 32
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _loop_yield = anyio.lowlevel.checkpoint  # module-level so tests can run code "during" the yield
@@ -98,7 +97,7 @@ class StepContext:
         # Checkpoints left before the slow path runs again (reads the clock, may yield or stop).
         self._countdown = 1
         self._stride = 1
-        now = time.perf_counter()
+        now = _perf_counter()
         self._last_check = now
         self._last_yield = now
         self._log: Any = None
