@@ -225,14 +225,27 @@ class StepContext:
         return iteration
 
     async def _close_iterations(self) -> None:
-        """Close generator sources of unfinished `iterate()` loops (the executor calls this)."""
+        """Close the generator sources of unfinished `iterate()` loops (the executor calls this).
+
+        Innermost loop first, as nested `aclosing()` blocks would; every source is closed even if
+        another's cleanup raises, and the first such error is raised at the end.
+        """
         open_iterations, self._open = self._open or [], None
-        for iteration in open_iterations:
+        error: Exception | None = None
+        for iteration in reversed(open_iterations):
             source = iteration._source
-            if isinstance(source, AsyncGenerator):
-                await source.aclose()
-            elif isinstance(source, Generator):
-                source.close()
+            try:
+                if isinstance(source, AsyncGenerator):
+                    await source.aclose()
+                elif isinstance(source, Generator):
+                    source.close()
+            except StopRequested:
+                pass  # a checkpoint in the generator's finally: the step is stopping already
+            except Exception as exc:
+                if error is None:
+                    error = exc
+        if error is not None:
+            raise error
 
     def __repr__(self) -> str:
         return f"<StepContext flow={self._flow!r} step={self._step!r} run_id={self._run_id!r}>"

@@ -148,13 +148,17 @@ class _Timeline:
 
 
 def _cancellation_in_effect() -> bool:
-    """Is the current task really being cancelled (rather than a step raising CancelledError)?"""
+    """Is the current task being cancelled right now (by an anyio scope or a native asyncio cancel)?"""
     if anyio.current_effective_deadline() == -math.inf:
         return True
-    if anyio.get_cancelled_exc_class() is not asyncio.CancelledError:
-        return True  # trio's Cancelled cannot be raised by user code
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0  # a native Task.cancel() of the caller
+    if anyio.get_cancelled_exc_class() is asyncio.CancelledError:
+        task = asyncio.current_task()
+        return task is not None and task.cancelling() > 0  # a native Task.cancel() of the caller
+    return False
+
+
+CLEANUP_TIMEOUT = 1.0
+"""Seconds the generators of a cancelled step's unfinished `iterate()` loops get to close."""
 
 
 class _Run:
@@ -320,7 +324,7 @@ class _Run:
             except StopRequested as stop:
                 self.stopped(name, record, ctx, stop, stop)
             except self.cancelled_exc as exc:
-                if not _cancellation_in_effect():
+                if self.cancelled_exc is asyncio.CancelledError and not _cancellation_in_effect():
                     # asyncio: the step raised CancelledError (say, from a cancelled future) while
                     # nobody cancelled it. Raising it on would cancel the caller: it is a failure.
                     self.failed(name, record, exc)
@@ -369,10 +373,20 @@ class _Run:
         """Close the generators of `ctx.iterate()` loops the step left unfinished, so their
         `finally` blocks run now rather than at garbage collection."""
         try:
-            with anyio.CancelScope(shield=True):
+            if _cancellation_in_effect():
+                # The step was cancelled (a sibling failed, the caller cancelled): shield the
+                # cleanup from that cancellation, but not for ever.
+                with anyio.move_on_after(CLEANUP_TIMEOUT, shield=True):
+                    await ctx._close_iterations()
+            else:
                 await ctx._close_iterations()
         except Exception as exc:
-            self.failed(name, record, exc)
+            if record.status is StepStatus.FAILED:
+                # Keep the step's own error first; the cleanup's comes after it.
+                record.error = f"{record.error}; then closing an iterate() source raised {type(exc).__name__}: {exc}"
+            else:
+                record.stopped_at = None
+                self.failed(name, record, exc)
 
     # -- step endings -----------------------------------------------------------------------------
 

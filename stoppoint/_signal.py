@@ -16,11 +16,13 @@ Plain anyio streams keep working: a run reads them with a watcher task.
 from __future__ import annotations
 
 import contextlib
+import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Self
+from typing import NoReturn, Self, SupportsIndex
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -54,13 +56,17 @@ class InterruptSignal(BaseModel):
 
 
 class _Hub:
-    """One interrupt channel: its open receiver clones and how many interrupters are open."""
+    """One interrupt channel: its open receiver clones and how many interrupters are open.
+
+    Clones are held weakly: a clone its owner dropped must not be kept alive (nor kept filling
+    up with signals nobody will read) by the channel.
+    """
 
     __slots__ = ("max_buffer_size", "open_interrupters", "receivers")
 
     def __init__(self, max_buffer_size: int) -> None:
         self.max_buffer_size = max_buffer_size
-        self.receivers: list[_LinkedReceiver] = []
+        self.receivers: weakref.WeakSet[_LinkedReceiver] = weakref.WeakSet()
         self.open_interrupters = 0
 
     def new_receiver(self) -> _LinkedReceiver:
@@ -69,46 +75,61 @@ class _Hub:
         # the fields below. This is the one private name used (anyio pinned to 4.x in pyproject).
         receiver = _LinkedReceiver(_state=plain._state, _hub=self, _sender=sender)
         plain.close()
-        if self.open_interrupters:
-            self.receivers.append(receiver)
+        if self.open_interrupters > 0:
+            self.receivers.add(receiver)
         else:
             sender.close()  # every interrupter is closed already: this clone only sees the end
         return receiver
 
+    def _offer(self, receiver: _LinkedReceiver, signal: InterruptSignal) -> bool | None:
+        """Give `signal` to the runs listening on `receiver`, else to its buffer.
+
+        Returns True if delivered, False if the buffer is full, None if the clone is gone.
+        """
+        if receiver._listeners:
+            # A listener may end its run (and unlisten) while we iterate.
+            for listener in tuple(receiver._listeners):
+                listener(signal)
+            return True
+        try:
+            receiver._sender.send_nowait(signal)
+        except anyio.WouldBlock:
+            return False
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            return None
+        return True
+
     def deliver(self, signal: InterruptSignal) -> bool:
         """Hand `signal` to every run listening on a clone, buffer it for the other clones."""
         delivered = False
-        # A listener may end its run (and unlisten) while we iterate.
         for receiver in tuple(self.receivers):
-            if receiver._listeners:
-                for listener in tuple(receiver._listeners):
-                    listener(signal)
-                delivered = True
-            else:
-                try:
-                    receiver._sender.send_nowait(signal)
-                except anyio.WouldBlock:
-                    continue  # this clone's buffer is full: nobody reads it
+            if self._offer(receiver, signal):
                 delivered = True
         return delivered
 
     async def deliver_waiting(self, signal: InterruptSignal) -> None:
-        """As `deliver`, but wait for room in full buffers."""
-        for receiver in tuple(self.receivers):
-            if receiver._listeners:
-                for listener in tuple(receiver._listeners):
-                    listener(signal)
-            else:
-                # The clone may be closed while we wait: that just means one reader fewer.
-                with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    await receiver._sender.send(signal)
+        """As `deliver`, then wait for room in the clones whose buffer was full.
+
+        Every listening run and every clone with room gets the signal first, so one full clone
+        nobody reads cannot hold it back from the others.
+        """
+        full = [receiver for receiver in tuple(self.receivers) if self._offer(receiver, signal) is False]
+        for receiver in full:
+            # The clone may be closed while we wait: that just means one reader fewer.
+            with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                await receiver._sender.send(signal)
 
     def interrupter_closed(self) -> None:
+        if self.open_interrupters <= 0:
+            return
         self.open_interrupters -= 1
         if not self.open_interrupters:
-            for receiver in self.receivers:
+            for receiver in tuple(self.receivers):
                 receiver._sender.close()  # readers drain the buffer, then see the end of the stream
             self.receivers.clear()
+
+
+_NO_PICKLE = "it belongs to one process's event loop; clone() it instead of copying or pickling it"
 
 
 @dataclass(eq=False)
@@ -119,19 +140,37 @@ class _LinkedReceiver(MemoryObjectReceiveStream[InterruptSignal]):
     _sender: MemoryObjectSendStream[InterruptSignal] = field(kw_only=True)
     # Runs listening on this clone now; the channel calls them instead of buffering.
     _listeners: list[Listener] = field(default_factory=list, kw_only=True)
+    _detached: bool = field(default=False, init=False)  # closed: off the channel
 
     def clone(self) -> _LinkedReceiver:
         """Another receiver of the same channel; it sees every signal sent from now on."""
-        if self._closed:
+        if self._detached:
             raise anyio.ClosedResourceError
         return self._hub.new_receiver()
 
     def close(self) -> None:
-        if not self._closed:
+        if not self._detached:
+            self._detached = True
             self._sender.close()
-            with contextlib.suppress(ValueError):
-                self._hub.receivers.remove(self)
+            self._hub.receivers.discard(self)
         super().close()
+
+    def __copy__(self) -> _LinkedReceiver:
+        return self.clone()
+
+    def __deepcopy__(self, memo: dict[int, object]) -> _LinkedReceiver:
+        return self.clone()
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
+        raise TypeError(f"cannot pickle an interrupt receiver: {_NO_PICKLE}")
+
+    def __del__(self) -> None:
+        # The private sender is ours: close it quietly, and let anyio warn about the receiver
+        # itself, which is the object the user forgot to close.
+        self._sender.close()  # idempotent
+        parent_del = getattr(super(), "__del__", None)
+        if parent_del is not None:
+            parent_del()
 
 
 def linked(receiver: MemoryObjectReceiveStream[InterruptSignal]) -> _LinkedReceiver | None:
@@ -224,6 +263,25 @@ class Interrupter:
             return Interrupter._for_hub(self._hub)
         assert self._sender is not None
         return Interrupter(self._sender.clone())
+
+    def __copy__(self) -> Interrupter:
+        return self.clone()
+
+    def __deepcopy__(self, memo: dict[int, object]) -> Interrupter:
+        return self.clone()
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
+        raise TypeError(f"cannot pickle an Interrupter: {_NO_PICKLE}")
+
+    def __del__(self) -> None:
+        # Like anyio's streams: an interrupter nobody closed is a leak, and its receivers would
+        # wait forever for the end of the stream. (A wrapped plain sender warns by itself.)
+        if self._hub is not None and not self._closed:
+            warnings.warn(f"Unclosed {self!r}", ResourceWarning, stacklevel=1, source=self)
+            self.close()
+
+    def __repr__(self) -> str:
+        return f"<Interrupter at {id(self):x}{' closed' if self._closed else ''}>"
 
     def close(self) -> None:
         """Close this interrupter; receivers see the end of the stream once every clone is closed."""

@@ -221,3 +221,89 @@ async def test_checkpoint_yields_within_the_stride_bound_when_iterations_slow_do
         await ctx.checkpoint()
     assert yields
     assert yields[0] <= 32  # the countdown never exceeds the stride bound
+
+
+async def test_unfinished_generators_close_innermost_first_and_all_of_them(channel: Channel) -> None:
+    interrupter, receiver = channel
+    log: list[str] = []
+
+    def source(name: str, fail: bool = False) -> Any:
+        try:
+            yield from range(100)
+        finally:
+            log.append(f"{name} closed")
+            if fail:
+                raise ValueError(f"{name} cleanup failed")
+
+    flow = sp.Flow("nested")
+
+    @flow.step
+    async def loops(ctx: sp.StepContext) -> None:
+        async for _ in ctx.iterate(source("outer", fail=True)):
+            async for item in ctx.iterate(source("inner")):
+                if item == 2:
+                    interrupter.interrupt()
+                    await ctx.checkpoint()
+
+    with pytest.raises(sp.StepFailed, match=r"ValueError: outer cleanup failed") as info:
+        await flow.run(interrupts=receiver)
+    assert log == ["inner closed", "outer closed"]
+    assert info.value.report.steps["loops"].stopped_at is None
+
+
+async def test_a_checkpoint_in_a_generators_finally_does_not_leak(channel: Channel) -> None:
+    interrupter, receiver = channel
+    flow = sp.Flow("finally")
+    ctx_holder: list[sp.StepContext] = []
+
+    async def source() -> Any:
+        try:
+            for i in range(100):
+                yield i
+        finally:
+            await ctx_holder[0].checkpoint()  # raises StopRequested: the step is stopping already
+
+    @flow.step
+    async def loop(ctx: sp.StepContext) -> None:
+        ctx_holder.append(ctx)
+        async for item in ctx.iterate(source()):
+            if item == 1:
+                interrupter.interrupt()
+                await ctx.checkpoint()
+
+    outcome = await flow.run(interrupts=receiver)
+    assert isinstance(outcome, sp.Interrupted)
+    assert outcome.report.stopped == ["loop"]
+
+
+async def test_cleanup_of_a_cancelled_step_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sibling fails, the step is cancelled, and its generator's finally never returns: the
+    shielded cleanup gives up after CLEANUP_TIMEOUT instead of holding the run for ever."""
+    monkeypatch.setattr("stoppoint._executor.CLEANUP_TIMEOUT", 0.01)
+    flow = sp.Flow("stuck")
+    looping = anyio.Event()
+    log: list[str] = []
+
+    async def source() -> Any:
+        try:
+            for i in range(10**6):
+                await anyio.lowlevel.checkpoint()
+                yield i
+        finally:
+            log.append("cleanup started")
+            await anyio.sleep_forever()
+
+    @flow.step
+    async def loop(ctx: sp.StepContext) -> None:
+        async for _ in ctx.iterate(source()):
+            looping.set()
+
+    @flow.step
+    async def broken() -> None:
+        await looping.wait()
+        raise RuntimeError("sibling failed")
+
+    with pytest.raises(sp.StepFailed, match="sibling failed") as info:
+        await flow.run()
+    assert log == ["cleanup started"]
+    assert info.value.report.steps["loop"].status is sp.StepStatus.CANCELLED

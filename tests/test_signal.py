@@ -1,5 +1,9 @@
 """InterruptSignal, Interrupter and interrupt_channel (API.md §1)."""
 
+import copy
+import gc
+import pickle
+import weakref
 from datetime import UTC, datetime
 
 import anyio
@@ -104,3 +108,56 @@ async def test_send_after_every_receiver_closed_is_not_an_error() -> None:
     receiver.close()
     await interrupter.send(sp.InterruptSignal())
     interrupter.close()
+
+
+@pytest.mark.anyio
+async def test_send_is_not_held_back_by_a_full_clone_nobody_reads() -> None:
+    interrupter, receiver = sp.interrupt_channel(max_buffer_size=1)
+    unread = receiver.clone()
+    with interrupter, receiver, unread:
+        interrupter.interrupt("fills both buffers")
+        receiver.receive_nowait()  # `receiver` has room again; `unread` stays full
+        with anyio.move_on_after(0.05):
+            # `unread` is full and nobody reads it: send() waits for it, but only after every
+            # other clone got the signal.
+            await interrupter.send(sp.InterruptSignal(reason="second"))
+        assert receiver.receive_nowait().reason == "second"
+
+
+def test_dropped_clones_are_not_kept_alive_by_the_channel() -> None:
+    interrupter, receiver = sp.interrupt_channel()
+    with interrupter, receiver:
+        clone = receiver.clone()
+        ref = weakref.ref(clone)
+        with pytest.warns(ResourceWarning, match="Unclosed <_LinkedReceiver"):
+            del clone  # the user's leak is reported; the channel does not keep the clone alive
+        gc.collect()
+        assert ref() is None
+        receiver.close()
+        assert interrupter.interrupt("nobody can read this") is False
+
+
+def test_copies_are_clones_and_pickling_is_refused() -> None:
+    interrupter, receiver = sp.interrupt_channel()
+    with interrupter, receiver:
+        other = copy.copy(interrupter)
+        other.close()  # a copy is a clone: closing it does not end the channel
+        assert interrupter.interrupt("still open") is True
+        assert receiver.receive_nowait().reason == "still open"
+        with copy.deepcopy(receiver) as also:
+            assert interrupter.interrupt("to both")
+            assert also.receive_nowait().reason == "to both"
+            assert receiver.receive_nowait().reason == "to both"
+        with pytest.raises(TypeError, match="cannot pickle an Interrupter"):
+            pickle.dumps(interrupter)
+        with pytest.raises(TypeError, match="cannot pickle an interrupt receiver"):
+            pickle.dumps(receiver)
+
+
+def test_an_unclosed_interrupter_warns_and_ends_the_stream() -> None:
+    interrupter, receiver = sp.interrupt_channel()
+    with receiver:
+        with pytest.warns(ResourceWarning, match="Unclosed <Interrupter"):
+            del interrupter
+        with pytest.raises(anyio.EndOfStream):
+            receiver.receive_nowait()
