@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import NoReturn, Self, SupportsIndex
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, Self, SupportsIndex
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -129,12 +129,32 @@ class _Hub:
             self.receivers.clear()
 
 
-_NO_PICKLE = "it belongs to one process's event loop; clone() it instead of copying or pickling it"
+class _CopiesAreClones:
+    """Both ends of a channel count their open clones, so a copy must be a counted clone, and
+    pickling is refused: a channel lives in one process's event loop."""
+
+    __slots__ = ()
+    _kind: ClassVar[str]
+
+    if TYPE_CHECKING:
+
+        def clone(self) -> Any: ...  # defined by both subclasses
+
+    def __copy__(self) -> Any:
+        return self.clone()
+
+    def __deepcopy__(self, memo: dict[int, object]) -> Any:
+        return self.clone()
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
+        raise TypeError(f"cannot pickle {self._kind}: it belongs to one process's event loop; clone() it instead")
 
 
 @dataclass(eq=False)
-class _LinkedReceiver(MemoryObjectReceiveStream[InterruptSignal]):
+class _LinkedReceiver(_CopiesAreClones, MemoryObjectReceiveStream[InterruptSignal]):
     """A receiver clone of an interrupt channel: an anyio memory stream with its own buffer."""
+
+    _kind: ClassVar[str] = "an interrupt receiver"
 
     _hub: _Hub = field(kw_only=True)
     _sender: MemoryObjectSendStream[InterruptSignal] = field(kw_only=True)
@@ -155,15 +175,6 @@ class _LinkedReceiver(MemoryObjectReceiveStream[InterruptSignal]):
             self._hub.receivers.discard(self)
         super().close()
 
-    def __copy__(self) -> _LinkedReceiver:
-        return self.clone()
-
-    def __deepcopy__(self, memo: dict[int, object]) -> _LinkedReceiver:
-        return self.clone()
-
-    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
-        raise TypeError(f"cannot pickle an interrupt receiver: {_NO_PICKLE}")
-
     def __del__(self) -> None:
         # The private sender is ours: close it quietly, and let anyio warn about the receiver
         # itself, which is the object the user forgot to close.
@@ -178,7 +189,7 @@ def linked(receiver: MemoryObjectReceiveStream[InterruptSignal]) -> _LinkedRecei
     return receiver if isinstance(receiver, _LinkedReceiver) else None
 
 
-class Interrupter:
+class Interrupter(_CopiesAreClones):
     """The sending side of an interrupt channel: ask the runs listening on it to stop.
 
     Made by `interrupt_channel()`. A signal goes at once to every run listening on the channel's
@@ -194,6 +205,7 @@ class Interrupter:
     """
 
     __slots__ = ("_closed", "_hub", "_sender")
+    _kind: ClassVar[str] = "an Interrupter"
 
     def __init__(self, sender: MemoryObjectSendStream[InterruptSignal]) -> None:
         """Wrap a plain anyio send stream. Prefer `interrupt_channel()`, which broadcasts."""
@@ -263,15 +275,6 @@ class Interrupter:
             return Interrupter._for_hub(self._hub)
         assert self._sender is not None
         return Interrupter(self._sender.clone())
-
-    def __copy__(self) -> Interrupter:
-        return self.clone()
-
-    def __deepcopy__(self, memo: dict[int, object]) -> Interrupter:
-        return self.clone()
-
-    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
-        raise TypeError(f"cannot pickle an Interrupter: {_NO_PICKLE}")
 
     def __del__(self) -> None:
         # Like anyio's streams: an interrupter nobody closed is a leak, and its receivers would

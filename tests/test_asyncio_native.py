@@ -29,7 +29,7 @@ async def test_cancelling_the_asyncio_task_cancels_the_run() -> None:
     async def work() -> None:
         running.set()
         try:
-            await asyncio.sleep(3600)
+            await asyncio.Event().wait()  # blocks until cancelled
         finally:
             cleaned.append("finally")
 
