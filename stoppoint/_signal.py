@@ -200,8 +200,9 @@ class Interrupter(_CopiesAreClones):
     Wrapping a plain anyio send stream (`Interrupter(send_stream)`) also works; its signals then
     travel like any item on that stream (one receiver takes each, within a loop turn or two).
 
-    It is cheap to `clone()`; each clone is closed separately, and the receivers see the end of the
-    stream when all of them are closed. Also a sync and async context manager that closes it.
+    It is cheap to `clone()` (a `copy.copy()` is a clone too); each clone is closed separately, and
+    the receivers see the end of the stream when all of them are closed. It cannot be pickled. Also
+    a sync and async context manager that closes it.
     """
 
     __slots__ = ("_closed", "_hub", "_sender")
