@@ -255,20 +255,19 @@ class _Run:
             # reached receive() yet, so look now rather than start one more step. An ended
             # stream has nothing more to say: stop looking.
             self.polled = None
-        if self.halted:
+        if self.closed_to_new_steps():
             return False
-        if self.first is None:
-            return True
-        if self.strategy._may_start(self.started_since_interrupt):
+        if self.first is not None:
             self.started_since_interrupt += 1
-            return True
-        return False
+        return True
+
+    def closed_to_new_steps(self) -> bool:
+        """The run is halting, or the strategy lets no more steps start after the interrupt."""
+        return self.halted or (self.first is not None and not self.strategy._may_start(self.started_since_interrupt))
 
     def next_step(self) -> str | None:
         """Hand out ready steps: one for the calling worker, a new task for each other one."""
-        if self.halted:
-            return None
-        if self.first is not None and not self.strategy._may_start(self.started_since_interrupt):
+        if self.closed_to_new_steps():
             return None
         take: str | None = None
         ready = self.ready
