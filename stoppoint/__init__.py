@@ -16,6 +16,7 @@ from ._errors import StoppointError as StoppointError
 from ._errors import StopRequested as StopRequested
 from ._errors import StoreError as StoreError
 from ._flow import Flow as Flow
+from ._interruptible import interruptible as interruptible
 from ._outcome import Completed as Completed
 from ._outcome import Interrupted as Interrupted
 from ._outcome import RunReport as RunReport
@@ -24,8 +25,11 @@ from ._outcome import StepStatus as StepStatus
 from ._signal import Interrupter as Interrupter
 from ._signal import InterruptSignal as InterruptSignal
 from ._signal import interrupt_channel as interrupt_channel
+from ._signal import interrupt_on_signals as interrupt_on_signals
 from ._strategy import AtCheckpoint as AtCheckpoint
 from ._strategy import FinishCurrent as FinishCurrent
+from ._strategy import IgnoreInterruptions as IgnoreInterruptions
+from ._strategy import PollNextN as PollNextN
 from ._strategy import Strategy as Strategy
 
 __version__ = "0.1.0"
@@ -40,9 +44,11 @@ __all__ = [
     "Flow",
     "FlowDefinitionError",
     "FlowInputError",
+    "IgnoreInterruptions",
     "InterruptSignal",
     "Interrupted",
     "Interrupter",
+    "PollNextN",
     "RunReport",
     "StepContext",
     "StepFailed",
@@ -53,6 +59,8 @@ __all__ = [
     "StoreError",
     "Strategy",
     "interrupt_channel",
+    "interrupt_on_signals",
+    "interruptible",
 ]
 
 # Public objects say they live in `stoppoint`, so reprs, docs and pickled names use the public path.

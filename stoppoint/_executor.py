@@ -428,7 +428,7 @@ class _Run:
             # Listening starts in the same synchronous stretch as the drain: no signal falls between.
             channel = linked(receiver)
             if channel is not None:
-                channel._listeners.append(self.on_signal)
+                channel.listen(self.on_signal)
             else:
                 watch = True
                 self.polled = receiver
@@ -441,7 +441,7 @@ class _Run:
                 await self.work(self.next_step())
         finally:
             if channel is not None:
-                channel._listeners.remove(self.on_signal)
+                channel.unlisten(self.on_signal)
         if self.fatal is not None:
             raise self.fatal
         if receiver is not None:

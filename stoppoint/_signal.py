@@ -11,26 +11,61 @@ can poll for it, so a plain stream alone can promise neither "every run on a clo
   (so a run that starts on that clone later stops before its first step).
 
 Plain anyio streams keep working: a run reads them with a watcher task.
+
+Signals may also come from other threads (`Interrupter.interrupt_threadsafe()`) and from the OS
+(`interrupt_on_signals()`): both hand the signal to the event loop's thread without blocking, and
+it is delivered there like any other.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import signal as _os_signal
+import sys
+import threading
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, Self, SupportsIndex
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, NoReturn, Self, SupportsIndex
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-__all__ = ["InterruptSignal", "Interrupter", "interrupt_channel"]
+__all__ = ["InterruptSignal", "Interrupter", "OnSignals", "interrupt_channel", "interrupt_on_signals"]
 
 Listener = Callable[["InterruptSignal"], None]
+
+
+class _Loop(NamedTuple):
+    """An event loop as seen from other threads: its thread, and a non-blocking thread-safe
+    "call this soon in the loop" (asyncio's `call_soon_threadsafe`, trio's `run_sync_soon`; both
+    are also safe to call from a signal handler)."""
+
+    thread: int
+    call_soon: Callable[[Callable[[], object]], object]
+
+
+def _current_loop() -> _Loop | None:
+    """The event loop running in this thread, if any (asyncio or trio)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        return _Loop(threading.get_ident(), loop.call_soon_threadsafe)
+    trio = sys.modules.get("trio")  # never import trio for a user who does not run it
+    if trio is not None:
+        try:
+            token = trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            return None
+        return _Loop(threading.get_ident(), token.run_sync_soon)
+    return None
 
 
 def _utcnow() -> datetime:
@@ -62,12 +97,15 @@ class _Hub:
     up with signals nobody will read) by the channel.
     """
 
-    __slots__ = ("max_buffer_size", "open_interrupters", "receivers")
+    __slots__ = ("loop", "max_buffer_size", "open_interrupters", "receivers")
 
     def __init__(self, max_buffer_size: int) -> None:
         self.max_buffer_size = max_buffer_size
         self.receivers: weakref.WeakSet[_LinkedReceiver] = weakref.WeakSet()
         self.open_interrupters = 0
+        # The loop the channel lives in (for interrupt_threadsafe): the one it was made in, or
+        # the one of the last run that listened on it.
+        self.loop = _current_loop()
 
     def new_receiver(self) -> _LinkedReceiver:
         sender, plain = anyio.create_memory_object_stream[InterruptSignal](self.max_buffer_size)
@@ -162,6 +200,21 @@ class _LinkedReceiver(_CopiesAreClones, MemoryObjectReceiveStream[InterruptSigna
     _listeners: list[Listener] = field(default_factory=list, kw_only=True)
     _detached: bool = field(default=False, init=False)  # closed: off the channel
 
+    def listen(self, listener: Listener) -> None:
+        """Have `listener` called with each signal sent from now on, instead of buffering it.
+
+        Called from inside the event loop (a run or `interruptible()` starting to listen), which
+        is how the channel learns the loop that `interrupt_threadsafe()` must reach.
+        """
+        loop = _current_loop()
+        if loop is not None:
+            self._hub.loop = loop
+        self._listeners.append(listener)
+
+    def unlisten(self, listener: Listener) -> None:
+        """Undo `listen(listener)`."""
+        self._listeners.remove(listener)
+
     def clone(self) -> _LinkedReceiver:
         """Another receiver of the same channel; it sees every signal sent from now on."""
         if self._detached:
@@ -205,7 +258,7 @@ class Interrupter(_CopiesAreClones):
     a sync and async context manager that closes it.
     """
 
-    __slots__ = ("_closed", "_hub", "_sender")
+    __slots__ = ("_closed", "_hub", "_loop", "_sender")
     _kind: ClassVar[str] = "an Interrupter"
 
     def __init__(self, sender: MemoryObjectSendStream[InterruptSignal]) -> None:
@@ -213,6 +266,7 @@ class Interrupter(_CopiesAreClones):
         self._sender: MemoryObjectSendStream[InterruptSignal] | None = sender
         self._hub: _Hub | None = None
         self._closed = False
+        self._loop = _current_loop()  # a plain stream belongs to the loop it was wrapped in
 
     @classmethod
     def _for_hub(cls, hub: _Hub) -> Interrupter:
@@ -220,6 +274,7 @@ class Interrupter(_CopiesAreClones):
         interrupter._sender = None
         interrupter._hub = hub
         interrupter._closed = False
+        interrupter._loop = None  # the hub knows the loop
         hub.open_interrupters += 1
         return interrupter
 
@@ -239,7 +294,11 @@ class Interrupter(_CopiesAreClones):
         """
         if self._closed:
             return False
-        signal = InterruptSignal(reason=reason, force=force, source=source)
+        return self._deliver(InterruptSignal(reason=reason, force=force, source=source))
+
+    def _deliver(self, signal: InterruptSignal) -> bool:
+        if self._closed:
+            return False
         if self._hub is not None:
             return self._hub.deliver(signal)
         assert self._sender is not None
@@ -248,6 +307,38 @@ class Interrupter(_CopiesAreClones):
         except (anyio.WouldBlock, anyio.BrokenResourceError, anyio.ClosedResourceError):
             return False
         return True
+
+    def interrupt_threadsafe(
+        self, reason: str = "interrupted", *, force: bool = False, source: str | None = None
+    ) -> None:
+        """`interrupt()` from any thread: hand the signal to the event loop and return at once.
+
+        The signal is made now (so `sent_at` is the time of this call) and delivered in the loop's
+        thread as soon as the loop runs its callbacks; a run then sees it at its next stopping
+        point. Called from the loop's own thread, it simply calls `interrupt()`. A loop that has
+        closed meanwhile means there is no run left to stop: nothing happens.
+
+        The loop is the one `interrupt_channel()` was called in, or the one of the last run that
+        listened on the channel (one channel serves one event loop).
+
+        Raises:
+            RuntimeError: No event loop is known yet: the channel was made outside any loop and
+                no run has listened on it.
+        """
+        if self._closed:
+            return
+        loop = self._hub.loop if self._hub is not None else self._loop
+        if loop is None:
+            raise RuntimeError(
+                "interrupt_threadsafe(): this interrupter does not know its event loop yet; make the "
+                "channel inside the loop, or call it once a run is listening"
+            )
+        signal = InterruptSignal(reason=reason, force=force, source=source)
+        if loop.thread == threading.get_ident():
+            self._deliver(signal)
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: no run left to stop
+            loop.call_soon(lambda: self._deliver(signal))
 
     async def send(self, signal: InterruptSignal) -> None:
         """Send `signal`, waiting for room where a buffer is full and no run is listening.
@@ -275,7 +366,9 @@ class Interrupter(_CopiesAreClones):
         if self._hub is not None:
             return Interrupter._for_hub(self._hub)
         assert self._sender is not None
-        return Interrupter(self._sender.clone())
+        clone = Interrupter(self._sender.clone())
+        clone._loop = self._loop
+        return clone
 
     def __del__(self) -> None:
         # Like anyio's streams: an interrupter nobody closed is a leak, and its receivers would
@@ -333,3 +426,99 @@ def interrupt_channel(max_buffer_size: int = 16) -> tuple[Interrupter, MemoryObj
     hub = _Hub(max_buffer_size)
     interrupter = Interrupter._for_hub(hub)
     return interrupter, hub.new_receiver()
+
+
+def interrupt_on_signals(
+    interrupter: Interrupter, signals: Iterable[int] = (_os_signal.SIGINT, _os_signal.SIGTERM)
+) -> OnSignals:
+    """Turn OS signals into interrupts while the block runs: Ctrl-C once stops, twice forces.
+
+    The first signal received (of any of `signals`) sends a graceful interrupt, every later one a
+    forced interrupt (`force=True`); `source` is the signal's name (`"SIGINT"`). The previous
+    handlers are put back when the block exits, even on error.
+
+    Use it in the main thread (only that thread may set signal handlers), inside the event loop:
+
+        async with sp.interrupt_on_signals(interrupter):
+            outcome = await flow.run(inputs, interrupts=receiver)
+
+    Args:
+        interrupter: Where the interrupts go.
+        signals: The OS signals to handle (default SIGINT and SIGTERM).
+
+    Returns:
+        An async context manager; its `received` counts the signals that arrived.
+
+    Raises:
+        RuntimeError: Entered outside the main thread.
+        ValueError: `signals` is empty or holds a number that is not a signal.
+    """
+    return OnSignals(interrupter, signals)
+
+
+class OnSignals:
+    """What `interrupt_on_signals()` returns: an async context manager holding the handlers."""
+
+    def __init__(
+        self,
+        interrupter: Interrupter,
+        signals: Iterable[int] = (_os_signal.SIGINT, _os_signal.SIGTERM),
+    ) -> None:
+        if not isinstance(interrupter, Interrupter):
+            raise TypeError(f"interrupt_on_signals() needs an Interrupter, got {type(interrupter).__name__}")
+        self._interrupter = interrupter
+        self._signals = tuple(_os_signal.Signals(s) for s in signals)
+        if not self._signals:
+            raise ValueError("interrupt_on_signals(): give at least one signal")
+        self._previous: dict[_os_signal.Signals, Any] = {}
+        self._received = 0
+
+    @property
+    def received(self) -> int:
+        """How many of the signals arrived while the block ran."""
+        return self._received
+
+    async def __aenter__(self) -> Self:
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("interrupt_on_signals() must be entered in the main thread")
+        loop = _current_loop()
+        if loop is None:  # pragma: no cover - an async method always runs in a loop anyio knows
+            raise RuntimeError("interrupt_on_signals() must be entered inside an asyncio or trio event loop")
+        if self._previous:
+            raise RuntimeError("interrupt_on_signals() is already active; it cannot be entered twice")
+        call_soon = loop.call_soon
+        interrupter = self._interrupter
+
+        def handler(signum: int, frame: object) -> None:
+            # Runs in the main thread between two bytecodes of whatever the loop was doing: only
+            # hand over to the loop (both call_soon variants are signal-safe) and count.
+            self._received += 1
+            force = self._received > 1
+            name = _os_signal.Signals(signum).name
+
+            def deliver() -> None:
+                reason = f"{name} received" + (" again: forcing" if force else "")
+                interrupter._deliver(InterruptSignal(reason=reason, force=force, source=name))
+
+            with contextlib.suppress(RuntimeError):
+                call_soon(deliver)
+
+        try:
+            for sig in self._signals:
+                self._previous[sig] = _os_signal.getsignal(sig)
+                _os_signal.signal(sig, handler)
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def _restore(self) -> None:
+        previous, self._previous = self._previous, {}
+        for sig, handler in previous.items():
+            # None means the handler was not installed from Python; the default is the best guess.
+            _os_signal.signal(sig, handler if handler is not None else _os_signal.SIG_DFL)
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._restore()
