@@ -16,9 +16,11 @@ from ._errors import StoppointError as StoppointError
 from ._errors import StopRequested as StopRequested
 from ._errors import StoreError as StoreError
 from ._flow import Flow as Flow
+from ._handle import FlowRun as FlowRun
 from ._interruptible import interruptible as interruptible
 from ._outcome import Completed as Completed
 from ._outcome import Interrupted as Interrupted
+from ._outcome import Progress as Progress
 from ._outcome import RunReport as RunReport
 from ._outcome import StepReport as StepReport
 from ._outcome import StepStatus as StepStatus
@@ -44,11 +46,13 @@ __all__ = [
     "Flow",
     "FlowDefinitionError",
     "FlowInputError",
+    "FlowRun",
     "IgnoreInterruptions",
     "InterruptSignal",
     "Interrupted",
     "Interrupter",
     "PollNextN",
+    "Progress",
     "RunReport",
     "StepContext",
     "StepFailed",

@@ -18,6 +18,8 @@ class Checkpoint(BaseModel):
         run_id: The run that produced it.
         inputs: The run's inputs.
         outputs: Outputs of the steps that completed, by step name.
+        nested: For an include step (`Flow.include`) that started but did not complete, the
+            included flow's own checkpoint (its completed steps), by include step name.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -27,3 +29,4 @@ class Checkpoint(BaseModel):
     run_id: str
     inputs: dict[str, Any]
     outputs: dict[str, Any]
+    nested: dict[str, Checkpoint] = {}

@@ -15,15 +15,16 @@ from collections.abc import (
     Sized,
 )
 from time import perf_counter as _perf_counter
-from types import FrameType
+from types import FrameType, TracebackType
 from typing import Any, TypeVar, overload
 
+import anyio
 import anyio.lowlevel
 import structlog
 
 from ._errors import StopRequested
 
-__all__ = ["StepContext"]
+__all__ = ["Shield", "StepContext"]
 
 T = TypeVar("T")
 
@@ -83,7 +84,9 @@ class StepContext:
         "_last_yield",
         "_log",
         "_open",
+        "_progress",
         "_run_id",
+        "_shields",
         "_step",
         "_stop",
         "_stride",
@@ -102,6 +105,8 @@ class StepContext:
         self._last_yield = now
         self._log: Any = None
         self._open: list[_Iteration[Any]] | None = None  # iterate() loops over generators, unfinished
+        self._shields = 0  # how many `ctx.shield()` blocks are open
+        self._progress: tuple[float, float | None, str | None] | None = None
 
     @property
     def run_id(self) -> str:
@@ -130,9 +135,9 @@ class StepContext:
         """True exactly when the next stopping point of this step would stop it.
 
         For CPU loops that prefer to wind down by themselves; it stays False while the strategy
-        lets this step finish.
+        lets this step finish, and inside a `shield()` block.
         """
-        return self._stop
+        return self._stop and not self._shields
 
     def _request_stop(self) -> None:
         """Called by the run (never per checkpoint): make the next stopping point stop."""
@@ -157,7 +162,7 @@ class StepContext:
         return self._slow_checkpoint()
 
     def _slow_checkpoint(self) -> Awaitable[None]:
-        if self._stop:
+        if self._stop and not self._shields:
             raise StopRequested(_user_location(sys._getframe(1)))
         now = _perf_counter()
         # Adapt the stride so the clock is read about four times per yield interval: double it
@@ -181,8 +186,39 @@ class StepContext:
     async def _yield(self) -> None:
         await _loop_yield()
         # The interrupter may well have run during this very yield: stop now, not a checkpoint later.
-        if self._stop:
+        if self._stop and not self._shields:
             raise StopRequested(_user_location(sys._getframe()))
+
+    def shield(self) -> Shield:
+        """A critical section: `async with ctx.shield(): ...`.
+
+        Stopping points inside the block do not stop the step, and a forced stop (a signal with
+        `force=True`, or the run's `grace` running out) waits until the block exits: the block runs
+        in an anyio `CancelScope(shield=True)`, so outside cancellation, too, waits for it. A stop
+        requested meanwhile is delivered at the first stopping point after the block.
+        """
+        return Shield(self)
+
+    def progress(self, done: float, total: float | None = None, message: str | None = None) -> None:
+        """Report how far the step has got; the run's report shows the last value (`StepReport.progress`).
+
+        Cheap enough to call per item: it stores the values and does nothing else.
+
+        Args:
+            done: Work done so far, in any unit (items, bytes, percent).
+            total: The amount of work in the same unit, if known.
+            message: A short note for people watching.
+
+        Raises:
+            TypeError: `done` or `total` is not a number, or `message` is not a str.
+        """
+        if isinstance(done, bool) or not isinstance(done, int | float):
+            raise TypeError(f"step {self._step!r}: progress(done=) must be a number, got {done!r}")
+        if total is not None and (isinstance(total, bool) or not isinstance(total, int | float)):
+            raise TypeError(f"step {self._step!r}: progress(total=) must be a number or None, got {total!r}")
+        if message is not None and not isinstance(message, str):
+            raise TypeError(f"step {self._step!r}: progress(message=) must be a str or None, got {message!r}")
+        self._progress = (done, total, message)
 
     @overload
     def iterate(self, source: AsyncIterable[T], every: int = 1) -> AsyncIterator[T]: ...
@@ -249,6 +285,33 @@ class StepContext:
 
     def __repr__(self) -> str:
         return f"<StepContext flow={self._flow!r} step={self._step!r} run_id={self._run_id!r}>"
+
+
+class Shield:
+    """What `StepContext.shield()` returns: an async context manager over a shielded cancel scope."""
+
+    __slots__ = ("_ctx", "_scope")
+
+    def __init__(self, ctx: StepContext) -> None:
+        self._ctx = ctx
+        self._scope: anyio.CancelScope | None = None
+
+    async def __aenter__(self) -> None:
+        if self._scope is not None:
+            raise RuntimeError(f"step {self._ctx._step!r}: a shield() block cannot be entered twice")
+        self._scope = anyio.CancelScope(shield=True)
+        self._scope.__enter__()
+        self._ctx._shields += 1
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool:
+        ctx = self._ctx
+        ctx._shields -= 1
+        if ctx._stop and not ctx._shields:
+            ctx._countdown = 0  # a stop requested during the block: the next stopping point delivers it
+        assert self._scope is not None
+        return self._scope.__exit__(exc_type, exc, tb)
 
 
 class _Iteration(AsyncIterator[T]):

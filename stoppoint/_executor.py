@@ -12,7 +12,7 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -24,25 +24,31 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from ._checkpoint import Checkpoint
 from ._context import YIELD_INTERVAL, StepContext
 from ._errors import FlowInputError, StepFailed, StopRequested
-from ._outcome import Completed, Interrupted, RunReport, StepReport, StepStatus
+from ._outcome import Completed, Interrupted, Progress, RunReport, StepReport, StepStatus
 from ._signal import InterruptSignal, linked
 from ._strategy import Strategy
 
 if TYPE_CHECKING:
-    from ._flow import Flow, Plan
+    from ._flow import Flow, Plan, StepSpec
 
-__all__ = ["execute"]
+__all__ = ["execute", "prepare"]
 
 
-async def execute(
+_sleep = anyio.sleep
+"""How the grace and deadline timers wait; tests replace it to drive time without waiting."""
+
+
+def prepare(
     flow: Flow,
     inputs: Mapping[str, Any] | None,
     *,
     interrupts: MemoryObjectReceiveStream[InterruptSignal] | None,
     strategy: Strategy,
     run_id: str | None,
-) -> Completed[Any] | Interrupted:
-    """Check the arguments, then run `flow` once (see `Flow.run`)."""
+    grace: float | None,
+    deadline: float | None,
+) -> _Run:
+    """Check the arguments of one run of `flow` (see `Flow.run`) and set it up, not started."""
     if not isinstance(strategy, Strategy):
         raise TypeError(f"flow {flow.name!r}: strategy must be a Strategy such as AtCheckpoint(), got {strategy!r}")
     if interrupts is not None and not isinstance(interrupts, MemoryObjectReceiveStream):
@@ -54,8 +60,36 @@ async def execute(
         run_id = uuid.uuid4().hex
     elif not isinstance(run_id, str) or not run_id:
         raise TypeError(f"flow {flow.name!r}: run_id must be a non-empty str, got {run_id!r}")
+    grace = _seconds(flow, "grace", grace)
+    deadline = _seconds(flow, "deadline", deadline)
     plan = flow._freeze()
-    return await _Run(flow, plan, _check_inputs(flow, inputs, plan), strategy, run_id).execute(interrupts)
+    control = _Control(flow.name, run_id, strategy, grace)
+    return _Run(
+        flow, plan, _check_inputs(flow, inputs, plan), control, run_id, signals=control.signals, deadline=deadline
+    )
+
+
+async def execute(
+    flow: Flow,
+    inputs: Mapping[str, Any] | None,
+    *,
+    interrupts: MemoryObjectReceiveStream[InterruptSignal] | None,
+    strategy: Strategy,
+    run_id: str | None,
+    grace: float | None,
+    deadline: float | None,
+) -> Completed[Any] | Interrupted:
+    """Check the arguments, then run `flow` once (see `Flow.run`)."""
+    run = prepare(flow, inputs, interrupts=interrupts, strategy=strategy, run_id=run_id, grace=grace, deadline=deadline)
+    return await run.execute(interrupts)
+
+
+def _seconds(flow: Flow, option: str, value: float | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:  # `not >=` catches NaN
+        raise ValueError(f"flow {flow.name!r}: {option} must be None or a number of seconds >= 0, got {value!r}")
+    return float(value)
 
 
 def _check_inputs(flow: Flow, inputs: Mapping[str, Any] | None, plan: Plan) -> dict[str, Any]:
@@ -87,15 +121,17 @@ def _first_stop(group: BaseExceptionGroup[Any]) -> StopRequested | None:
 class _StepRecord:
     """What happened to one started step in one run (steps that never start get none)."""
 
-    __slots__ = ("duration", "error", "finished", "started", "status", "stopped_at")
+    __slots__ = ("ctx", "duration", "error", "finished", "nested", "started", "status", "stopped_at")
 
-    def __init__(self, started: float) -> None:
+    def __init__(self, started: float, ctx: StepContext | None = None) -> None:
         self.status = StepStatus.RUNNING
         self.started = started  # perf_counter(); turned into wall-clock time for the report
         self.finished: float | None = None
         self.duration: float | None = None
         self.stopped_at: str | None = None
         self.error: str | None = None
+        self.ctx = ctx  # its `_progress` goes into the report
+        self.nested: _Timeline | None = None  # an include step's inner run
 
 
 class _Timeline:
@@ -104,12 +140,12 @@ class _Timeline:
 
     __slots__ = ("ended", "flow", "perf0", "records", "run_id", "signals", "steps", "wall0")
 
-    def __init__(self, run_id: str, flow: str, steps: tuple[str, ...]) -> None:
+    def __init__(self, run_id: str, flow: str, steps: tuple[str, ...], signals: list[InterruptSignal]) -> None:
         self.run_id = run_id
         self.flow = flow
         self.steps = steps
         self.records: dict[str, _StepRecord] = {}
-        self.signals: list[InterruptSignal] = []
+        self.signals = signals
         # One wall-clock reading per run; step times are perf_counter() offsets from it.
         self.wall0 = time.time()
         self.perf0 = time.perf_counter()
@@ -119,7 +155,8 @@ class _Timeline:
         return None if t is None else datetime.fromtimestamp(self.wall0 + (t - self.perf0), UTC)
 
     def report(self) -> RunReport:
-        """Build the pydantic report (outcomes call this only when their `.report` is read)."""
+        """Build the pydantic report (outcomes call this only when their `.report` is read; a
+        `FlowRun` calls it while the run goes on, which gives PENDING and RUNNING steps)."""
         steps = {}
         for name in self.steps:
             record = self.records.get(name)
@@ -128,6 +165,7 @@ class _Timeline:
                 status = StepStatus.PENDING if self.ended is None else StepStatus.NOT_STARTED
                 steps[name] = StepReport.model_construct(name=name, status=status)
                 continue
+            progress = record.ctx._progress if record.ctx is not None else None
             steps[name] = StepReport.model_construct(
                 name=name,
                 status=record.status,
@@ -136,6 +174,10 @@ class _Timeline:
                 duration_s=record.duration,
                 stopped_at=record.stopped_at,
                 error=record.error,
+                progress=None
+                if progress is None
+                else Progress.model_construct(done=progress[0], total=progress[1], message=progress[2]),
+                nested=None if record.nested is None else record.nested.report(),
             )
         return RunReport.model_construct(
             run_id=self.run_id,
@@ -145,6 +187,13 @@ class _Timeline:
             steps=steps,
             interrupts=list(self.signals),
         )
+
+    def stopped_at(self) -> str | None:
+        """Where the first step that stopped at a stopping point stopped, looking into includes."""
+        for record in self.records.values():
+            if record.status is StepStatus.INTERRUPTED and record.stopped_at is not None:
+                return record.stopped_at
+        return None
 
 
 def _cancellation_in_effect() -> bool:
@@ -161,55 +210,50 @@ CLEANUP_TIMEOUT = 1.0
 """Seconds the generators of a cancelled step's unfinished `iterate()` loops get to close."""
 
 
-class _Run:
-    """One run of a flow: its mutable state and the loop that drives it."""
+class _Control:
+    """The interrupt state of one run, shared with the flows it includes.
 
-    def __init__(self, flow: Flow, plan: Plan, inputs: dict[str, Any], strategy: Strategy, run_id: str) -> None:
+    It holds the signals, decides with the strategy when they take effect, and escalates: a forced
+    signal or the end of `grace` cancels the top-level task group, and with it every step in
+    flight at every level of nesting (shielded blocks finish first, as anyio promises).
+    """
+
+    def __init__(self, flow: str, run_id: str, strategy: Strategy, grace: float | None) -> None:
         self.flow = flow
-        self.name = flow.name
-        self.specs = flow._specs
-        self.plan = plan
-        self.inputs = inputs
-        self.strategy = strategy
         self.run_id = run_id
-        self.limit = flow.max_concurrency or len(self.specs)
-        self.waiting = dict(plan.waiting)
-        self.ready = deque(plan.roots)
-        self.timeline = _Timeline(run_id, flow.name, tuple(self.specs))
-        self.records = self.timeline.records
-        self.signals = self.timeline.signals
-        self.outputs: dict[str, Any] = {}
-        self.active = 0  # steps handed to a worker and not finished
-        self.running: dict[str, StepContext] = {}
+        self.strategy = strategy
+        self.grace = grace
+        self.signals: list[InterruptSignal] = []
         self.first: InterruptSignal | None = None
         self.started_since_interrupt = 0
-        # Why the run is being abandoned, if it is; `halted` is their "or", checked per step.
-        self.halted = False
-        self.failure: tuple[str, BaseException] | None = None
-        self.fatal: BaseException | None = None  # KeyboardInterrupt, SystemExit from a step
+        self.running: set[StepContext] = set()  # contexts of the running steps, at every level
+        self.forced = False
+        # No step may start any more: escalated, or the interrupt stream carried garbage.
+        self.shut = False
         self.bad_signal: TypeError | None = None
-        self.cancelled_exc = anyio.get_cancelled_exc_class()
-        self.watch_scope = anyio.CancelScope()
-        self.task_group: TaskGroup | None = None
         self.polled: MemoryObjectReceiveStream[InterruptSignal] | None = None  # a plain stream
+        self.task_group: TaskGroup | None = None  # the top-level run's
+        self.background: list[anyio.CancelScope] | None = []  # timers and watcher; None once idle
 
-    def halt(self) -> None:
-        """Start no more steps and cancel the running ones (a failure or a bad stream item)."""
-        self.halted = True
-        if self.task_group is not None:
-            self.task_group.cancel_scope.cancel()
-
-    # -- interrupts ------------------------------------------------------------------------------
+    # -- signals -------------------------------------------------------------------------------------
 
     def on_signal(self, signal: InterruptSignal) -> None:
         """Record a signal; the first one takes effect now, as the strategy says."""
         self.signals.append(signal)
-        if self.first is not None:
-            return
-        self.first = signal
-        if self.strategy._stops_running_steps:
-            for ctx in self.running.values():
-                ctx._request_stop()
+        if self.first is None:
+            self.first = signal
+            strategy = self.strategy
+            if strategy._stops_running_steps:
+                for ctx in self.running:
+                    ctx._request_stop()
+            if self.grace is not None and strategy._escalates:
+                if not self.grace:
+                    self.escalate()
+                elif self.task_group is not None:
+                    self.spawn(self.grace_timer)
+                # else: the run has not begun; it arms the timer when it does
+        if signal.force:
+            self.escalate()
 
     def drain(self, receiver: MemoryObjectReceiveStream[InterruptSignal]) -> bool:
         """Take every signal already waiting in `receiver`; False if it is closed or ended."""
@@ -230,44 +274,137 @@ class _Run:
         # A foreign object on the stream is a programming error; stop the run and report it.
         if self.bad_signal is None:
             self.bad_signal = TypeError(
-                f"flow {self.name!r}, run {self.run_id!r}: the interrupt stream carried "
+                f"flow {self.flow!r}, run {self.run_id!r}: the interrupt stream carried "
                 f"{type(item).__name__} {item!r}; only InterruptSignal may be sent"
             )
-            self.halt()
+            self.shut_down()
         return False
+
+    def poll(self) -> None:
+        # A plain stream's signal may sit in its buffer while the watcher task has not reached
+        # receive() yet, so a stopping point looks now rather than start one more step. An ended
+        # stream has nothing more to say: stop looking.
+        assert self.polled is not None
+        if not self.drain(self.polled):
+            self.polled = None
 
     async def watch(self, receiver: MemoryObjectReceiveStream[InterruptSignal]) -> None:
         """Read a plain anyio stream (one without the interrupt_channel hub) until the run ends."""
-        with self.watch_scope:
-            try:
-                async for item in receiver:
-                    if not self.accept(item):
-                        return
-            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-                pass  # a closed stream means no more interrupts
+        try:
+            async for item in receiver:
+                if not self.accept(item):
+                    return
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            pass  # a closed stream means no more interrupts
+
+    # -- when signals take effect -----------------------------------------------------------------------
+
+    def closed(self) -> bool:
+        """May no more steps start (at any level)?"""
+        return self.shut or (self.first is not None and not self.strategy._may_start(self.started_since_interrupt))
+
+    def escalate(self) -> None:
+        """Cancel every step in flight (a forced signal, or grace ran out), unless the strategy ignores it."""
+        if self.forced or not self.strategy._escalates:
+            return
+        self.forced = True
+        self.shut_down()
+
+    def shut_down(self) -> None:
+        self.shut = True
+        if self.task_group is not None:
+            self.task_group.cancel_scope.cancel()
+
+    # -- timers ---------------------------------------------------------------------------------------
+
+    async def grace_timer(self) -> None:
+        assert self.grace is not None
+        await _sleep(self.grace)
+        self.escalate()
+
+    def spawn(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
+        """Run `fn` in the top-level task group until the run is idle (no step left to run)."""
+        if self.background is None or self.task_group is None:
+            return
+        scope = anyio.CancelScope()
+        self.background.append(scope)
+        self.task_group.start_soon(self._in_scope, scope, fn, *args, name=f"stoppoint {self.flow} {fn.__name__}")
+
+    @staticmethod
+    async def _in_scope(scope: anyio.CancelScope, fn: Callable[..., Awaitable[None]], *args: object) -> None:
+        with scope:
+            await fn(*args)
+
+    def idle(self) -> None:
+        """The last step is done: background tasks must not hold the task group open."""
+        background, self.background = self.background, None
+        for scope in background or ():
+            scope.cancel()
+
+
+class _Run:
+    """One run of one flow: its mutable state and the loop that drives it.
+
+    An include step runs the included flow as another `_Run` sharing the same `_Control`.
+    """
+
+    def __init__(
+        self,
+        flow: Flow,
+        plan: Plan,
+        inputs: dict[str, Any],
+        control: _Control,
+        run_id: str,
+        *,
+        signals: list[InterruptSignal],
+        deadline: float | None = None,
+    ) -> None:
+        self.flow = flow
+        self.name = flow.name
+        self.specs = flow._specs
+        self.plan = plan
+        self.inputs = inputs
+        self.control = control
+        self.run_id = run_id
+        self.deadline = deadline
+        self.limit = flow.max_concurrency or len(self.specs)
+        self.waiting = dict(plan.waiting)
+        self.ready = deque(plan.roots)
+        self.timeline = _Timeline(run_id, flow.name, tuple(self.specs), signals)
+        self.records = self.timeline.records
+        self.outputs: dict[str, Any] = {}
+        self.partial: dict[str, Checkpoint] = {}  # include steps left unfinished: their checkpoints
+        self.active = 0  # steps handed to a worker and not finished
+        # Why this level is being abandoned, if it is; `halted` is their "or", checked per step.
+        self.halted = False
+        self.failure: tuple[str, BaseException] | None = None
+        self.fatal: BaseException | None = None  # KeyboardInterrupt, SystemExit from a step
+        self.cancelled_exc = anyio.get_cancelled_exc_class()
+        self.task_group: TaskGroup | None = None
+        self.is_top = False
+
+    def halt(self) -> None:
+        """Start no more steps here and cancel the running ones (a step failed)."""
+        self.halted = True
+        if self.task_group is not None:
+            self.task_group.cancel_scope.cancel()
 
     # -- scheduling ------------------------------------------------------------------------------
 
     def may_start(self) -> bool:
         """The stopping point before a step: may one more step start now?"""
-        if self.polled is not None and not self.drain(self.polled):
-            # A plain stream's signal may sit in its buffer while the watcher task has not
-            # reached receive() yet, so look now rather than start one more step. An ended
-            # stream has nothing more to say: stop looking.
-            self.polled = None
-        if self.closed_to_new_steps():
+        control = self.control
+        if control.polled is not None:
+            control.poll()
+        if self.halted or control.closed():
             return False
-        if self.first is not None:
-            self.started_since_interrupt += 1
+        if control.first is not None:
+            control.started_since_interrupt += 1
         return True
-
-    def closed_to_new_steps(self) -> bool:
-        """The run is halting, or the strategy lets no more steps start after the interrupt."""
-        return self.halted or (self.first is not None and not self.strategy._may_start(self.started_since_interrupt))
 
     def next_step(self) -> str | None:
         """Hand out ready steps: one for the calling worker, a new task for each other one."""
-        if self.closed_to_new_steps():
+        if self.halted or self.control.closed():
             return None
         take: str | None = None
         ready = self.ready
@@ -296,30 +433,40 @@ class _Run:
                     raise
             await self.run_step(name)
             name = self.next_step()
-        if not self.active:
-            self.watch_scope.cancel()
+        if not self.active and self.is_top:
+            self.control.idle()
+
+    def arguments(self, spec: StepSpec) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {}
+        outputs = self.outputs
+        for dependency in spec.dependencies:
+            kwargs[dependency] = outputs[dependency]
+        inputs = self.inputs
+        for item in spec.inputs:
+            if item.param in inputs:
+                kwargs[item.param] = inputs[item.param]
+        return kwargs
 
     async def run_step(self, name: str) -> None:
         try:
+            spec = self.specs[name]
+            fn = spec.fn
+            if fn is None:
+                assert spec.include is not None
+                await self.run_include(name, spec, spec.include)
+                return
             if not self.may_start():
                 return
-            spec = self.specs[name]
+            kwargs = self.arguments(spec)
             ctx: StepContext | None = None
-            kwargs: dict[str, Any] = {}
+            running = self.control.running
             if spec.context_param is not None:
                 ctx = StepContext(run_id=self.run_id, flow=self.name, step=name)
                 kwargs[spec.context_param] = ctx
-                self.running[name] = ctx
-            outputs = self.outputs
-            for dependency in spec.dependencies:
-                kwargs[dependency] = outputs[dependency]
-            inputs = self.inputs
-            for item in spec.inputs:
-                if item.param in inputs:
-                    kwargs[item.param] = inputs[item.param]
-            self.records[name] = record = _StepRecord(time.perf_counter())
+                running.add(ctx)
+            self.records[name] = record = _StepRecord(time.perf_counter(), ctx)
             try:
-                value = await spec.fn(**kwargs)
+                value = await fn(**kwargs)
             except StopRequested as stop:
                 self.stopped(name, record, ctx, stop, stop)
             except self.cancelled_exc as exc:
@@ -334,47 +481,61 @@ class _Run:
                 _, rest = group.split(StopRequested)
                 if rest is None:
                     self.stopped(name, record, ctx, _first_stop(group), group)
-                elif rest.split(self.cancelled_exc)[1] is None:
-                    # Only stops and cancellations: the cancellation is what ends the step. Raise
-                    # the cancellations alone, or the caller's cancel scope could not absorb them.
-                    self.finish(record, StepStatus.CANCELLED)
-                    raise rest from None
                 else:
-                    self.failed(name, record, group)
+                    self.failed_or_cancelled(name, record, rest, group)
             except Exception as exc:
                 self.failed(name, record, exc)
             except BaseException as exc:
-                # KeyboardInterrupt, SystemExit: record it, end the run, and re-raise it as itself
-                # once the task group is gone (raised here, it would leave run() in a group).
-                self.finish(record, StepStatus.FAILED)
-                record.error = f"{type(exc).__name__}: {exc}"
-                if self.fatal is None:
-                    self.fatal = exc
-                    self.halt()
+                self.fatal_error(record, exc)
             else:
-                self.finish(record, StepStatus.COMPLETED)
-                outputs[name] = value
-                waiting = self.waiting
-                for dependant in self.plan.dependants[name]:
-                    left = waiting[dependant] - 1
-                    waiting[dependant] = left
-                    if not left:
-                        self.ready.append(dependant)
+                self.completed(name, record, value)
             finally:
                 if ctx is not None:
-                    del self.running[name]
+                    running.discard(ctx)
                     if ctx._open and record.status is not StepStatus.COMPLETED:
                         await self.close_iterations(name, record, ctx)
         finally:
             self.active -= 1
+
+    async def run_include(self, name: str, spec: StepSpec, flow: Flow) -> None:
+        """Run an included flow as one step: its steps are stopping points of this run, under the
+        same signals and strategy (the include step itself starts without counting as a step)."""
+        control = self.control
+        if control.polled is not None:
+            control.poll()
+        if self.halted or control.closed():
+            return
+        inner = _Run(flow, flow._freeze(), self.arguments(spec), control, self.run_id, signals=[])
+        self.records[name] = record = _StepRecord(time.perf_counter())
+        record.nested = inner.timeline
+        try:
+            done, value = await inner.run_nested()
+        except self.cancelled_exc:
+            self.finish(record, StepStatus.CANCELLED)
+            raise
+        except BaseExceptionGroup as group:
+            self.failed_or_cancelled(name, record, group, group)
+        except Exception as exc:  # StepFailed of the included flow
+            self.failed(name, record, exc)
+        except BaseException as exc:
+            self.fatal_error(record, exc)
+        else:
+            if done:
+                self.completed(name, record, value)
+            else:
+                self.finish(record, StepStatus.INTERRUPTED)
+                record.stopped_at = inner.timeline.stopped_at()
+        finally:
+            if record.status is not StepStatus.COMPLETED and (inner.outputs or inner.partial):
+                self.partial[name] = inner.checkpoint()
 
     async def close_iterations(self, name: str, record: _StepRecord, ctx: StepContext) -> None:
         """Close the generators of `ctx.iterate()` loops the step left unfinished, so their
         `finally` blocks run now rather than at garbage collection."""
         try:
             if _cancellation_in_effect():
-                # The step was cancelled (a sibling failed, the caller cancelled): shield the
-                # cleanup from that cancellation, but not for ever.
+                # The step was cancelled (forced, a sibling failed, the caller cancelled): shield
+                # the cleanup from that cancellation, but not for ever.
                 with anyio.move_on_after(CLEANUP_TIMEOUT, shield=True):
                     await ctx._close_iterations()
             else:
@@ -395,6 +556,16 @@ class _Run:
         record.finished = now = time.perf_counter()
         record.duration = now - record.started
 
+    def completed(self, name: str, record: _StepRecord, value: Any) -> None:
+        self.finish(record, StepStatus.COMPLETED)
+        self.outputs[name] = value
+        waiting = self.waiting
+        for dependant in self.plan.dependants[name]:
+            left = waiting[dependant] - 1
+            waiting[dependant] = left
+            if not left:
+                self.ready.append(dependant)
+
     def stopped(
         self,
         name: str,
@@ -410,6 +581,18 @@ class _Run:
             # Nobody asked this step to stop: raising StopRequested itself is a bug in the step.
             self.failed(name, record, raised)
 
+    def failed_or_cancelled(
+        self, name: str, record: _StepRecord, rest: BaseExceptionGroup[Any], group: BaseExceptionGroup[Any]
+    ) -> None:
+        """A step's exception group that is not only stops: cancelled if `rest` holds only
+        cancellations, else failed."""
+        if rest.split(self.cancelled_exc)[1] is None:
+            # Only stops and cancellations: the cancellation is what ends the step. Raise the
+            # cancellations alone, or the caller's cancel scope could not absorb them.
+            self.finish(record, StepStatus.CANCELLED)
+            raise rest from None
+        self.failed(name, record, group)
+
     def failed(self, name: str, record: _StepRecord, exc: BaseException) -> None:
         self.finish(record, StepStatus.FAILED)
         record.error = f"{type(exc).__name__}: {exc}"
@@ -417,49 +600,130 @@ class _Run:
             self.failure = (name, exc)
             self.halt()  # siblings still running end CANCELLED
 
+    def fatal_error(self, record: _StepRecord, exc: BaseException) -> None:
+        """KeyboardInterrupt, SystemExit: record it, end the run, and re-raise it as itself once
+        the task group is gone (raised here, it would leave run() in an exception group)."""
+        self.finish(record, StepStatus.FAILED)
+        record.error = f"{type(exc).__name__}: {exc}"
+        if self.fatal is None:
+            self.fatal = exc
+            self.halt()
+
     # -- the whole run ----------------------------------------------------------------------------
 
-    async def execute(
-        self, receiver: MemoryObjectReceiveStream[InterruptSignal] | None
-    ) -> Completed[Any] | Interrupted:
-        channel = None
-        watch = False
-        if receiver is not None and self.drain(receiver):
-            # Listening starts in the same synchronous stretch as the drain: no signal falls between.
-            channel = linked(receiver)
-            if channel is not None:
-                channel.listen(self.on_signal)
-            else:
-                watch = True
-                self.polled = receiver
+    async def drive(self, started: Callable[[], object] | None = None) -> None:
+        """Run this level's steps in a task group of its own."""
         try:
             async with anyio.create_task_group() as task_group:
                 self.task_group = task_group
-                if watch:
-                    assert receiver is not None
-                    task_group.start_soon(self.watch, receiver, name=f"stoppoint {self.name} interrupt watcher")
+                if self.is_top:
+                    self.begin(task_group)
+                if started is not None:
+                    started()
                 await self.work(self.next_step())
         finally:
+            self.timeline.ended = time.perf_counter()
+
+    def begin(self, task_group: TaskGroup) -> None:
+        """The top-level run's task group is up: arm escalation, timers and the stream watcher."""
+        control = self.control
+        control.task_group = task_group
+        if control.shut:
+            task_group.cancel_scope.cancel()  # forced before the run began
+        if control.polled is not None:
+            control.spawn(control.watch, control.polled)
+        if self.deadline is not None:
+            if self.deadline:
+                control.spawn(self.deadline_timer, self.deadline)
+            else:
+                control.on_signal(self.deadline_signal(self.deadline))
+        if control.first is not None and control.grace and control.strategy._escalates:
+            control.spawn(control.grace_timer)
+
+    @staticmethod
+    def deadline_signal(seconds: float) -> InterruptSignal:
+        return InterruptSignal(reason=f"deadline of {seconds:g} s passed", source="deadline")
+
+    async def deadline_timer(self, seconds: float) -> None:
+        await _sleep(seconds)
+        self.control.on_signal(self.deadline_signal(seconds))
+
+    async def execute(
+        self,
+        receiver: MemoryObjectReceiveStream[InterruptSignal] | None,
+        started: Callable[[], object] | None = None,
+    ) -> Completed[Any] | Interrupted:
+        """Run the flow at the top level, listening on `receiver`; `started` is called once the
+        run has begun (its task group is up), before the first step."""
+        self.is_top = True
+        control = self.control
+        channel = None
+        if receiver is not None and control.drain(receiver):
+            # Listening starts in the same synchronous stretch as the drain: no signal falls between.
+            channel = linked(receiver)
             if channel is not None:
-                channel.unlisten(self.on_signal)
+                channel.listen(control.on_signal)
+            else:
+                control.polled = receiver
+        try:
+            await self.drive(started)
+        finally:
+            if channel is not None:
+                channel.unlisten(control.on_signal)
         if self.fatal is not None:
             raise self.fatal
         if receiver is not None:
-            self.drain(receiver)  # signals that came too late still belong in the report
+            control.drain(receiver)  # signals that came too late still belong in the report
         return self.outcome()
 
-    def outcome(self) -> Completed[Any] | Interrupted:
-        self.timeline.ended = time.perf_counter()
-        if self.bad_signal is not None:
-            raise self.bad_signal
+    async def run_nested(self) -> tuple[bool, Any]:
+        """Run as an included flow: (True, result) when every step completed, else (False, None).
+
+        Raises:
+            StepFailed: One of its steps failed.
+        """
+        await self.drive()
+        if self.fatal is not None:
+            raise self.fatal
         if self.failure is not None:
-            name, exc = self.failure
-            raise StepFailed(name, self.timeline.report(), self.checkpoint()) from exc
+            raise self.step_failed()
+        if len(self.outputs) == len(self.specs):
+            return True, self.outputs[self.plan.result]
+        return False, None
+
+    def step_failed(self) -> StepFailed:
+        assert self.failure is not None
+        name, exc = self.failure
+        error = StepFailed(name, self.timeline.report(), self.checkpoint())
+        error.__cause__ = exc  # as `raise error from exc` would
+        error.__suppress_context__ = True
+        return error
+
+    def outcome(self) -> Completed[Any] | Interrupted:
+        control = self.control
+        if control.bad_signal is not None:
+            raise control.bad_signal
+        if self.failure is not None:
+            raise self.step_failed()
         if len(self.outputs) == len(self.specs):
             return Completed(self.outputs[self.plan.result], self.timeline.report)
-        if self.first is None:  # pragma: no cover - every path that leaves a step unfinished records why
+        if control.first is None:  # pragma: no cover - every path that leaves a step unfinished records why
             raise RuntimeError(f"stoppoint: run {self.run_id!r} of flow {self.name!r} ended unfinished without cause")
-        return Interrupted(self.first, self.timeline.report, self.checkpoint(), forced=False)
+        return Interrupted(control.first, self.timeline.report, self.checkpoint(), forced=control.forced)
+
+    def cancelled_outcome(self) -> Completed[Any] | Interrupted:
+        """The outcome of a run whose task was cancelled from outside (a `FlowRun` whose task
+        group was cancelled): a forced interrupt, with a signal of its own if none came first."""
+        if len(self.outputs) == len(self.specs):
+            return Completed(self.outputs[self.plan.result], self.timeline.report)
+        control = self.control
+        signal = control.first
+        if signal is None:
+            signal = InterruptSignal(
+                reason="the task group running the flow was cancelled", force=True, source="cancel"
+            )
+            control.signals.append(signal)
+        return Interrupted(signal, self.timeline.report, self.checkpoint(), forced=True)
 
     def checkpoint(self) -> Checkpoint:
         return Checkpoint(
@@ -468,4 +732,5 @@ class _Run:
             run_id=self.run_id,
             inputs=dict(self.inputs),
             outputs=dict(self.outputs),
+            nested=dict(self.partial),
         )

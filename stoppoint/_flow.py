@@ -8,11 +8,13 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
+from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ._context import StepContext
 from ._errors import FlowDefinitionError
-from ._executor import execute
+from ._executor import execute, prepare
+from ._handle import FlowRun
 from ._signal import InterruptSignal
 from ._strategy import AtCheckpoint, Strategy
 
@@ -39,7 +41,8 @@ class StepSpec:
     """One declared step: how to call it and what it waits for."""
 
     name: str
-    fn: Callable[..., Awaitable[Any]]
+    fn: Callable[..., Awaitable[Any]] | None  # None for an include step
+    include: Flow | None  # the included flow of an include step
     context_param: str | None
     dependencies: tuple[str, ...]  # steps whose outputs are parameters (parameter name == step name)
     after: tuple[str, ...]  # ordering-only edges
@@ -218,23 +221,8 @@ class Flow:
             kind = "an async generator" if inspect.isasyncgenfunction(fn) else "not an `async def` function"
             raise FlowDefinitionError(f"{where}: {kind}; a step must be declared with `async def`")
         step_name: str = label
-        if step_name in self._specs:
-            raise FlowDefinitionError(f"{where}: duplicate step name {step_name!r}")
-        if step_name == _CONTEXT_NAME:
-            raise FlowDefinitionError(f"{where}: {_CONTEXT_NAME!r} is reserved for the step context")
-        if step_name in self._input_users:
-            raise FlowDefinitionError(
-                f"{where}: the name {step_name!r} is already an input of earlier step "
-                f"{self._input_users[step_name]!r}; rename the step or that parameter"
-            )
-
-        after_names = (after,) if isinstance(after, str) else tuple(after)
-        for other in after_names:
-            if not isinstance(other, str):
-                raise FlowDefinitionError(f"{where}: after= must hold step names, got {other!r}")
-            if other not in self._specs:
-                known = ", ".join(self._specs) or "none yet"
-                raise FlowDefinitionError(f"{where}: after={other!r} is not an earlier step (declared so far: {known})")
+        self._check_new_name(where, step_name)
+        after_names = self._check_after(where, after)
 
         try:
             signature = inspect.signature(fn)
@@ -268,15 +256,103 @@ class Flow:
             else:
                 inputs.append(_Input(param.name, param.default is _NO_DEFAULT))
 
-        after_unique = tuple(dict.fromkeys(after_names))
+        self._register(step_name, fn, None, context_param, dependencies, after_names, inputs)
+
+    def include(self, other: Flow, name: str | None = None, *, after: str | Iterable[str] = ()) -> None:
+        """Use the whole flow `other` as one step of this flow (a nested flow).
+
+        The step is named after `other` unless `name=` is given, and its output is `other`'s
+        result. `other`'s inputs resolve like step parameters: to an earlier step of this flow of
+        that name, else to an input of this flow. Its steps run as part of this run: the same
+        interrupts and strategy apply to them (with `PollNextN(n)`, they count among the `n`),
+        its own `max_concurrency` holds among them, and the include step's report holds theirs
+        (`StepReport.nested`). The include step ends `INTERRUPTED` when the included run stopped
+        at a stopping point, `CANCELLED` when it was forced, `FAILED` (its error the included
+        flow's `StepFailed`) when one of its steps failed.
+
+        Including freezes `other`: steps can no longer be added to it.
+
+        Args:
+            other: The flow to include.
+            name: The step's name (default: `other.name`).
+            after: Steps of this flow that must complete first although no output is passed.
+
+        Raises:
+            FlowDefinitionError: `other` is not a flow, is this flow, has no steps, or the name
+                or an input clashes as for `step()`.
+        """
+        if not isinstance(other, Flow):
+            raise FlowDefinitionError(
+                f"flow {self._name!r}: include() needs a Flow, got {type(other).__name__}; use @flow.step for functions"
+            )
+        step_name = other._name if name is None else name
+        if name is not None and (not isinstance(name, str) or not name):
+            raise FlowDefinitionError(f"flow {self._name!r}: step name must be a non-empty str, got {name!r}")
+        where = f"flow {self._name!r}, step {step_name!r}"
+        if other is self:
+            raise FlowDefinitionError(f"{where}: a flow cannot include itself")
+        if self._plan is not None:
+            raise FlowDefinitionError(f"{where}: the flow has already run; declare every step before the first run")
+        self._check_new_name(where, step_name)
+        after_names = self._check_after(where, after)
+        try:
+            other._freeze()
+        except FlowDefinitionError as exc:
+            raise FlowDefinitionError(f"{where}: cannot include flow {other._name!r}: {exc}") from exc
+        dependencies: list[str] = []
+        inputs: list[_Input] = []
+        for input_name in other._input_users:
+            if input_name == step_name:
+                raise FlowDefinitionError(
+                    f"{where}: flow {other._name!r} has an input named {input_name!r} like the include step "
+                    "itself; give the step another name="
+                )
+            if input_name in self._specs:
+                dependencies.append(input_name)
+            else:
+                inputs.append(_Input(input_name, input_name in other._required_inputs))
+        self._register(step_name, None, other, None, dependencies, after_names, inputs)
+
+    def _check_new_name(self, where: str, step_name: str) -> None:
+        if step_name in self._specs:
+            raise FlowDefinitionError(f"{where}: duplicate step name {step_name!r}")
+        if step_name == _CONTEXT_NAME:
+            raise FlowDefinitionError(f"{where}: {_CONTEXT_NAME!r} is reserved for the step context")
+        if step_name in self._input_users:
+            raise FlowDefinitionError(
+                f"{where}: the name {step_name!r} is already an input of earlier step "
+                f"{self._input_users[step_name]!r}; rename the step or that parameter"
+            )
+
+    def _check_after(self, where: str, after: str | Iterable[str]) -> tuple[str, ...]:
+        after_names = (after,) if isinstance(after, str) else tuple(after)
+        for other in after_names:
+            if not isinstance(other, str):
+                raise FlowDefinitionError(f"{where}: after= must hold step names, got {other!r}")
+            if other not in self._specs:
+                known = ", ".join(self._specs) or "none yet"
+                raise FlowDefinitionError(f"{where}: after={other!r} is not an earlier step (declared so far: {known})")
+        return tuple(dict.fromkeys(after_names))
+
+    def _register(
+        self,
+        step_name: str,
+        fn: Callable[..., Awaitable[Any]] | None,
+        include: Flow | None,
+        context_param: str | None,
+        dependencies: list[str],
+        after: tuple[str, ...],
+        inputs: list[_Input],
+    ) -> None:
         self._specs[step_name] = StepSpec(
             name=step_name,
             fn=fn,
+            include=include,
             context_param=context_param,
             dependencies=tuple(dependencies),
-            after=after_unique,
+            after=after,
             inputs=tuple(inputs),
-            waits_for=tuple(dependencies) + tuple(a for a in after_unique if a not in dependencies),
+            waits_for=tuple(dependencies) + tuple(a for a in after if a not in dependencies),
         )
         for item in inputs:
             self._input_users.setdefault(item.param, step_name)
@@ -310,6 +386,8 @@ class Flow:
         interrupts: MemoryObjectReceiveStream[InterruptSignal] | None = None,
         strategy: Strategy = _DEFAULT_STRATEGY,
         run_id: str | None = None,
+        grace: float | None = None,
+        deadline: float | None = None,
     ) -> Completed[Any] | Interrupted:
         """Run the flow until every step completed or an interrupt stopped it.
 
@@ -323,6 +401,11 @@ class Flow:
                 interrupts. The run does not close it.
             strategy: When an interrupt takes effect (default `AtCheckpoint()`).
             run_id: The run's id (default: a new random hex id).
+            grace: Seconds after the first interrupt after which the steps still in flight are
+                cancelled, as if a forced signal had come (not under `IgnoreInterruptions`).
+            deadline: Seconds after the run begins at which it interrupts itself with a signal of
+                `source="deadline"` (taking effect as the strategy says, like any signal). Only
+                this run sees that signal.
 
         Returns:
             `Completed` with the result when every step completed, else `Interrupted`.
@@ -332,5 +415,37 @@ class Flow:
             FlowInputError: Missing or unknown inputs (before any step starts).
             StepFailed: A step raised; `__cause__` is its exception.
             TypeError: A bad `interrupts`, `strategy` or `run_id`.
+            ValueError: A bad `grace` or `deadline`.
         """
-        return await execute(self, inputs, interrupts=interrupts, strategy=strategy, run_id=run_id)
+        return await execute(
+            self, inputs, interrupts=interrupts, strategy=strategy, run_id=run_id, grace=grace, deadline=deadline
+        )
+
+    async def start(
+        self,
+        task_group: TaskGroup,
+        inputs: Mapping[str, Any] | None = None,
+        *,
+        interrupts: MemoryObjectReceiveStream[InterruptSignal] | None = None,
+        strategy: Strategy = _DEFAULT_STRATEGY,
+        run_id: str | None = None,
+        grace: float | None = None,
+        deadline: float | None = None,
+    ) -> FlowRun:
+        """Start a run in `task_group` and return a handle on it once it has begun.
+
+        The arguments are those of `run()`, and are checked before anything starts (bad inputs
+        raise here). When this returns, the run is listening for interrupts and its first steps
+        may already be running; `handle.interrupt()` stops it, `await handle.outcome()` gives its
+        outcome (a `StepFailed` is raised there, never into `task_group`).
+
+        Raises:
+            FlowInputError: Missing or unknown inputs.
+            TypeError, ValueError: Bad options, as for `run()`.
+        """
+        run = prepare(
+            self, inputs, interrupts=interrupts, strategy=strategy, run_id=run_id, grace=grace, deadline=deadline
+        )
+        handle = FlowRun(run)
+        await task_group.start(handle._drive, interrupts, name=f"stoppoint {self._name} run {run.run_id}")
+        return handle

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from ._checkpoint import Checkpoint
 from ._signal import InterruptSignal
 
-__all__ = ["Completed", "Interrupted", "RunReport", "StepReport", "StepStatus"]
+__all__ = ["Completed", "Interrupted", "Progress", "RunReport", "StepReport", "StepStatus"]
 
 T = TypeVar("T")
 
@@ -37,6 +37,22 @@ class StepStatus(StrEnum):
     """Never started: the run stopped or failed first."""
 
 
+class Progress(BaseModel):
+    """The last progress a step reported with `ctx.progress(done, total, message)`.
+
+    Attributes:
+        done: Work done so far, in the step's own unit.
+        total: The amount of work, if the step knows it.
+        message: A short note for people watching.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    done: float
+    total: float | None = None
+    message: str | None = None
+
+
 class StepReport(BaseModel):
     """What happened to one step.
 
@@ -48,6 +64,8 @@ class StepReport(BaseModel):
         duration_s: Seconds between start and end.
         stopped_at: `"file.py:LINE"` of the stopping point where an interrupted step stopped.
         error: `"ExcType: message"` of a failed step.
+        progress: The last value the step reported with `ctx.progress()`.
+        nested: For a step that includes another flow (`Flow.include`), that flow's report.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -59,6 +77,8 @@ class StepReport(BaseModel):
     duration_s: float | None = None
     stopped_at: str | None = None
     error: str | None = None
+    progress: Progress | None = None
+    nested: RunReport | None = None
 
 
 class RunReport(BaseModel):
@@ -216,3 +236,6 @@ class Interrupted(_Outcome):
         object.__setattr__(self, "checkpoint", checkpoint)
         object.__setattr__(self, "forced", forced)
         self._init_report(report)
+
+
+StepReport.model_rebuild()  # `nested` refers to RunReport, defined after it

@@ -1,0 +1,111 @@
+"""FlowRun: a handle on a run started in the caller's task group (`Flow.start`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from ._outcome import Completed, Interrupted, RunReport
+from ._signal import InterruptSignal
+
+if TYPE_CHECKING:
+    from ._executor import _Run
+
+__all__ = ["FlowRun"]
+
+
+class FlowRun:
+    """A run going on in a task group: interrupt it, watch its report, await its outcome.
+
+    Made by `await flow.start(task_group, inputs, ...)`. A service keeps these by `run_id` to stop
+    runs from other tasks (an HTTP handler, an admin command).
+
+    A step's failure never reaches the task group: `outcome()` raises the `StepFailed`. Only
+    `KeyboardInterrupt` and `SystemExit` from a step propagate there, as they would from `run()`.
+    If the task group is cancelled, the run's steps are cancelled and `outcome()` returns
+    `Interrupted(forced=True)`; its signal is the first one received or, if none was, a signal
+    with `source="cancel"` (also listed in `report.interrupts`).
+    """
+
+    __slots__ = ("_done", "_error", "_outcome", "_run")
+
+    def __init__(self, run: _Run) -> None:
+        self._run = run
+        self._done = anyio.Event()
+        self._outcome: Completed[Any] | Interrupted | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def run_id(self) -> str:
+        """The run's id."""
+        return self._run.run_id
+
+    @property
+    def flow(self) -> str:
+        """The flow's name."""
+        return self._run.name
+
+    @property
+    def done(self) -> bool:
+        """True once the run has ended (its outcome is ready)."""
+        return self._done.is_set()
+
+    @property
+    def report(self) -> RunReport:
+        """A snapshot of the run's report now: steps `PENDING`, `RUNNING`, ... while it goes on."""
+        return self._run.timeline.report()
+
+    def interrupt(self, reason: str = "interrupted", *, force: bool = False, source: str | None = "api") -> bool:
+        """Ask this run to stop, like a signal on its interrupt stream would (call it in the loop's thread).
+
+        Args:
+            reason: Free text shown in reports.
+            force: Do not wait for a stopping point: cancel the steps in flight.
+            source: Where the request came from (default `"api"`).
+
+        Returns:
+            True if the run received it; False if the run had already ended.
+        """
+        if self._done.is_set():
+            return False
+        self._run.control.on_signal(InterruptSignal(reason=reason, force=force, source=source))
+        return True
+
+    async def outcome(self) -> Completed[Any] | Interrupted:
+        """Wait for the run to end and return its outcome.
+
+        Raises:
+            StepFailed: A step raised (raised here, not into the task group).
+        """
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._outcome is not None
+        return self._outcome
+
+    async def _drive(
+        self,
+        receiver: MemoryObjectReceiveStream[InterruptSignal] | None,
+        *,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        run = self._run
+        try:
+            self._outcome = await run.execute(receiver, started=task_status.started)
+        except anyio.get_cancelled_exc_class():
+            self._outcome = run.cancelled_outcome()
+            raise
+        except Exception as exc:
+            self._error = exc
+        except BaseException as exc:
+            self._error = exc  # KeyboardInterrupt, SystemExit: the task group must see them too
+            raise
+        finally:
+            self._done.set()
+
+    def __repr__(self) -> str:
+        state = "done" if self.done else "running"
+        return f"<FlowRun flow={self.flow!r} run_id={self.run_id!r} {state}>"
