@@ -1,3 +1,4 @@
+import inspect
 from collections.abc import Iterator
 
 import pytest
@@ -20,3 +21,11 @@ def channel() -> Iterator[Channel]:
     interrupter, receiver = sp.interrupt_channel()
     with interrupter, receiver:
         yield interrupter, receiver
+
+
+def line_after() -> int:
+    """The line number after the caller's line (where the stopping point under test is)."""
+    frame = inspect.currentframe()
+    assert frame is not None
+    assert frame.f_back is not None
+    return frame.f_back.f_lineno + 1

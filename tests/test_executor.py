@@ -15,17 +15,9 @@ import pytest
 
 import stoppoint as sp
 
-from .conftest import Channel
+from .conftest import Channel, line_after
 
 pytestmark = pytest.mark.anyio
-
-
-def line_after() -> int:
-    """The line number after the caller's line (where the stopping point under test is)."""
-    frame = inspect.currentframe()
-    assert frame is not None
-    assert frame.f_back is not None
-    return frame.f_back.f_lineno + 1
 
 
 def make_chain(ran: list[str], stop_after: str | None, interrupter: sp.Interrupter | None) -> sp.Flow:
