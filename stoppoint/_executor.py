@@ -226,6 +226,9 @@ class _Control:
         self.signals: list[InterruptSignal] = []
         self.first: InterruptSignal | None = None
         self.started_since_interrupt = 0
+        # No step may start now (at any level): the strategy's verdict, kept up to date whenever
+        # its inputs change so that the stopping point before each step reads one attribute.
+        self.closed = False
         self.running: set[StepContext] = set()  # contexts of the running steps, at every level
         self.forced = False
         # No step may start any more: escalated, or the interrupt stream carried garbage.
@@ -243,6 +246,7 @@ class _Control:
         if self.first is None:
             self.first = signal
             strategy = self.strategy
+            self.closed = not strategy._may_start(0)
             if strategy._stops_running_steps:
                 for ctx in self.running:
                     ctx._request_stop()
@@ -299,9 +303,11 @@ class _Control:
 
     # -- when signals take effect -----------------------------------------------------------------------
 
-    def closed(self) -> bool:
-        """May no more steps start (at any level)?"""
-        return self.shut or (self.first is not None and not self.strategy._may_start(self.started_since_interrupt))
+    def started_after_interrupt(self) -> None:
+        """A step started after the first interrupt: the strategy may now close the run to new steps."""
+        self.started_since_interrupt = n = self.started_since_interrupt + 1
+        if not self.strategy._may_start(n):
+            self.closed = True
 
     def escalate(self) -> None:
         """Cancel every step in flight (a forced signal, or grace ran out), unless the strategy ignores it."""
@@ -311,7 +317,7 @@ class _Control:
         self.shut_down()
 
     def shut_down(self) -> None:
-        self.shut = True
+        self.shut = self.closed = True
         if self.task_group is not None:
             self.task_group.cancel_scope.cancel()
 
@@ -396,15 +402,15 @@ class _Run:
         control = self.control
         if control.polled is not None:
             control.poll()
-        if self.halted or control.closed():
+        if self.halted or control.closed:
             return False
         if control.first is not None:
-            control.started_since_interrupt += 1
+            control.started_after_interrupt()
         return True
 
     def next_step(self) -> str | None:
         """Hand out ready steps: one for the calling worker, a new task for each other one."""
-        if self.halted or self.control.closed():
+        if self.halted or self.control.closed:
             return None
         take: str | None = None
         ready = self.ready
@@ -457,7 +463,15 @@ class _Run:
                 return
             if not self.may_start():
                 return
-            kwargs = self.arguments(spec)
+            # self.arguments(spec), inlined: this is the per-step hot path.
+            kwargs: dict[str, Any] = {}
+            outputs = self.outputs
+            for dependency in spec.dependencies:
+                kwargs[dependency] = outputs[dependency]
+            inputs = self.inputs
+            for item in spec.inputs:
+                if item.param in inputs:
+                    kwargs[item.param] = inputs[item.param]
             ctx: StepContext | None = None
             running = self.control.running
             if spec.context_param is not None:
@@ -503,7 +517,7 @@ class _Run:
         control = self.control
         if control.polled is not None:
             control.poll()
-        if self.halted or control.closed():
+        if self.halted or control.closed:
             return
         inner = _Run(flow, flow._freeze(), self.arguments(spec), control, self.run_id, signals=[])
         self.records[name] = record = _StepRecord(time.perf_counter())
