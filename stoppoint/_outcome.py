@@ -215,7 +215,9 @@ class Interrupted(_Outcome):
         signal: The first signal received: the one that stopped the run.
         report: Which steps completed, which stopped (and where), which never started.
         checkpoint: What a later run needs to go on: the completed steps' outputs.
-        forced: True when steps were cancelled instead of stopping at a stopping point.
+        forced: True when the run was escalated before it ended (a signal with `force=True`, or
+            `grace` ran out): the steps then in flight were cancelled (`CANCELLED`) instead of
+            being left to reach a stopping point.
     """
 
     __slots__ = ("checkpoint", "forced", "signal")
