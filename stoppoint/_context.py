@@ -86,6 +86,7 @@ class StepContext:
         "_open",
         "_progress",
         "_run_id",
+        "_shielded",
         "_shields",
         "_step",
         "_stop",
@@ -106,6 +107,7 @@ class StepContext:
         self._log: Any = None
         self._open: list[_Iteration[Any]] | None = None  # iterate() loops over generators, unfinished
         self._shields = 0  # how many `ctx.shield()` blocks are open
+        self._shielded = False  # a shield() block was entered (the run checks for cancellation after the step)
         self._progress: tuple[float, float | None, str | None] | None = None
 
     @property
@@ -302,6 +304,7 @@ class Shield:
         self._scope = anyio.CancelScope(shield=True)
         self._scope.__enter__()
         self._ctx._shields += 1
+        self._ctx._shielded = True
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

@@ -316,6 +316,10 @@ class _Control:
         self.forced = True
         self.shut_down()
 
+    def close(self) -> None:
+        """Start no more steps, at any level."""
+        self.closed = True
+
     def shut_down(self) -> None:
         self.shut = self.closed = True
         if self.task_group is not None:
@@ -503,6 +507,11 @@ class _Run:
                 self.fatal_error(record, exc)
             else:
                 self.completed(name, record, value)
+                if ctx is not None and ctx._shielded and _cancellation_in_effect():
+                    # A shield let the step finish while the run was being cancelled (say, its
+                    # task group was): its output is kept, but no further step may start. Only
+                    # after a shield, because the check costs more than a whole step.
+                    self.control.close()
             finally:
                 if ctx is not None:
                     running.discard(ctx)
@@ -686,6 +695,7 @@ class _Run:
                 channel.unlisten(control.on_signal)
         if self.fatal is not None:
             raise self.fatal
+        await self.let_cancellation_through()
         if receiver is not None:
             control.drain(receiver)  # signals that came too late still belong in the report
         return self.outcome()
@@ -699,11 +709,28 @@ class _Run:
         await self.drive()
         if self.fatal is not None:
             raise self.fatal
+        await self.let_cancellation_through()
         if self.failure is not None:
             raise self.step_failed()
         if len(self.outputs) == len(self.specs):
             return True, self.outputs[self.plan.result]
         return False, None
+
+    async def let_cancellation_through(self) -> None:
+        """Raise the cancellation that closed the run, if that is why it ended unfinished.
+
+        Steps left unstarted with no signal and no failure means the run is being cancelled from
+        outside and a shield let the last step finish; the task group then exits without an
+        await to deliver the cancellation, so deliver it here.
+        """
+        control = self.control
+        if (
+            control.first is None
+            and self.failure is None
+            and control.bad_signal is None
+            and len(self.outputs) != len(self.specs)
+        ):
+            await anyio.lowlevel.checkpoint()
 
     def step_failed(self) -> StepFailed:
         assert self.failure is not None
@@ -727,7 +754,16 @@ class _Run:
 
     def cancelled_outcome(self) -> Completed[Any] | Interrupted:
         """The outcome of a run whose task was cancelled from outside (a `FlowRun` whose task
-        group was cancelled): a forced interrupt, with a signal of its own if none came first."""
+        group was cancelled): a forced interrupt, with a signal of its own if none came first.
+
+        Raises:
+            StepFailed: A step had failed before the cancellation: that failure is the outcome.
+            TypeError: The interrupt stream carried something other than signals.
+        """
+        if self.control.bad_signal is not None:
+            raise self.control.bad_signal
+        if self.failure is not None:
+            raise self.step_failed()
         if len(self.outputs) == len(self.specs):
             return Completed(self.outputs[self.plan.result], self.timeline.report)
         control = self.control

@@ -96,7 +96,10 @@ class FlowRun:
         try:
             self._outcome = await run.execute(receiver, started=task_status.started)
         except anyio.get_cancelled_exc_class():
-            self._outcome = run.cancelled_outcome()
+            try:
+                self._outcome = run.cancelled_outcome()
+            except Exception as exc:  # a step had failed first: that is what outcome() raises
+                self._error = exc
             raise
         except Exception as exc:
             self._error = exc
