@@ -174,9 +174,10 @@ class _Timeline:
                 duration_s=record.duration,
                 stopped_at=record.stopped_at,
                 error=record.error,
+                # Validated, unlike the rest: it holds the step's own values (ints become floats).
                 progress=None
                 if progress is None
-                else Progress.model_construct(done=progress[0], total=progress[1], message=progress[2]),
+                else Progress(done=progress[0], total=progress[1], message=progress[2]),
                 nested=None if record.nested is None else record.nested.report(),
             )
         return RunReport.model_construct(

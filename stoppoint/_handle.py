@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -30,13 +31,14 @@ class FlowRun:
     with `source="cancel"` (also listed in `report.interrupts`).
     """
 
-    __slots__ = ("_done", "_error", "_outcome", "_run")
+    __slots__ = ("_done", "_error", "_error_tb", "_outcome", "_run")
 
     def __init__(self, run: _Run) -> None:
         self._run = run
         self._done = anyio.Event()
         self._outcome: Completed[Any] | Interrupted | None = None
         self._error: BaseException | None = None
+        self._error_tb: TracebackType | None = None
 
     @property
     def run_id(self) -> str:
@@ -82,7 +84,8 @@ class FlowRun:
         """
         await self._done.wait()
         if self._error is not None:
-            raise self._error
+            # From its original traceback each time, or every call would lengthen it.
+            raise self._error.with_traceback(self._error_tb)
         assert self._outcome is not None
         return self._outcome
 
@@ -99,15 +102,19 @@ class FlowRun:
             try:
                 self._outcome = run.cancelled_outcome()
             except Exception as exc:  # a step had failed first: that is what outcome() raises
-                self._error = exc
+                self._fail(exc)
             raise
         except Exception as exc:
-            self._error = exc
+            self._fail(exc)
         except BaseException as exc:
-            self._error = exc  # KeyboardInterrupt, SystemExit: the task group must see them too
+            self._fail(exc)  # KeyboardInterrupt, SystemExit: the task group must see them too
             raise
         finally:
             self._done.set()
+
+    def _fail(self, exc: BaseException) -> None:
+        self._error = exc
+        self._error_tb = exc.__traceback__
 
     def __repr__(self) -> str:
         state = "done" if self.done else "running"

@@ -62,3 +62,49 @@ async def test_deploy_main_is_interrupted_in_upload(anyio_backend: str) -> None:
     )
     assert report.steps["upload"].stopped_at == f"deploy.py:{loop_line}"
     assert list(outcome.checkpoint.outputs) == ["server"]
+
+
+@pytest.mark.anyio
+async def test_service_main_interrupts_one_run_by_id(anyio_backend: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """examples/service.py: "south" is stopped by run id in `transform` after 4 of 6 orders; the others complete."""
+    from decimal import Decimal
+
+    service_py = DEPLOY.parent / "service.py"
+    example = load_example(service_py)
+    outcomes = await example.main()
+    assert list(outcomes) == ["etl-1", "etl-2", "etl-3"]  # by run id, in the order the runs started
+
+    north, south, west = outcomes.values()
+    assert isinstance(north, sp.Completed)
+    assert north.value == example.LoadSummary("north", 5, Decimal("531.29"))
+    assert north.report.completed == ["extract", "transform", "load"]
+    assert north.report.interrupts == []
+    assert isinstance(west, sp.Completed)
+    assert west.value == example.LoadSummary("west", 4, Decimal("1185.03"))
+    assert west.report.completed == ["extract", "transform", "load"]
+
+    assert isinstance(south, sp.Interrupted)
+    assert not south.forced
+    assert south.signal.reason == "cancelled by the operator"
+    assert south.signal.source == "api"
+    report = south.report
+    assert report.run_id == "etl-2"
+    assert report.completed == ["extract"]
+    assert report.stopped == ["transform"]
+    assert report.not_started == ["load"]
+    # The order in flight when the operator cancelled (the 4th) was finished; the step stopped before the 5th,
+    # at the stopping point of its `async for ... in ctx.iterate(...)` loop.
+    transform = report.steps["transform"]
+    assert transform.progress == sp.Progress(done=4, total=6, message="order 204")
+    loop_line = next(
+        number
+        for number, line in enumerate(service_py.read_text().splitlines(), start=1)
+        if "async for" in line and "ctx.iterate(" in line
+    )
+    assert transform.stopped_at == f"service.py:{loop_line}"
+    assert south.checkpoint.outputs == {"extract": [201, 202, 203, 204, 205, 206]}
+
+    out = capsys.readouterr().out
+    assert "operator:  etl-2 is running transform at 3/6 (last: order 203); cancelling it" in out
+    assert "running:   none" in out
+    assert "warehouse: orders_north (5 rows), orders_west (4 rows)" in out
