@@ -331,10 +331,12 @@ class Interrupter(_CopiesAreClones):
         if loop is None:
             raise RuntimeError(
                 "interrupt_threadsafe(): this interrupter does not know its event loop yet; make the "
-                "channel inside the loop, or call it once a run is listening"
+                "interrupt_channel() (or wrap the plain stream) inside the loop, or, for an "
+                "interrupt_channel(), call it once a run is listening"
             )
         signal = InterruptSignal(reason=reason, force=force, source=source)
-        if loop.thread == threading.get_ident():
+        if _current_loop() == loop:
+            # Inside that very loop (not merely its thread, which may outlive it): deliver now.
             self._deliver(signal)
             return
         with contextlib.suppress(RuntimeError):  # the loop is closed: no run left to stop
@@ -475,7 +477,7 @@ class OnSignals:
 
     @property
     def received(self) -> int:
-        """How many of the signals arrived while the block ran."""
+        """How many of the signals arrived while the block ran (the latest block, if reused)."""
         return self._received
 
     async def __aenter__(self) -> Self:
@@ -486,6 +488,7 @@ class OnSignals:
             raise RuntimeError("interrupt_on_signals() must be entered inside an asyncio or trio event loop")
         if self._previous:
             raise RuntimeError("interrupt_on_signals() is already active; it cannot be entered twice")
+        self._received = 0  # a block used again starts graceful again
         call_soon = loop.call_soon
         interrupter = self._interrupter
 
