@@ -25,13 +25,13 @@ from ._checkpoint import Checkpoint
 from ._context import YIELD_INTERVAL, StepContext
 from ._errors import FlowInputError, StepFailed, StopRequested
 from ._outcome import Completed, Interrupted, Progress, RunReport, StepReport, StepStatus
-from ._signal import InterruptSignal, linked
+from ._signal import InterruptSignal, linked, take_buffered
 from ._strategy import Strategy
 
 if TYPE_CHECKING:
     from ._flow import Flow, Plan, StepSpec
 
-__all__ = ["execute", "prepare"]
+__all__ = ["prepare"]
 
 
 _sleep = anyio.sleep
@@ -67,21 +67,6 @@ def prepare(
     return _Run(
         flow, plan, _check_inputs(flow, inputs, plan), control, run_id, signals=control.signals, deadline=deadline
     )
-
-
-async def execute(
-    flow: Flow,
-    inputs: Mapping[str, Any] | None,
-    *,
-    interrupts: MemoryObjectReceiveStream[InterruptSignal] | None,
-    strategy: Strategy,
-    run_id: str | None,
-    grace: float | None,
-    deadline: float | None,
-) -> Completed[Any] | Interrupted:
-    """Check the arguments, then run `flow` once (see `Flow.run`)."""
-    run = prepare(flow, inputs, interrupts=interrupts, strategy=strategy, run_id=run_id, grace=grace, deadline=deadline)
-    return await run.execute(interrupts)
 
 
 def _seconds(flow: Flow, option: str, value: float | None) -> float | None:
@@ -262,15 +247,7 @@ class _Control:
 
     def drain(self, receiver: MemoryObjectReceiveStream[InterruptSignal]) -> bool:
         """Take every signal already waiting in `receiver`; False if it is closed or ended."""
-        while True:
-            try:
-                item = receiver.receive_nowait()
-            except anyio.WouldBlock:
-                return True
-            except (anyio.EndOfStream, anyio.ClosedResourceError):
-                return False
-            if not self.accept(item):
-                return True
+        return take_buffered(receiver, self.accept)
 
     def accept(self, item: object) -> bool:
         if isinstance(item, InterruptSignal):

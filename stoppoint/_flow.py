@@ -13,7 +13,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ._context import StepContext
 from ._errors import FlowDefinitionError
-from ._executor import execute, prepare
+from ._executor import prepare
 from ._handle import FlowRun
 from ._signal import InterruptSignal
 from ._strategy import AtCheckpoint, Strategy
@@ -417,9 +417,10 @@ class Flow:
             TypeError: A bad `interrupts`, `strategy` or `run_id`.
             ValueError: A bad `grace` or `deadline`.
         """
-        return await execute(
+        run = prepare(
             self, inputs, interrupts=interrupts, strategy=strategy, run_id=run_id, grace=grace, deadline=deadline
         )
+        return await run.execute(interrupts)
 
     async def start(
         self,

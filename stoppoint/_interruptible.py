@@ -19,7 +19,7 @@ import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ._context import YIELD_INTERVAL
-from ._signal import InterruptSignal, Listener, _LinkedReceiver, linked
+from ._signal import InterruptSignal, Listener, _LinkedReceiver, linked, take_buffered
 from ._strategy import FinishCurrent, IgnoreInterruptions, PollNextN, Strategy
 
 __all__ = ["Interruptible", "interruptible"]
@@ -185,7 +185,7 @@ class Interruptible(AsyncIterator[T]):
             self._polled = receiver  # read at each boundary: no watcher task to leave behind
             return
         try:
-            open_ = self._drain(channel)
+            open_ = take_buffered(channel, self._accept)
         except TypeError:
             await self._cut_short()
             raise
@@ -195,24 +195,14 @@ class Interruptible(AsyncIterator[T]):
             channel.listen(self._listener)
             self._channel = channel
 
-    def _drain(self, receiver: MemoryObjectReceiveStream[InterruptSignal]) -> bool:
-        """Take every signal already buffered; False if the receiver is closed or ended."""
-        while True:
-            try:
-                item = receiver.receive_nowait()
-            except anyio.WouldBlock:
-                return True
-            except (anyio.EndOfStream, anyio.ClosedResourceError):
-                return False  # no more interrupts can come, which is not an error
-            self._accept(item)
-
-    def _accept(self, item: object) -> None:
+    def _accept(self, item: object) -> bool:
         if not isinstance(item, InterruptSignal):
             raise TypeError(
                 f"interruptible(): the interrupt stream carried {type(item).__name__} {item!r}; "
                 "only InterruptSignal may be sent"
             )
         self._on_signal(item)
+        return True
 
     def _on_signal(self, signal: InterruptSignal) -> None:
         """Record a signal. Called synchronously by the channel, in the interrupting task."""

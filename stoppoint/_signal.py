@@ -237,6 +237,24 @@ class _LinkedReceiver(_CopiesAreClones, MemoryObjectReceiveStream[InterruptSigna
             parent_del()
 
 
+def take_buffered(receiver: MemoryObjectReceiveStream[InterruptSignal], accept: Callable[[object], bool]) -> bool:
+    """Hand each item already buffered in `receiver` to `accept`, until it returns False or none is left.
+
+    Returns:
+        False if the stream is closed or ended (no more interrupts can come, which is not an
+        error), else True.
+    """
+    while True:
+        try:
+            item = receiver.receive_nowait()
+        except anyio.WouldBlock:
+            return True
+        except (anyio.EndOfStream, anyio.ClosedResourceError):
+            return False
+        if not accept(item):
+            return True
+
+
 def linked(receiver: MemoryObjectReceiveStream[InterruptSignal]) -> _LinkedReceiver | None:
     """The receiver as a channel clone if `interrupt_channel()` made it, else None (a plain stream)."""
     return receiver if isinstance(receiver, _LinkedReceiver) else None
