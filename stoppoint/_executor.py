@@ -445,15 +445,7 @@ class _Run:
                 return
             if not self.may_start():
                 return
-            # self.arguments(spec), inlined: this is the per-step hot path.
-            kwargs: dict[str, Any] = {}
-            outputs = self.outputs
-            for dependency in spec.dependencies:
-                kwargs[dependency] = outputs[dependency]
-            inputs = self.inputs
-            for item in spec.inputs:
-                if item.param in inputs:
-                    kwargs[item.param] = inputs[item.param]
+            kwargs = self.arguments(spec)
             ctx: StepContext | None = None
             running = self.control.running
             if spec.context_param is not None:
