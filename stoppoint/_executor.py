@@ -362,6 +362,7 @@ class _Run:
         self.records = self.timeline.records
         self.outputs: dict[str, Any] = {}
         self.partial: dict[str, Checkpoint] = {}  # include steps left unfinished: their checkpoints
+        self.admitted: set[str] = set()  # handed out after the interrupt, already counted (PollNextN)
         self.active = 0  # steps handed to a worker and not finished
         # Why this level is being abandoned, if it is; `halted` is their "or", checked per step.
         self.halted = False
@@ -379,24 +380,38 @@ class _Run:
 
     # -- scheduling ------------------------------------------------------------------------------
 
-    def may_start(self) -> bool:
-        """The stopping point before a step: may one more step start now?"""
+    def may_start(self, name: str) -> bool:
+        """The stopping point before step `name`: may it start now?"""
         control = self.control
         if control.polled is not None:
             control.poll()
-        if self.halted or control.closed:
+        if self.halted or control.shut:
             return False
-        if control.first is not None:
-            control.started_after_interrupt()
+        if control.first is None:
+            return True
+        if name in self.admitted:  # handed out after the interrupt, and counted then
+            self.admitted.discard(name)
+            return True
+        if control.closed:
+            return False
+        control.started_after_interrupt()
         return True
 
     def next_step(self) -> str | None:
         """Hand out ready steps: one for the calling worker, a new task for each other one."""
-        if self.halted or self.control.closed:
+        control = self.control
+        if self.halted or control.closed:
             return None
         take: str | None = None
         ready = self.ready
         while ready and self.active < self.limit:
+            if control.first is not None and self.specs[ready[0]].fn is not None:
+                # After the interrupt, the steps that may still start (PollNextN) are chosen here,
+                # in the order they became ready, not by whichever spawned task runs first.
+                if control.closed:
+                    break
+                control.started_after_interrupt()
+                self.admitted.add(ready[0])
             name = ready.popleft()
             self.active += 1
             if take is None:
@@ -443,7 +458,7 @@ class _Run:
                 assert spec.include is not None
                 await self.run_include(name, spec, spec.include)
                 return
-            if not self.may_start():
+            if not self.may_start(name):
                 return
             kwargs = self.arguments(spec)
             ctx: StepContext | None = None

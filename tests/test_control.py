@@ -124,6 +124,37 @@ async def test_poll_next_n_counts_steps_in_declaration_order_among_ready_ones(ch
     assert outcome.report.not_started == ["r", "s"]
 
 
+@pytest.mark.parametrize("limit", [None, 2, 3])
+async def test_poll_next_n_admits_ready_steps_in_order_whatever_the_task_order(
+    channel: Channel, limit: int | None
+) -> None:
+    """Steps ready together are admitted in declaration order when handed out, not by which spawned
+    task happens to run first (trio runs them in random order: repeat to give it the chance)."""
+    interrupter, receiver = channel
+    flow = sp.Flow("fan", max_concurrency=limit)
+    ran: list[str] = []
+
+    @flow.step
+    async def first() -> int:
+        interrupter.interrupt()
+        return 1
+
+    for name in ["p", "q", "r", "s"]:
+
+        async def branch(first: int, _name: str = name) -> str:
+            ran.append(_name)
+            await anyio.lowlevel.checkpoint()
+            return _name
+
+        flow.step(name=name)(branch)
+
+    for _ in range(20):
+        ran.clear()
+        outcome = await flow.run(interrupts=receiver, strategy=sp.PollNextN(2))
+        assert sorted(ran) == ["p", "q"]
+        assert outcome.report.not_started == ["r", "s"]
+
+
 async def test_signal_in_the_stream_before_the_run_counts_for_poll_next_n(channel: Channel) -> None:
     """A signal already waiting when the run begins: PollNextN(2) runs the first two steps only."""
     interrupter, receiver = channel
