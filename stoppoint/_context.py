@@ -80,6 +80,7 @@ class StepContext:
     __slots__ = (
         "_countdown",
         "_flow",
+        "_forced",
         "_last_check",
         "_last_yield",
         "_log",
@@ -98,6 +99,7 @@ class StepContext:
         self._flow = flow
         self._step = step
         self._stop = False
+        self._forced = False  # the run is cancelling its steps: every stopping point yields, to be cancelled there
         # Checkpoints left before the slow path runs again (reads the clock, may yield or stop).
         self._countdown = 1
         self._stride = 1
@@ -146,6 +148,12 @@ class StepContext:
         self._stop = True
         self._countdown = 0
 
+    def _force(self) -> None:
+        """Called by the run when it escalates: make every stopping point yield, so the
+        cancellation of the step's scope is delivered there (unless in a shield)."""
+        self._forced = True
+        self._countdown = 0
+
     def checkpoint(self) -> Awaitable[None]:
         """A stopping point: `await ctx.checkpoint()`.
 
@@ -166,6 +174,9 @@ class StepContext:
     def _slow_checkpoint(self) -> Awaitable[None]:
         if self._stop and not self._shields:
             raise StopRequested(_user_location(sys._getframe(1)))
+        if self._forced and not self._shields:
+            self._countdown = 0  # each one, until the cancellation lands
+            return self._yield()
         now = _perf_counter()
         # Adapt the stride so the clock is read about four times per yield interval: double it
         # while reads come too often (cheap checkpoints), shrink it at once when they come late.
@@ -311,7 +322,7 @@ class Shield:
     ) -> bool:
         ctx = self._ctx
         ctx._shields -= 1
-        if ctx._stop and not ctx._shields:
+        if (ctx._stop or ctx._forced) and not ctx._shields:
             ctx._countdown = 0  # a stop requested during the block: the next stopping point delivers it
         assert self._scope is not None
         return self._scope.__exit__(exc_type, exc, tb)

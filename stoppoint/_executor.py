@@ -292,6 +292,8 @@ class _Control:
         if self.forced or not self.strategy._escalates:
             return
         self.forced = True
+        for ctx in self.running:
+            ctx._force()
         self.shut_down()
 
     def close(self) -> None:

@@ -633,6 +633,50 @@ async def test_force_waits_for_the_shield_to_exit(channel: Channel) -> None:
     assert outcome.report.cancelled == ["commit"]
 
 
+async def test_forced_cancellation_lands_at_the_first_stopping_point_after_the_shield(channel: Channel) -> None:
+    """Under FinishCurrent a stopping point never stops, but once the run is forced every stopping
+    point yields, so the cancellation lands at the first one after the block (not a loop turn later)."""
+    interrupter, receiver = channel
+    flow = sp.Flow("critical")
+    passed: list[int] = []
+
+    @flow.step
+    async def commit(ctx: sp.StepContext) -> int:
+        async with ctx.shield():
+            interrupter.interrupt("now", force=True)
+            for _ in range(5):
+                await ctx.checkpoint()  # shielded: neither stops nor is cancelled
+        for i in range(5):
+            passed.append(i)
+            await ctx.checkpoint()
+        return 1  # pragma: no cover
+
+    outcome = await flow.run(interrupts=receiver, strategy=sp.FinishCurrent())
+    assert passed == [0]
+    assert isinstance(outcome, sp.Interrupted)
+    assert outcome.forced
+    assert outcome.report.cancelled == ["commit"]
+
+
+async def test_a_forced_step_looping_on_checkpoints_is_cancelled_at_the_next_one(channel: Channel) -> None:
+    interrupter, receiver = channel
+    flow = sp.Flow("busy")
+    count = 0
+
+    @flow.step
+    async def spin(ctx: sp.StepContext) -> int:
+        nonlocal count
+        interrupter.interrupt("now", force=True)
+        while True:
+            count += 1
+            await ctx.checkpoint()
+
+    outcome = await flow.run(interrupts=receiver, strategy=sp.FinishCurrent())
+    assert count == 1
+    assert isinstance(outcome, sp.Interrupted)
+    assert outcome.report.cancelled == ["spin"]
+
+
 async def test_grace_waits_for_the_shield_too(channel: Channel, fake_sleep: FakeSleep) -> None:
     interrupter, receiver = channel
     flow = sp.Flow("critical")
