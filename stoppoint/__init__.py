@@ -6,6 +6,7 @@ what finished, what stopped where, and what never started.
 """
 
 from ._checkpoint import Checkpoint as Checkpoint
+from ._context import Shield as Shield
 from ._context import StepContext as StepContext
 from ._errors import CheckpointError as CheckpointError
 from ._errors import CheckpointMismatch as CheckpointMismatch
@@ -17,6 +18,7 @@ from ._errors import StopRequested as StopRequested
 from ._errors import StoreError as StoreError
 from ._flow import Flow as Flow
 from ._handle import FlowRun as FlowRun
+from ._interruptible import Interruptible as Interruptible
 from ._interruptible import interruptible as interruptible
 from ._outcome import Completed as Completed
 from ._outcome import Interrupted as Interrupted
@@ -26,6 +28,7 @@ from ._outcome import StepReport as StepReport
 from ._outcome import StepStatus as StepStatus
 from ._signal import Interrupter as Interrupter
 from ._signal import InterruptSignal as InterruptSignal
+from ._signal import OnSignals as OnSignals
 from ._signal import interrupt_channel as interrupt_channel
 from ._signal import interrupt_on_signals as interrupt_on_signals
 from ._strategy import AtCheckpoint as AtCheckpoint
@@ -51,9 +54,12 @@ __all__ = [
     "InterruptSignal",
     "Interrupted",
     "Interrupter",
+    "Interruptible",
+    "OnSignals",
     "PollNextN",
     "Progress",
     "RunReport",
+    "Shield",
     "StepContext",
     "StepFailed",
     "StepReport",

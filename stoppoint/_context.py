@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import decimal
+import math
+import numbers
 import os
 import sys
 from collections.abc import (
@@ -110,7 +113,7 @@ class StepContext:
         self._open: list[_Iteration[Any]] | None = None  # iterate() loops over generators, unfinished
         self._shields = 0  # how many `ctx.shield()` blocks are open
         self._shielded = False  # a shield() block was entered (the run checks for cancellation after the step)
-        self._progress: tuple[float, float | None, str | None] | None = None
+        self._progress: tuple[float, float | None, str | None] | None = None  # floats, checked
 
     @property
     def run_id(self) -> str:
@@ -208,7 +211,14 @@ class StepContext:
         Stopping points inside the block do not stop the step, and a forced stop (a signal with
         `force=True`, or the run's `grace` running out) waits until the block exits: the block runs
         in an anyio `CancelScope(shield=True)`, so outside cancellation, too, waits for it. A stop
-        requested meanwhile is delivered at the first stopping point after the block.
+        requested meanwhile is delivered at the first stopping point after the block; a forced
+        one at the first stopping point or other `await` after it.
+
+        Returns:
+            An async context manager (`async with`; each one can be entered once).
+
+        Raises:
+            RuntimeError: The same shield object is entered a second time.
         """
         return Shield(self)
 
@@ -223,15 +233,24 @@ class StepContext:
             message: A short note for people watching.
 
         Raises:
-            TypeError: `done` or `total` is not a number, or `message` is not a str.
+            TypeError: `done` or `total` is not a real number, or `message` is not a str.
+            ValueError: `done` or `total` is not finite (NaN, infinity, too large for a float).
         """
-        if isinstance(done, bool) or not isinstance(done, int | float):
-            raise TypeError(f"step {self._step!r}: progress(done=) must be a number, got {done!r}")
-        if total is not None and (isinstance(total, bool) or not isinstance(total, int | float)):
-            raise TypeError(f"step {self._step!r}: progress(total=) must be a number or None, got {total!r}")
         if message is not None and not isinstance(message, str):
             raise TypeError(f"step {self._step!r}: progress(message=) must be a str or None, got {message!r}")
-        self._progress = (done, total, message)
+        self._progress = (self._finite("done", done), None if total is None else self._finite("total", total), message)
+
+    def _finite(self, name: str, value: float) -> float:
+        # Checked now, not when a report is built: a bad value must fail in the step that gave it.
+        if isinstance(value, bool) or not isinstance(value, numbers.Real | decimal.Decimal):
+            raise TypeError(f"step {self._step!r}: progress({name}=) must be a real number, got {value!r}")
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ValueError(f"step {self._step!r}: progress({name}=) must be finite, got {value!r}")
+        return number
 
     @overload
     def iterate(self, source: AsyncIterable[T], every: int = 1) -> AsyncIterator[T]: ...

@@ -49,8 +49,11 @@ def prepare(
     deadline: float | None,
 ) -> _Run:
     """Check the arguments of one run of `flow` (see `Flow.run`) and set it up, not started."""
-    if not isinstance(strategy, Strategy):
-        raise TypeError(f"flow {flow.name!r}: strategy must be a Strategy such as AtCheckpoint(), got {strategy!r}")
+    if not isinstance(strategy, Strategy) or type(strategy) is Strategy:
+        raise TypeError(
+            f"flow {flow.name!r}: strategy must be one of AtCheckpoint(), FinishCurrent(), PollNextN(n), "
+            f"IgnoreInterruptions(); got {strategy!r}"
+        )
     if interrupts is not None and not isinstance(interrupts, MemoryObjectReceiveStream):
         raise TypeError(
             f"flow {flow.name!r}: interrupts must be an anyio MemoryObjectReceiveStream[InterruptSignal], "

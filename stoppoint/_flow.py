@@ -435,15 +435,35 @@ class Flow:
     ) -> FlowRun:
         """Start a run in `task_group` and return a handle on it once it has begun.
 
-        The arguments are those of `run()`, and are checked before anything starts (bad inputs
+        The options are those of `run()`, and are checked before anything starts (bad inputs
         raise here). When this returns, the run is listening for interrupts and its first steps
-        may already be running; `handle.interrupt()` stops it, `await handle.outcome()` gives its
-        outcome (a `StepFailed` is raised there, never into `task_group`).
+        may already be running (a short run may even have ended); `handle.interrupt()` stops it,
+        `await handle.outcome()` gives its outcome (a `StepFailed` is raised there, never into
+        `task_group`).
+
+        Args:
+            task_group: An entered anyio task group to run the flow in.
+            inputs: Values for the flow's inputs, by name.
+            interrupts: As for `run()`.
+            strategy: As for `run()`.
+            run_id: As for `run()`.
+            grace: As for `run()`.
+            deadline: As for `run()`.
+
+        Returns:
+            The run's handle.
 
         Raises:
+            FlowDefinitionError: The flow has no steps or a bad `result=`.
             FlowInputError: Missing or unknown inputs.
-            TypeError, ValueError: Bad options, as for `run()`.
+            TypeError: `task_group` is not an anyio task group, or a bad option as for `run()`.
+            ValueError: A bad `grace` or `deadline`.
         """
+        if not isinstance(task_group, TaskGroup):
+            raise TypeError(
+                f"flow {self._name!r}: start() needs an anyio task group (async with anyio.create_task_group() "
+                f"as tg), got {type(task_group).__name__}"
+            )
         run = prepare(
             self, inputs, interrupts=interrupts, strategy=strategy, run_id=run_id, grace=grace, deadline=deadline
         )

@@ -77,10 +77,16 @@ class FlowRun:
         return True
 
     async def outcome(self) -> Completed[Any] | Interrupted:
-        """Wait for the run to end and return its outcome.
+        """Wait for the run to end and return its outcome (any number of tasks may wait).
+
+        Returns:
+            `Completed` or `Interrupted`, as `Flow.run()` returns; `Interrupted(forced=True)` if
+            the task group was cancelled.
 
         Raises:
             StepFailed: A step raised (raised here, not into the task group).
+            TypeError: The interrupt stream carried something other than signals.
+            KeyboardInterrupt, SystemExit: A step raised one (it also reached the task group).
         """
         await self._done.wait()
         if self._error is not None:

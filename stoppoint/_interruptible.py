@@ -368,7 +368,7 @@ def interruptible(
             `interrupts` is neither None nor an anyio memory-object receive stream. While
             iterating: the interrupt stream carried something other than an `InterruptSignal`.
     """
-    if not isinstance(strategy, Strategy):
+    if not isinstance(strategy, Strategy) or type(strategy) is Strategy:
         raise TypeError(
             "interruptible(): strategy must be a Strategy instance such as sp.FinishCurrent(), "
             f"got {strategy!r} ({type(strategy).__name__})"

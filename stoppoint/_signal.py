@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, NoReturn, Self, Sup
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
 __all__ = ["InterruptSignal", "Interrupter", "OnSignals", "interrupt_channel", "interrupt_on_signals"]
 
@@ -84,9 +84,10 @@ class InterruptSignal(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    reason: str = "interrupted"
-    force: bool = False
-    source: str | None = None
+    # Strict: `force="no"` must not quietly become True.
+    reason: StrictStr = "interrupted"
+    force: StrictBool = False
+    source: StrictStr | None = None
     sent_at: AwareDatetime = Field(default_factory=_utcnow)
 
 
@@ -297,7 +298,8 @@ class Interrupter(_CopiesAreClones):
         return interrupter
 
     def interrupt(self, reason: str = "interrupted", *, force: bool = False, source: str | None = None) -> bool:
-        """Send an interrupt without waiting. Never blocks and never raises.
+        """Send an interrupt without waiting. Never blocks, and never raises when a buffer is full,
+        a receiver is closed or the run has ended.
 
         Call it from the event loop's thread (any task, or a step itself).
 
@@ -309,6 +311,9 @@ class Interrupter(_CopiesAreClones):
         Returns:
             True if the signal reached a listening run or a buffer; False when this interrupter is
             closed, every buffer is full, or every receiver is closed.
+
+        Raises:
+            pydantic.ValidationError: `reason` or `source` is not a str, or `force` not a bool.
         """
         if self._closed:
             return False
@@ -339,7 +344,13 @@ class Interrupter(_CopiesAreClones):
         The loop is the one `interrupt_channel()` was called in, or the one of the last run that
         listened on the channel (one channel serves one event loop).
 
+        Args:
+            reason: Free text shown in reports.
+            force: Ask not to wait for a stopping point.
+            source: Where the request came from (e.g. `"thread"`).
+
         Raises:
+            pydantic.ValidationError: `reason` or `source` is not a str, or `force` not a bool.
             RuntimeError: No event loop is known yet: the channel was made outside any loop and
                 no run has listened on it.
         """
@@ -363,6 +374,9 @@ class Interrupter(_CopiesAreClones):
     async def send(self, signal: InterruptSignal) -> None:
         """Send `signal`, waiting for room where a buffer is full and no run is listening.
 
+        Args:
+            signal: The signal to send.
+
         Raises:
             TypeError: `signal` is not an `InterruptSignal`.
             anyio.ClosedResourceError: This interrupter was closed.
@@ -380,7 +394,14 @@ class Interrupter(_CopiesAreClones):
             await self._sender.send(signal)
 
     def clone(self) -> Interrupter:
-        """Another interrupter on the same channel, closed independently."""
+        """Another interrupter on the same channel, closed independently.
+
+        Returns:
+            The new interrupter.
+
+        Raises:
+            anyio.ClosedResourceError: This interrupter was closed.
+        """
         if self._closed:
             raise anyio.ClosedResourceError
         if self._hub is not None:
@@ -449,7 +470,7 @@ def interrupt_channel(max_buffer_size: int = 16) -> tuple[Interrupter, MemoryObj
 
 
 def interrupt_on_signals(
-    interrupter: Interrupter, signals: Iterable[int] = (_os_signal.SIGINT, _os_signal.SIGTERM)
+    interrupter: Interrupter, signals: int | Iterable[int] = (_os_signal.SIGINT, _os_signal.SIGTERM)
 ) -> OnSignals:
     """Turn OS signals into interrupts while the block runs: Ctrl-C once stops, twice forces.
 
@@ -464,14 +485,16 @@ def interrupt_on_signals(
 
     Args:
         interrupter: Where the interrupts go.
-        signals: The OS signals to handle (default SIGINT and SIGTERM).
+        signals: The OS signals to handle (default SIGINT and SIGTERM); one signal or several.
 
     Returns:
         An async context manager; its `received` counts the signals that arrived.
 
     Raises:
-        RuntimeError: Entered outside the main thread.
-        ValueError: `signals` is empty or holds a number that is not a signal.
+        TypeError: `interrupter` is not an `Interrupter`.
+        ValueError: The interrupter is closed; `signals` is empty, holds something that is not a
+            signal, or (on entering) a signal the OS lets nobody handle, such as SIGKILL.
+        RuntimeError: Entered outside the main thread, or while already active.
     """
     return OnSignals(interrupter, signals)
 
@@ -482,12 +505,22 @@ class OnSignals:
     def __init__(
         self,
         interrupter: Interrupter,
-        signals: Iterable[int] = (_os_signal.SIGINT, _os_signal.SIGTERM),
+        signals: int | Iterable[int] = (_os_signal.SIGINT, _os_signal.SIGTERM),
     ) -> None:
         if not isinstance(interrupter, Interrupter):
             raise TypeError(f"interrupt_on_signals() needs an Interrupter, got {type(interrupter).__name__}")
+        if interrupter._closed:
+            # Its signals would go nowhere, and Ctrl-C would be swallowed silently.
+            raise ValueError("interrupt_on_signals(): the interrupter is closed")
         self._interrupter = interrupter
-        self._signals = tuple(_os_signal.Signals(s) for s in signals)
+        if isinstance(signals, int):
+            signals = (signals,)
+        try:
+            self._signals = tuple(_os_signal.Signals(s) for s in signals)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"interrupt_on_signals(): signals must be signal numbers such as signal.SIGINT, got {signals!r}"
+            ) from exc
         if not self._signals:
             raise ValueError("interrupt_on_signals(): give at least one signal")
         self._previous: dict[_os_signal.Signals, Any] = {}
@@ -526,8 +559,12 @@ class OnSignals:
 
         try:
             for sig in self._signals:
-                self._previous[sig] = _os_signal.getsignal(sig)
-                _os_signal.signal(sig, handler)
+                previous = _os_signal.getsignal(sig)
+                try:
+                    _os_signal.signal(sig, handler)
+                except OSError as exc:  # SIGKILL, SIGSTOP: the OS lets nobody handle them
+                    raise ValueError(f"interrupt_on_signals(): {sig.name} cannot be handled: {exc}") from exc
+                self._previous[sig] = previous  # only what was installed is put back
         except BaseException:
             self._restore()
             raise

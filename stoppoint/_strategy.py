@@ -18,7 +18,8 @@ __all__ = ["AtCheckpoint", "FinishCurrent", "IgnoreInterruptions", "PollNextN", 
 
 @dataclass(frozen=True, slots=True)
 class Strategy:
-    """Base class of the strategies; pass an instance of a subclass to `Flow.run(strategy=)`."""
+    """Base class of the strategies; pass an instance of a subclass to `Flow.run(strategy=)` (the
+    base class itself is refused)."""
 
     _stops_running_steps: ClassVar[bool] = False
     _escalates: ClassVar[bool] = True

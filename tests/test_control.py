@@ -7,6 +7,8 @@ MockClock, which jumps time forward whenever every task is blocked).
 
 from __future__ import annotations
 
+import decimal
+import fractions
 import inspect
 import math
 from collections.abc import Callable
@@ -14,6 +16,7 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import pydantic
 import pytest
 
 import stoppoint as sp
@@ -771,12 +774,18 @@ def test_progress_rejects_bad_values() -> None:
     ctx = sp.StepContext(run_id="r", flow="f", step="s")
     ctx.progress(1)
     ctx.progress(0.5, None, None)
-    with pytest.raises(TypeError, match="step 's': progress\\(done=\\) must be a number"):
+    with pytest.raises(TypeError, match="step 's': progress\\(done=\\) must be a real number"):
         ctx.progress("1")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="progress\\(total=\\)"):
         ctx.progress(1, True)
     with pytest.raises(TypeError, match="progress\\(message=\\)"):
         ctx.progress(1, 2, 3)  # type: ignore[arg-type]
+    ctx.progress(fractions.Fraction(1, 2), decimal.Decimal("2.5"), "exact numbers are fine")
+    assert ctx._progress == (0.5, 2.5, "exact numbers are fine")
+    for bad in (math.nan, math.inf, 10**400):
+        with pytest.raises(ValueError, match="progress\\(done=\\) must be finite"):
+            ctx.progress(bad)
+    assert ctx._progress == (0.5, 2.5, "exact numbers are fine")  # a refused call changes nothing
 
 
 # -- many senders ------------------------------------------------------------------------------------------
@@ -826,3 +835,29 @@ async def test_ten_thousand_interrupts_from_a_hundred_tasks_make_one_stop(channe
     assert outcome.signal is outcome.report.interrupts[0]
     assert outcome.report.stopped == ["target"]
     assert outcome.report.not_started == ["after"]
+
+
+async def test_the_base_strategy_class_is_refused() -> None:
+    """`Strategy()` itself would act like FinishCurrent without saying so: run() and interruptible() refuse it."""
+    flow = sp.Flow("base")
+
+    @flow.step
+    async def one() -> int:  # pragma: no cover - never runs
+        return 1
+
+    with pytest.raises(TypeError, match="strategy must be one of AtCheckpoint"):
+        await flow.run(strategy=sp.Strategy())
+    with pytest.raises(TypeError, match="strategy must be a Strategy instance"):
+        sp.interruptible([1], None, strategy=sp.Strategy())
+
+
+def test_signal_fields_are_strict() -> None:
+    """`force="no"` must not quietly become True."""
+    with pytest.raises(pydantic.ValidationError):
+        sp.InterruptSignal(force="no")  # type: ignore[arg-type]
+    with pytest.raises(pydantic.ValidationError):
+        sp.InterruptSignal(reason=5)  # type: ignore[arg-type]
+    interrupter, receiver = sp.interrupt_channel()
+    with interrupter, receiver, pytest.raises(pydantic.ValidationError):
+        interrupter.interrupt("stop", force="yes")  # type: ignore[arg-type]
+    assert sp.InterruptSignal.model_validate_json('{"force": true, "sent_at": "2026-01-01T00:00:00Z"}').force

@@ -698,7 +698,7 @@ async def test_bad_run_arguments() -> None:
     @flow.step
     async def server() -> None: ...
 
-    with pytest.raises(TypeError, match=r"flow 'deploy': strategy must be a Strategy"):
+    with pytest.raises(TypeError, match=r"flow 'deploy': strategy must be one of AtCheckpoint\(\)"):
         await flow.run(strategy="at-checkpoint")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"flow 'deploy': interrupts must be an anyio MemoryObjectReceiveStream"):
         await flow.run(interrupts=[])  # type: ignore[arg-type]

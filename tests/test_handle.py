@@ -756,3 +756,10 @@ async def test_progress_in_the_report_is_validated() -> None:
     progress = outcome.report.steps["count"].progress
     assert progress is not None
     assert progress.model_dump_json() == '{"done":3.0,"total":10.0,"message":null}'
+
+
+@pytest.mark.parametrize("task_group", [None, "tg"])
+async def test_start_needs_a_task_group(task_group: Any) -> None:
+    flow, *_ = gated_flow()
+    with pytest.raises(TypeError, match="flow 'gated': start\\(\\) needs an anyio task group"):
+        await flow.start(task_group)

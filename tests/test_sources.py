@@ -328,8 +328,15 @@ def test_on_signals_rejects_bad_arguments(channel: Channel) -> None:
         sp.interrupt_on_signals(None)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="at least one signal"):
         sp.interrupt_on_signals(interrupter, signals=())
-    with pytest.raises(ValueError, match="not a valid Signals"):
+    with pytest.raises(ValueError, match=r"signals must be signal numbers such as signal\.SIGINT, got \(123456,\)"):
         sp.interrupt_on_signals(interrupter, signals=(123456,))
+    with pytest.raises(ValueError, match="signals must be signal numbers"):
+        sp.interrupt_on_signals(interrupter, signals=("SIGINT",))  # type: ignore[arg-type]
+    assert sp.interrupt_on_signals(interrupter, signals=signal.SIGINT)._signals == (signal.SIGINT,)
+    closed = interrupter.clone()
+    closed.close()
+    with pytest.raises(ValueError, match="the interrupter is closed"):
+        sp.interrupt_on_signals(closed)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -378,11 +385,12 @@ async def test_on_signals_restores_previous_handlers(user_handlers: dict[signal.
 async def test_on_signals_restores_handlers_when_one_cannot_be_installed(
     user_handlers: dict[signal.Signals, Any],
 ) -> None:
-    """SIGKILL cannot be handled: entering raises OSError and the handlers installed so far are put back."""
+    """SIGKILL cannot be handled: entering raises ValueError naming it, and the handlers installed so far
+    are put back."""
     interrupter, receiver = sp.interrupt_channel()
     with interrupter, receiver:
         on_signals = sp.interrupt_on_signals(interrupter, signals=(signal.SIGUSR1, signal.SIGKILL))
-        with pytest.raises(OSError):  # noqa: PT011 - the platform's errno, nothing of ours to match
+        with pytest.raises(ValueError, match="interrupt_on_signals\\(\\): SIGKILL cannot be handled"):
             await on_signals.__aenter__()
         assert signal.getsignal(signal.SIGUSR1) is user_handlers[signal.SIGUSR1]
 
