@@ -292,8 +292,8 @@ class _Control:
 
     def escalate(self) -> None:
         """Cancel every step in flight (a forced signal, or grace ran out), unless the strategy ignores it."""
-        if self.forced or not self.strategy._escalates:
-            return
+        if self.forced or not self.strategy._escalates or self.background is None:
+            return  # (background None: the run is idle, every step is over; nothing to force)
         self.forced = True
         for ctx in self.running:
             ctx._force()
@@ -367,7 +367,10 @@ class _Run:
         self.records = self.timeline.records
         self.outputs: dict[str, Any] = {}
         self.partial: dict[str, Checkpoint] = {}  # include steps left unfinished: their checkpoints
-        self.admitted: set[str] = set()  # handed out after the interrupt, already counted (PollNextN)
+        # After an interrupt (PollNextN): whether a handed-out step may start, decided in hand-out order.
+        self.decided: dict[str, bool] = {}
+        # Handed out together with others (in that order), not at their stopping point yet.
+        self.unstarted: dict[str, None] = {}
         self.active = 0  # steps handed to a worker and not finished
         # Why this level is being abandoned, if it is; `halted` is their "or", checked per step.
         self.halted = False
@@ -390,13 +393,34 @@ class _Run:
         control = self.control
         if control.polled is not None:
             control.poll()
-        if self.halted or control.shut:
+        if control.first is None and not self.halted and not control.shut:
+            if self.unstarted:
+                self.unstarted.pop(name, None)
+            return True
+        return self.admit(name)
+
+    def admit(self, name: str) -> bool:
+        """`may_start` once the run is interrupted or halting.
+
+        With `PollNextN(n)` the n steps that still start must be the first handed out, whatever
+        order the scheduler runs their tasks in (trio picks at random): the steps handed out
+        together with others are decided in the order they were handed out.
+        """
+        if self.halted or self.control.shut:
+            self.unstarted.pop(name, None)
             return False
-        if control.first is None:
-            return True
-        if name in self.admitted:  # handed out after the interrupt, and counted then
-            self.admitted.discard(name)
-            return True
+        decided = self.decided
+        for other in self.unstarted:
+            if other not in decided and self.specs[other].fn is not None:
+                decided[other] = self.count_start()
+        self.unstarted.pop(name, None)
+        if name in decided:
+            return decided.pop(name)
+        return self.count_start()
+
+    def count_start(self) -> bool:
+        """One more step would start after the interrupt: may it, by the strategy? (It counts if so.)"""
+        control = self.control
         if control.closed:
             return False
         control.started_after_interrupt()
@@ -411,17 +435,19 @@ class _Run:
         ready = self.ready
         while ready and self.active < self.limit:
             if control.first is not None and self.specs[ready[0]].fn is not None:
-                # After the interrupt, the steps that may still start (PollNextN) are chosen here,
-                # in the order they became ready, not by whichever spawned task runs first.
-                if control.closed:
+                # After the interrupt, the steps that may still start (PollNextN) are chosen as
+                # they are handed out, in the order they became ready.
+                if not self.count_start():
                     break
-                control.started_after_interrupt()
-                self.admitted.add(ready[0])
+                self.decided[ready[0]] = True
             name = ready.popleft()
             self.active += 1
             if take is None:
                 take = name
             else:
+                if not self.unstarted or take not in self.unstarted:
+                    self.unstarted[take] = None  # handed out first: decided first, see admit()
+                self.unstarted[name] = None
                 assert self.task_group is not None
                 self.task_group.start_soon(self.work, name, name=f"stoppoint {self.name}.{name}")
         return take
@@ -430,16 +456,13 @@ class _Run:
         """Run `name`, then whatever becomes ready, until nothing is left for this worker."""
         last_yield = time.perf_counter()
         while name is not None:
-            # Back-to-back steps in one task would never let other tasks run; yield now and then.
+            await self.run_step(name)
+            # Back-to-back steps in one task would never let other tasks run; yield now and then,
+            # between two steps (holding none, so the next is taken, and starts, after the yield).
             now = time.perf_counter()
             if now - last_yield >= YIELD_INTERVAL:
                 last_yield = now
-                try:
-                    await anyio.lowlevel.checkpoint()
-                except BaseException:
-                    self.active -= 1
-                    raise
-            await self.run_step(name)
+                await anyio.lowlevel.checkpoint()
             name = self.next_step()
         if not self.active and self.is_top:
             self.control.idle()
@@ -487,7 +510,12 @@ class _Run:
                 raise
             except BaseExceptionGroup as group:
                 _, rest = group.split(StopRequested)
-                if rest is None:
+                if rest is None and _cancellation_in_effect():
+                    # Stops only, but the step is being cancelled: asyncio's task group dropped
+                    # the cancellation from the group (trio's keeps it). Report it as trio would.
+                    self.finish(record, StepStatus.CANCELLED)
+                    self.control.close()
+                elif rest is None:
                     self.stopped(name, record, ctx, _first_stop(group), group)
                 else:
                     self.failed_or_cancelled(name, record, rest, group)
@@ -516,6 +544,7 @@ class _Run:
         control = self.control
         if control.polled is not None:
             control.poll()
+        self.unstarted.pop(name, None)
         if self.halted or control.closed:
             return
         inner = _Run(flow, flow._freeze(), self.arguments(spec), control, self.run_id, signals=[])
@@ -524,23 +553,39 @@ class _Run:
         try:
             done, value = await inner.run_nested()
         except self.cancelled_exc:
-            self.finish(record, StepStatus.CANCELLED)
+            self.cancelled_include(name, record, inner)
             raise
         except BaseExceptionGroup as group:
-            self.failed_or_cancelled(name, record, group, group)
+            if group.split(self.cancelled_exc)[1] is not None:
+                self.failed(name, record, group)
+            else:
+                self.cancelled_include(name, record, inner)
+                raise
         except Exception as exc:  # StepFailed of the included flow
             self.failed(name, record, exc)
         except BaseException as exc:
             self.fatal_error(record, exc)
         else:
+            stopped_at = inner.timeline.stopped_at()
             if done:
                 self.completed(name, record, value)
+            elif control.forced and stopped_at is None:
+                self.finish(record, StepStatus.CANCELLED)  # forced: it did not stop at a stopping point
             else:
                 self.finish(record, StepStatus.INTERRUPTED)
-                record.stopped_at = inner.timeline.stopped_at()
+                record.stopped_at = stopped_at
         finally:
             if record.status is not StepStatus.COMPLETED and (inner.outputs or inner.partial):
                 self.partial[name] = inner.checkpoint()
+
+    def cancelled_include(self, name: str, record: _StepRecord, inner: _Run) -> None:
+        """The include step is being cancelled: a failure inside it, if any, still counts."""
+        if inner.fatal is not None:
+            self.fatal_error(record, inner.fatal)
+        elif inner.failure is not None:
+            self.failed(name, record, inner.step_failed())
+        else:
+            self.finish(record, StepStatus.CANCELLED)
 
     async def close_iterations(self, name: str, record: _StepRecord, ctx: StepContext) -> None:
         """Close the generators of `ctx.iterate()` loops the step left unfinished, so their
@@ -640,6 +685,7 @@ class _Run:
     def begin(self, task_group: TaskGroup) -> None:
         """The top-level run's task group is up: arm escalation, timers and the stream watcher."""
         control = self.control
+        signalled_before = control.first is not None  # its grace timer could not start then
         control.task_group = task_group
         if control.shut:
             task_group.cancel_scope.cancel()  # forced before the run began
@@ -650,7 +696,7 @@ class _Run:
                 control.spawn(self.deadline_timer, self.deadline)
             else:
                 control.on_signal(self.deadline_signal(self.deadline))
-        if control.first is not None and control.grace and control.strategy._escalates:
+        if signalled_before and control.grace and control.strategy._escalates:
             control.spawn(control.grace_timer)
 
     @staticmethod
@@ -659,7 +705,8 @@ class _Run:
 
     async def deadline_timer(self, seconds: float) -> None:
         await _sleep(seconds)
-        self.control.on_signal(self.deadline_signal(seconds))
+        if self.control.background is not None:  # the sleep may end in the turn the run went idle
+            self.control.on_signal(self.deadline_signal(seconds))
 
     async def execute(
         self,
@@ -687,7 +734,11 @@ class _Run:
             raise self.fatal
         await self.let_cancellation_through()
         if receiver is not None:
-            control.drain(receiver)  # signals that came too late still belong in the report
+            # Signals that came too late still belong in the report; garbage that came too late
+            # cannot spoil a run that is over.
+            bad_signal = control.bad_signal
+            control.drain(receiver)
+            control.bad_signal = bad_signal
         return self.outcome()
 
     async def run_nested(self) -> tuple[bool, Any]:
@@ -707,20 +758,13 @@ class _Run:
         return False, None
 
     async def let_cancellation_through(self) -> None:
-        """Raise the cancellation that closed the run, if that is why it ended unfinished.
+        """Raise the cancellation of the caller's scope, if one is pending when the run ends unfinished.
 
-        Steps left unstarted with no signal and no failure means the run is being cancelled from
-        outside and a shield let the last step finish; the task group then exits without an
-        await to deliver the cancellation, so deliver it here.
+        A shield, or a step that stopped at a stopping point, may have let the task group exit
+        without an await to deliver it; the run must not return as if it had only been stopped.
         """
-        control = self.control
-        if (
-            control.first is None
-            and self.failure is None
-            and control.bad_signal is None
-            and len(self.outputs) != len(self.specs)
-        ):
-            await anyio.lowlevel.checkpoint()
+        if self.failure is None and self.control.bad_signal is None and len(self.outputs) != len(self.specs):
+            await anyio.lowlevel.checkpoint_if_cancelled()
 
     def step_failed(self) -> StepFailed:
         assert self.failure is not None

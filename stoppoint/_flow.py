@@ -214,7 +214,9 @@ class Flow:
             )
         where = f"flow {self._name!r}, step {label!r}"
         if self._plan is not None:
-            raise FlowDefinitionError(f"{where}: the flow has already run; declare every step before the first run")
+            raise FlowDefinitionError(
+                f"{where}: the flow has already run or been included; declare every step before that"
+            )
         if name is not None and (not isinstance(name, str) or not name):
             raise FlowDefinitionError(f"flow {self._name!r}: step name must be a non-empty str, got {name!r}")
         if not inspect.iscoroutinefunction(fn):
@@ -292,13 +294,11 @@ class Flow:
         if other is self:
             raise FlowDefinitionError(f"{where}: a flow cannot include itself")
         if self._plan is not None:
-            raise FlowDefinitionError(f"{where}: the flow has already run; declare every step before the first run")
+            raise FlowDefinitionError(
+                f"{where}: the flow has already run or been included; declare every step before that"
+            )
         self._check_new_name(where, step_name)
         after_names = self._check_after(where, after)
-        try:
-            other._freeze()
-        except FlowDefinitionError as exc:
-            raise FlowDefinitionError(f"{where}: cannot include flow {other._name!r}: {exc}") from exc
         dependencies: list[str] = []
         inputs: list[_Input] = []
         for input_name in other._input_users:
@@ -311,6 +311,10 @@ class Flow:
                 dependencies.append(input_name)
             else:
                 inputs.append(_Input(input_name, input_name in other._required_inputs))
+        try:
+            other._freeze()  # last: a refused include leaves `other` open to more steps
+        except FlowDefinitionError as exc:
+            raise FlowDefinitionError(f"{where}: cannot include flow {other._name!r}: {exc}") from exc
         self._register(step_name, None, other, None, dependencies, after_names, inputs)
 
     def _check_new_name(self, where: str, step_name: str) -> None:

@@ -410,7 +410,7 @@ def test_an_include_step_may_not_shadow_an_earlier_input() -> None:
 async def test_including_freezes_the_included_flow() -> None:
     inner = make_inner()
     sp.Flow("outer").include(inner)
-    with pytest.raises(sp.FlowDefinitionError, match="declare every step before the first run"):
+    with pytest.raises(sp.FlowDefinitionError, match="declare every step before that"):
 
         @inner.step
         async def late() -> int:  # pragma: no cover
@@ -420,5 +420,5 @@ async def test_including_freezes_the_included_flow() -> None:
 async def test_cannot_include_into_a_flow_that_has_run() -> None:
     outer = make_inner()
     await outer.run({"seed": 1})
-    with pytest.raises(sp.FlowDefinitionError, match="declare every step before the first run"):
+    with pytest.raises(sp.FlowDefinitionError, match="declare every step before that"):
         outer.include(sp.Flow("x"))
