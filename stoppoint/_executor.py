@@ -468,6 +468,7 @@ class _Run:
             self.control.idle()
 
     def arguments(self, spec: StepSpec) -> dict[str, Any]:
+        """The keyword arguments of a step: outputs it depends on, inputs it takes (run_step inlines this)."""
         kwargs: dict[str, Any] = {}
         outputs = self.outputs
         for dependency in spec.dependencies:
@@ -488,7 +489,16 @@ class _Run:
                 return
             if not self.may_start(name):
                 return
-            kwargs = self.arguments(spec)
+            # arguments() and completed(), inlined below: two method calls are ~10% of a step of a
+            # chain (benchmarks/: 2.9 vs 3.3 µs per step), and this is the per-step hot path.
+            kwargs: dict[str, Any] = {}
+            outputs = self.outputs
+            for dependency in spec.dependencies:
+                kwargs[dependency] = outputs[dependency]
+            inputs = self.inputs
+            for item in spec.inputs:
+                if item.param in inputs:
+                    kwargs[item.param] = inputs[item.param]
             ctx: StepContext | None = None
             running = self.control.running
             if spec.context_param is not None:
@@ -524,7 +534,16 @@ class _Run:
             except BaseException as exc:
                 self.fatal_error(record, exc)
             else:
-                self.completed(name, record, value)
+                record.status = StepStatus.COMPLETED  # self.completed(name, record, value), inlined
+                record.finished = now = time.perf_counter()
+                record.duration = now - record.started
+                outputs[name] = value
+                waiting = self.waiting
+                for dependant in self.plan.dependants[name]:
+                    left = waiting[dependant] - 1
+                    waiting[dependant] = left
+                    if not left:
+                        self.ready.append(dependant)
                 if ctx is not None and ctx._shielded and _cancellation_in_effect():
                     # A shield let the step finish while the run was being cancelled (say, its
                     # task group was): its output is kept, but no further step may start. Only
@@ -615,6 +634,7 @@ class _Run:
         record.duration = now - record.started
 
     def completed(self, name: str, record: _StepRecord, value: Any) -> None:
+        """Record a step's output and make ready the steps that waited for it (run_step inlines this)."""
         self.finish(record, StepStatus.COMPLETED)
         self.outputs[name] = value
         waiting = self.waiting
