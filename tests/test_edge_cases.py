@@ -8,6 +8,8 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import stoppoint as sp
 
@@ -338,3 +340,54 @@ def test_failed_include_leaves_the_other_flow_open() -> None:
     @inner.step  # the refused include did not freeze `inner`
     async def b(a: int) -> int:
         return a
+
+
+# -- PollNextN on random graphs ---------------------------------------------------------------------------
+
+
+@st.composite
+def graphs(draw: st.DrawFn) -> tuple[list[list[int]], int, int, int | None, list[int]]:
+    """A random DAG (each step waits for some earlier ones), the step that interrupts, n, a
+    concurrency limit, and how many loop turns each step takes."""
+    size = draw(st.integers(2, 9))
+    deps = [draw(st.lists(st.integers(0, i - 1), max_size=3, unique=True)) if i else [] for i in range(size)]
+    interrupting = draw(st.integers(0, size - 1))
+    n = draw(st.integers(0, size))
+    limit = draw(st.one_of(st.none(), st.integers(1, 4)))
+    turns = draw(st.lists(st.integers(0, 3), min_size=size, max_size=size))
+    return deps, interrupting, n, limit, turns
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=graphs())
+async def test_poll_next_n_on_random_graphs(case: tuple[list[list[int]], int, int, int | None, list[int]]) -> None:
+    """At most n steps start after the interrupt; fewer only if nothing else could start, in which
+    case every step ran; steps running when it came always finish."""
+    deps, interrupting, n, limit, turns = case
+    interrupter, receiver = sp.interrupt_channel()
+    started: list[int] = []
+    signalled_at: list[int] = []
+    flow = sp.Flow("random", max_concurrency=limit)
+    for i, waits in enumerate(deps):
+
+        async def step(_i: int = i) -> int:
+            started.append(_i)
+            if _i == interrupting:
+                signalled_at.append(len(started))
+                interrupter.interrupt()
+            for _ in range(turns[_i]):
+                await anyio.lowlevel.checkpoint()
+            return _i
+
+        flow.step(name=f"s{i}", after=tuple(f"s{d}" for d in waits))(step)
+    with interrupter, receiver:
+        outcome = await flow.run(interrupts=receiver, strategy=sp.PollNextN(n))
+    report = outcome.report
+    assert report.cancelled == report.stopped == report.failed == []  # running steps finish
+    if not signalled_at:  # the interrupting step never started: nothing else could have stopped
+        pytest.fail("the interrupting step did not run")
+    after = len(started) - signalled_at[0]
+    assert after <= n
+    if after < n:
+        assert isinstance(outcome, sp.Completed)
+        assert sorted(started) == list(range(len(deps)))
