@@ -1,6 +1,7 @@
 import inspect
 from collections.abc import Iterator
 
+import anyio
 import pytest
 from anyio.streams.memory import MemoryObjectReceiveStream
 
@@ -29,3 +30,31 @@ def line_after() -> int:
     assert frame is not None
     assert frame.f_back is not None
     return frame.f_back.f_lineno + 1
+
+
+def statuses(report: sp.RunReport) -> dict[str, sp.StepStatus]:
+    """Each step's status, by name."""
+    return {name: step.status for name, step in report.steps.items()}
+
+
+class FakeSleep:
+    """Stands in for the timers' sleep (`stoppoint._executor._sleep`): records the seconds asked
+    for, sets `entered`, and returns once the test sets `released`. Grace and deadline tests drive
+    time with it instead of waiting."""
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+        self.entered = anyio.Event()
+        self.released = anyio.Event()
+
+    async def __call__(self, seconds: float) -> None:
+        self.calls.append(seconds)
+        self.entered.set()
+        await self.released.wait()
+
+
+@pytest.fixture
+def fake_sleep(monkeypatch: pytest.MonkeyPatch) -> FakeSleep:
+    sleep = FakeSleep()
+    monkeypatch.setattr("stoppoint._executor._sleep", sleep)
+    return sleep

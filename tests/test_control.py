@@ -21,30 +21,9 @@ import pytest
 
 import stoppoint as sp
 
-from .conftest import Channel, line_after
+from .conftest import Channel, FakeSleep, line_after
 
 pytestmark = pytest.mark.anyio
-
-
-class FakeSleep:
-    """Stands in for the timers' sleep: records what they asked for and returns when released."""
-
-    def __init__(self) -> None:
-        self.calls: list[float] = []
-        self.entered = anyio.Event()
-        self.released = anyio.Event()
-
-    async def __call__(self, seconds: float) -> None:
-        self.calls.append(seconds)
-        self.entered.set()
-        await self.released.wait()
-
-
-@pytest.fixture
-def fake_sleep(monkeypatch: pytest.MonkeyPatch) -> FakeSleep:
-    sleep = FakeSleep()
-    monkeypatch.setattr("stoppoint._executor._sleep", sleep)
-    return sleep
 
 
 def chain(names: list[str], ran: list[str], interrupt_in: str | None, interrupter: sp.Interrupter | None) -> sp.Flow:

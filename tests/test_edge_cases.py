@@ -13,30 +13,9 @@ from hypothesis import strategies as st
 
 import stoppoint as sp
 
+from .conftest import FakeSleep, statuses
+
 pytestmark = pytest.mark.anyio
-
-
-class FakeSleep:
-    def __init__(self) -> None:
-        self.calls: list[float] = []
-        self.entered = anyio.Event()
-        self.released = anyio.Event()
-
-    async def __call__(self, seconds: float) -> None:
-        self.calls.append(seconds)
-        self.entered.set()
-        await self.released.wait()
-
-
-@pytest.fixture
-def fake_sleep(monkeypatch: pytest.MonkeyPatch) -> FakeSleep:
-    sleep = FakeSleep()
-    monkeypatch.setattr("stoppoint._executor._sleep", sleep)
-    return sleep
-
-
-def statuses(report: sp.RunReport) -> dict[str, sp.StepStatus]:
-    return {name: step.status for name, step in report.steps.items()}
 
 
 # -- 1. PollNextN: ready steps do not start in declaration order on trio -------------------------------

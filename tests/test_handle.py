@@ -18,16 +18,11 @@ import pytest
 
 import stoppoint as sp
 
-from .conftest import Channel
+from .conftest import Channel, FakeSleep, statuses
 
 pytestmark = pytest.mark.anyio
 
 Outcome = sp.Completed[Any] | sp.Interrupted
-
-
-def statuses(report: sp.RunReport) -> dict[str, sp.StepStatus]:
-    """Each step's status, by name."""
-    return {name: step.status for name, step in report.steps.items()}
 
 
 def gated_flow(name: str = "gated") -> tuple[sp.Flow, anyio.Event, anyio.Event, list[str]]:
@@ -584,32 +579,16 @@ async def test_channel_and_handle_signals_are_both_recorded(channel: Channel) ->
     assert outcome.report.stopped == ["work"]
 
 
-class FakeSleep:
-    """Stands in for the executor's `_sleep`: records the seconds asked for and waits until woken."""
-
-    def __init__(self) -> None:
-        self.calls: list[float] = []
-        self.sleeping = anyio.Event()
-        self.wake = anyio.Event()
-
-    async def __call__(self, seconds: float) -> None:
-        self.calls.append(seconds)
-        self.sleeping.set()
-        await self.wake.wait()
-
-
-async def test_deadline_given_to_start_interrupts_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_deadline_given_to_start_interrupts_the_run(fake_sleep: FakeSleep) -> None:
     """start(deadline=30): when the timer fires the run gets a "deadline" signal and stops at its next checkpoint."""
-    fake = FakeSleep()
-    monkeypatch.setattr("stoppoint._executor._sleep", fake)
     flow, entered, go, ran = gated_flow()
     async with anyio.create_task_group() as tg:
         handle = await flow.start(tg, {"size": 1}, deadline=30)
         await entered.wait()
-        await fake.sleeping.wait()
-        assert fake.calls == [30.0]
+        await fake_sleep.entered.wait()
+        assert fake_sleep.calls == [30.0]
         assert handle.report.interrupts == []
-        fake.wake.set()
+        fake_sleep.released.set()
         await anyio.wait_all_tasks_blocked()  # the timer has fired
         assert [s.source for s in handle.report.interrupts] == ["deadline"]
         go.set()
@@ -623,34 +602,30 @@ async def test_deadline_given_to_start_interrupts_the_run(monkeypatch: pytest.Mo
     assert ran == ["prepare", "work"]
 
 
-async def test_deadline_timer_ends_with_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_deadline_timer_ends_with_the_run(fake_sleep: FakeSleep) -> None:
     """A run that completes before its deadline is Completed, and its timer does not hold the task group."""
-    fake = FakeSleep()
-    monkeypatch.setattr("stoppoint._executor._sleep", fake)
     flow, entered, go, _ = gated_flow()
     async with anyio.create_task_group() as tg:
         handle = await flow.start(tg, {"size": 1}, deadline=30)
         await entered.wait()
-        await fake.sleeping.wait()
+        await fake_sleep.entered.wait()
         go.set()
     outcome = await handle.outcome()
     assert isinstance(outcome, sp.Completed)
     assert outcome.report.interrupts == []
-    assert not fake.wake.is_set()
+    assert not fake_sleep.released.is_set()
 
 
-async def test_grace_given_to_start_escalates(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_grace_given_to_start_escalates(fake_sleep: FakeSleep) -> None:
     """start(grace=5): a graceful interrupt, then the grace period ends: the blocked step is cancelled."""
-    fake = FakeSleep()
-    monkeypatch.setattr("stoppoint._executor._sleep", fake)
     flow, entered, _, _ = gated_flow()  # `work` never reaches its stopping point
     async with anyio.create_task_group() as tg:
         handle = await flow.start(tg, {"size": 1}, grace=5)
         await entered.wait()
         assert handle.interrupt("wind down")
-        await fake.sleeping.wait()
-        assert fake.calls == [5.0]
-        fake.wake.set()
+        await fake_sleep.entered.wait()
+        assert fake_sleep.calls == [5.0]
+        fake_sleep.released.set()
     outcome = await handle.outcome()
     assert isinstance(outcome, sp.Interrupted)
     assert outcome.forced
