@@ -31,6 +31,10 @@ from ._signal import InterruptSignal as InterruptSignal
 from ._signal import OnSignals as OnSignals
 from ._signal import interrupt_channel as interrupt_channel
 from ._signal import interrupt_on_signals as interrupt_on_signals
+from ._store import RunRecord as RunRecord
+from ._store import RunStatus as RunStatus
+from ._store import Store as Store
+from ._store import StoredRun as StoredRun
 from ._strategy import AtCheckpoint as AtCheckpoint
 from ._strategy import FinishCurrent as FinishCurrent
 from ._strategy import IgnoreInterruptions as IgnoreInterruptions
@@ -58,7 +62,9 @@ __all__ = [
     "OnSignals",
     "PollNextN",
     "Progress",
+    "RunRecord",
     "RunReport",
+    "RunStatus",
     "Shield",
     "StepContext",
     "StepFailed",
@@ -66,7 +72,9 @@ __all__ = [
     "StepStatus",
     "StopRequested",
     "StoppointError",
+    "Store",
     "StoreError",
+    "StoredRun",
     "Strategy",
     "interrupt_channel",
     "interrupt_on_signals",

@@ -8,14 +8,18 @@ or foreign file gives a `CheckpointError`, not code execution.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+import typing
+from typing import TYPE_CHECKING, Any, Literal
 
 import pydantic_core
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, PydanticSchemaGenerationError, TypeAdapter, ValidationError
 
-from ._errors import CheckpointError
+from ._errors import CheckpointError, CheckpointMismatch
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "Checkpoint", "CheckpointFile"]
+if TYPE_CHECKING:
+    from ._flow import Flow
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "Checkpoint", "CheckpointFile", "check_belongs", "typed"]
 
 FORMAT = "stoppoint.checkpoint"
 FORMAT_VERSION = 1
@@ -103,3 +107,100 @@ class CheckpointFile(BaseModel):
             return cls.model_validate_json(text)
         except ValidationError as exc:
             raise CheckpointError(f"not a valid stoppoint checkpoint: {exc}") from exc
+
+
+def check_belongs(flow: Flow, checkpoint: Checkpoint | CheckpointFile) -> None:
+    """Raise `CheckpointMismatch` unless `checkpoint` is one of `flow` (name, version, step names).
+
+    Raises:
+        CheckpointMismatch: Another flow, another version, or steps the flow does not have.
+    """
+    where = f"checkpoint of run {checkpoint.run_id!r}"
+    if checkpoint.flow != flow.name:
+        raise CheckpointMismatch(f"{where} belongs to flow {checkpoint.flow!r}, not {flow.name!r}")
+    if checkpoint.flow_version != flow.version:
+        raise CheckpointMismatch(
+            f"{where} of flow {flow.name!r} was taken at version {checkpoint.flow_version!r}; the flow is now "
+            f"version {flow.version!r}"
+        )
+    specs = flow._specs
+    unknown = [name for name in checkpoint.outputs if name not in specs]
+    unknown += [name for name in checkpoint.nested if name not in specs or specs[name].include is None]
+    if unknown:
+        raise CheckpointMismatch(
+            f"{where} of flow {flow.name!r} has outputs for {', '.join(map(repr, unknown))}, which the flow "
+            f"has no such (include) step for (steps: {', '.join(specs)})"
+        )
+    strangers = [name for name in checkpoint.inputs if name not in flow._input_users]
+    if strangers:
+        raise CheckpointMismatch(
+            f"{where} of flow {flow.name!r} has inputs {', '.join(map(repr, strangers))} the flow does not take"
+        )
+
+
+def typed(flow: Flow, file: CheckpointFile) -> Checkpoint:
+    """Turn a parsed checkpoint file into a `Checkpoint` of `flow`, each value validated back into
+    its type: an output into its step's return annotation, an input into its parameter's.
+
+    Raises:
+        CheckpointMismatch: The checkpoint is not one of `flow`.
+        CheckpointError: A value does not validate (with pydantic's detail).
+    """
+    check_belongs(flow, file)
+    where = f"checkpoint of flow {flow.name!r}, run {file.run_id!r}"
+    outputs = {
+        name: _validate(where, f"the output of step {name!r}", _output_type(flow, name), value)
+        for name, value in file.outputs.items()
+    }
+    inputs = {
+        name: _validate(where, f"input {name!r}", _input_type(flow, name), value) for name, value in file.inputs.items()
+    }
+    nested = {}
+    for name, inner in file.nested.items():
+        include = flow._specs[name].include
+        assert include is not None  # check_belongs made sure
+        nested[name] = typed(include, inner)
+    return Checkpoint(
+        flow=file.flow,
+        flow_version=file.flow_version,
+        run_id=file.run_id,
+        inputs=inputs,
+        outputs=outputs,
+        nested=nested,
+    )
+
+
+def _validate(where: str, what: str, annotation: Any, value: Any) -> Any:
+    if annotation is Any:
+        return value
+    try:
+        return TypeAdapter(annotation).validate_python(value)
+    except ValidationError as exc:
+        raise CheckpointError(f"{where}: {what} does not validate as {_name(annotation)}: {exc}") from exc
+    except PydanticSchemaGenerationError:  # an annotation pydantic cannot check: keep the JSON value
+        return value
+
+
+def _name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or repr(annotation)
+
+
+def _hints(fn: Any) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:  # a name that does not resolve here: the values stay as JSON gave them
+        return {}
+
+
+def _output_type(flow: Flow, step: str) -> Any:
+    spec = flow._specs[step]
+    if spec.include is not None:
+        return _output_type(spec.include, spec.include.result)
+    return _hints(spec.fn).get("return", Any)
+
+
+def _input_type(flow: Flow, name: str) -> Any:
+    spec = flow._specs[flow._input_users[name]]
+    if spec.include is not None:
+        return _input_type(spec.include, name)
+    return _hints(spec.fn).get(name, Any)

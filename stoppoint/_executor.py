@@ -20,22 +20,70 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream
+from pydantic import ValidationError
 
-from ._checkpoint import Checkpoint
+from ._checkpoint import Checkpoint, check_belongs
 from ._context import YIELD_INTERVAL, StepContext
-from ._errors import FlowInputError, StepFailed, StopRequested
+from ._errors import CheckpointMismatch, FlowInputError, StepFailed, StopRequested, StoreError
 from ._outcome import Completed, Interrupted, Progress, RunReport, StepReport, StepStatus
 from ._signal import InterruptSignal, linked, take_buffered
+from ._store import RunStatus, Store
 from ._strategy import Strategy
 
 if TYPE_CHECKING:
     from ._flow import Flow, Plan, StepSpec
 
-__all__ = ["prepare"]
+__all__ = ["open_run", "prepare"]
 
 
 _sleep = anyio.sleep
 """How the grace and deadline timers wait; tests replace it to drive time without waiting."""
+
+
+async def open_run(
+    flow: Flow,
+    inputs: Mapping[str, Any] | None,
+    *,
+    interrupts: MemoryObjectReceiveStream[InterruptSignal] | None,
+    strategy: Strategy,
+    resume: Checkpoint | None,
+    store: Store | None,
+    run_id: str | None,
+    grace: float | None,
+    deadline: float | None,
+) -> _Run | Completed[Any]:
+    """Check the arguments of one run of `flow` (see `Flow.run`) and set it up, not started; or,
+    when `store` holds that run completed, its stored outcome."""
+    if store is not None and not isinstance(store, Store):
+        raise TypeError(
+            f"flow {flow.name!r}: store must implement the Store protocol (save, load, list_runs, delete), "
+            f"such as SQLiteStore(path); got {type(store).__name__}"
+        )
+    if store is not None and resume is None and isinstance(run_id, str) and run_id:
+        stored = await store.load(flow.name, run_id)
+        if stored is not None:
+            checkpoint = flow.load_checkpoint(stored.checkpoint_json)
+            if stored.record.status is RunStatus.COMPLETED:
+                _check_resume_inputs(flow, inputs, checkpoint)
+                try:
+                    report = RunReport.model_validate_json(stored.report_json)
+                except ValidationError as exc:
+                    raise StoreError(
+                        f"flow {flow.name!r}, run {run_id!r}: the stored report does not validate: {exc}"
+                    ) from exc
+                return Completed(checkpoint.outputs[flow._freeze().result], report)
+            resume = checkpoint
+    return prepare(
+        flow,
+        inputs,
+        interrupts=interrupts,
+        strategy=strategy,
+        resume=resume,
+        store=store,
+        run_id=run_id,
+        grace=grace,
+        deadline=deadline,
+    )
 
 
 def prepare(
@@ -44,6 +92,8 @@ def prepare(
     *,
     interrupts: MemoryObjectReceiveStream[InterruptSignal] | None,
     strategy: Strategy,
+    resume: Checkpoint | None = None,
+    store: Store | None = None,
     run_id: str | None,
     grace: float | None,
     deadline: float | None,
@@ -59,17 +109,52 @@ def prepare(
             f"flow {flow.name!r}: interrupts must be an anyio MemoryObjectReceiveStream[InterruptSignal], "
             f"got {type(interrupts).__name__}"
         )
+    plan = flow._freeze()
+    if resume is not None:
+        if not isinstance(resume, Checkpoint):
+            raise TypeError(f"flow {flow.name!r}: resume must be a Checkpoint, got {type(resume).__name__}")
+        check_belongs(flow, resume)
+        _check_resume_inputs(flow, inputs, resume)
+        if inputs is None:
+            inputs = resume.inputs
+        if run_id is None:
+            run_id = resume.run_id
     if run_id is None:
         run_id = uuid.uuid4().hex
     elif not isinstance(run_id, str) or not run_id:
         raise TypeError(f"flow {flow.name!r}: run_id must be a non-empty str, got {run_id!r}")
     grace = _seconds(flow, "grace", grace)
     deadline = _seconds(flow, "deadline", deadline)
-    plan = flow._freeze()
-    control = _Control(flow.name, run_id, strategy, grace)
-    return _Run(
-        flow, plan, _check_inputs(flow, inputs, plan), control, run_id, signals=control.signals, deadline=deadline
+    control = _Control(flow.name, run_id, strategy, grace, store)
+    run = _Run(
+        flow,
+        plan,
+        _check_inputs(flow, inputs, plan),
+        control,
+        run_id,
+        signals=control.signals,
+        deadline=deadline,
+        resume=resume,
     )
+    control.top = run
+    return run
+
+
+def _check_resume_inputs(flow: Flow, inputs: Mapping[str, Any] | None, checkpoint: Checkpoint) -> None:
+    if inputs is None:
+        return
+    if not isinstance(inputs, Mapping):
+        return  # _check_inputs says what is wrong
+    differing = sorted(
+        str(name)
+        for name in set(inputs) | set(checkpoint.inputs)
+        if name not in inputs or name not in checkpoint.inputs or inputs[name] != checkpoint.inputs[name]
+    )
+    if differing:
+        raise CheckpointMismatch(
+            f"flow {flow.name!r}, run {checkpoint.run_id!r}: the inputs differ from the checkpoint's "
+            f"({', '.join(map(repr, differing))}); omit inputs to use the checkpoint's"
+        )
 
 
 def _seconds(flow: Flow, option: str, value: float | None) -> float | None:
@@ -126,9 +211,10 @@ class _Timeline:
     """What a report is built from: step records, signals and times (no outputs, no tasks), so
     an outcome that builds its report lazily keeps nothing else of the run alive."""
 
-    __slots__ = ("ended", "flow", "perf0", "records", "run_id", "signals", "steps", "wall0")
+    __slots__ = ("ended", "flow", "perf0", "records", "resumed", "run_id", "signals", "steps", "wall0")
 
     def __init__(self, run_id: str, flow: str, steps: tuple[str, ...], signals: list[InterruptSignal]) -> None:
+        self.resumed: set[str] = set()  # completed in an earlier attempt: outputs from the checkpoint
         self.run_id = run_id
         self.flow = flow
         self.steps = steps
@@ -150,6 +236,9 @@ class _Timeline:
             record = self.records.get(name)
             # model_construct: these values are ours and already valid.
             if record is None:
+                if name in self.resumed:
+                    steps[name] = StepReport.model_construct(name=name, status=StepStatus.COMPLETED, resumed=True)
+                    continue
                 status = StepStatus.PENDING if self.ended is None else StepStatus.NOT_STARTED
                 steps[name] = StepReport.model_construct(name=name, status=status)
                 continue
@@ -207,8 +296,12 @@ class _Control:
     flight at every level of nesting (shielded blocks finish first, as anyio promises).
     """
 
-    def __init__(self, flow: str, run_id: str, strategy: Strategy, grace: float | None) -> None:
+    def __init__(self, flow: str, run_id: str, strategy: Strategy, grace: float | None, store: Store | None) -> None:
         self.flow = flow
+        self.store = store
+        self.top: _Run | None = None  # the top-level run: what a save writes
+        self.save_lock = anyio.Lock()  # saves of one run never overlap
+        self.store_error: Exception | None = None
         self.run_id = run_id
         self.strategy = strategy
         self.grace = grace
@@ -308,6 +401,26 @@ class _Control:
         if self.task_group is not None:
             self.task_group.cancel_scope.cancel()
 
+    # -- persistence ----------------------------------------------------------------------------------
+
+    async def save(self) -> None:
+        """Commit the top-level run's checkpoint and report to the store.
+
+        Shielded: a cancelled run still records how far it got. A failing save ends the run (no
+        step may start whose inputs are not committed); `run()` then raises the store's error.
+        """
+        store, top = self.store, self.top
+        if store is None or top is None or self.store_error is not None:
+            return
+        with anyio.CancelScope(shield=True):
+            async with self.save_lock:
+                try:
+                    await store.save(top.checkpoint(), top.timeline.report())
+                except Exception as exc:
+                    if self.store_error is None:
+                        self.store_error = exc
+                        self.shut_down()
+
     # -- timers ---------------------------------------------------------------------------------------
 
     async def grace_timer(self) -> None:
@@ -351,6 +464,7 @@ class _Run:
         *,
         signals: list[InterruptSignal],
         deadline: float | None = None,
+        resume: Checkpoint | None = None,
     ) -> None:
         self.flow = flow
         self.name = flow.name
@@ -361,12 +475,26 @@ class _Run:
         self.run_id = run_id
         self.deadline = deadline
         self.limit = flow.max_concurrency or len(self.specs)
-        self.waiting = dict(plan.waiting)
-        self.ready = deque(plan.roots)
         self.timeline = _Timeline(run_id, flow.name, tuple(self.specs), signals)
         self.records = self.timeline.records
-        self.outputs: dict[str, Any] = {}
-        self.partial: dict[str, Checkpoint] = {}  # include steps left unfinished: their checkpoints
+        self.store = control.store is not None  # save after each completed step
+        self.includes: dict[str, _Run] = {}  # include steps running: their inner runs
+        if resume is None:
+            self.waiting = dict(plan.waiting)
+            self.ready = deque(plan.roots)
+            self.outputs: dict[str, Any] = {}
+            self.partial: dict[str, Checkpoint] = {}  # include steps left unfinished: their checkpoints
+        else:
+            # Completed steps do not run again: their outputs come from the checkpoint.
+            self.outputs = dict(resume.outputs)
+            self.partial = dict(resume.nested)
+            self.timeline.resumed.update(self.outputs)
+            self.waiting = {
+                name: sum(other not in self.outputs for other in spec.waits_for)
+                for name, spec in self.specs.items()
+                if name not in self.outputs
+            }
+            self.ready = deque(name for name, left in self.waiting.items() if not left)
         # After an interrupt (PollNextN): whether a handed-out step may start, decided in hand-out order.
         self.decided: dict[str, bool] = {}
         # Handed out together with others (in that order), not at their stopping point yet.
@@ -489,7 +617,7 @@ class _Run:
                 return
             if not self.may_start(name):
                 return
-            # arguments() and completed(), inlined below: two method calls are ~10% of a step of a
+            # arguments() and release(), inlined below: two method calls are ~10% of a step of a
             # chain (benchmarks/: 2.9 vs 3.3 µs per step), and this is the per-step hot path.
             kwargs: dict[str, Any] = {}
             outputs = self.outputs
@@ -534,10 +662,13 @@ class _Run:
             except BaseException as exc:
                 self.fatal_error(record, exc)
             else:
-                record.status = StepStatus.COMPLETED  # self.completed(name, record, value), inlined
+                record.status = StepStatus.COMPLETED
                 record.finished = now = time.perf_counter()
                 record.duration = now - record.started
                 outputs[name] = value
+                if self.store:
+                    # Durability: the output is committed before any step that needs it starts.
+                    await self.control.save()
                 waiting = self.waiting
                 for dependant in self.plan.dependants[name]:
                     left = waiting[dependant] - 1
@@ -566,9 +697,18 @@ class _Run:
         self.unstarted.pop(name, None)
         if self.halted or control.closed:
             return
-        inner = _Run(flow, flow._freeze(), self.arguments(spec), control, self.run_id, signals=[])
+        inner = _Run(
+            flow,
+            flow._freeze(),
+            self.arguments(spec),
+            control,
+            self.run_id,
+            signals=[],
+            resume=self.partial.pop(name, None),
+        )
         self.records[name] = record = _StepRecord(time.perf_counter())
         record.nested = inner.timeline
+        self.includes[name] = inner
         try:
             done, value = await inner.run_nested()
         except self.cancelled_exc:
@@ -587,13 +727,19 @@ class _Run:
         else:
             stopped_at = inner.timeline.stopped_at()
             if done:
-                self.completed(name, record, value)
+                self.finish(record, StepStatus.COMPLETED)
+                self.outputs[name] = value
+                del self.includes[name]
+                if self.store:
+                    await control.save()
+                self.release(name)
             elif control.forced and stopped_at is None:
                 self.finish(record, StepStatus.CANCELLED)  # forced: it did not stop at a stopping point
             else:
                 self.finish(record, StepStatus.INTERRUPTED)
                 record.stopped_at = stopped_at
         finally:
+            self.includes.pop(name, None)
             if record.status is not StepStatus.COMPLETED and (inner.outputs or inner.partial):
                 self.partial[name] = inner.checkpoint()
 
@@ -633,10 +779,8 @@ class _Run:
         record.finished = now = time.perf_counter()
         record.duration = now - record.started
 
-    def completed(self, name: str, record: _StepRecord, value: Any) -> None:
-        """Record a step's output and make ready the steps that waited for it (run_step inlines this)."""
-        self.finish(record, StepStatus.COMPLETED)
-        self.outputs[name] = value
+    def release(self, name: str) -> None:
+        """Make ready the steps that waited for `name`, which completed (run_step inlines this)."""
         waiting = self.waiting
         for dependant in self.plan.dependants[name]:
             left = waiting[dependant] - 1
@@ -746,10 +890,14 @@ class _Run:
             else:
                 control.polled = receiver
         try:
+            if self.store:
+                await control.save()  # listed as running before any step starts
             await self.drive(started)
         finally:
             if channel is not None:
                 channel.unlisten(control.on_signal)
+            if self.store:
+                await control.save()  # how the run ended, also when it was cancelled
         if self.fatal is not None:
             raise self.fatal
         await self.let_cancellation_through()
@@ -783,7 +931,13 @@ class _Run:
         A shield, or a step that stopped at a stopping point, may have let the task group exit
         without an await to deliver it; the run must not return as if it had only been stopped.
         """
-        if self.failure is None and self.control.bad_signal is None and len(self.outputs) != len(self.specs):
+        control = self.control
+        if (
+            self.failure is None
+            and control.bad_signal is None
+            and control.store_error is None
+            and len(self.outputs) != len(self.specs)
+        ):
             await anyio.lowlevel.checkpoint_if_cancelled()
 
     def step_failed(self) -> StepFailed:
@@ -798,6 +952,8 @@ class _Run:
         control = self.control
         if control.bad_signal is not None:
             raise control.bad_signal
+        if control.store_error is not None:
+            raise control.store_error
         if self.failure is not None:
             raise self.step_failed()
         if len(self.outputs) == len(self.specs):
@@ -836,5 +992,5 @@ class _Run:
             run_id=self.run_id,
             inputs=dict(self.inputs),
             outputs=dict(self.outputs),
-            nested=dict(self.partial),
+            nested={**self.partial, **{name: inner.checkpoint() for name, inner in self.includes.items()}},
         )

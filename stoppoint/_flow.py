@@ -11,15 +11,18 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from ._checkpoint import Checkpoint, CheckpointFile, typed
 from ._context import StepContext
 from ._errors import FlowDefinitionError
-from ._executor import prepare
+from ._executor import open_run
 from ._handle import FlowRun
+from ._outcome import Completed
 from ._signal import InterruptSignal
 from ._strategy import AtCheckpoint, Strategy
 
 if TYPE_CHECKING:
-    from ._outcome import Completed, Interrupted
+    from ._outcome import Interrupted
+    from ._store import Store
 
 __all__ = ["Flow"]
 
@@ -383,12 +386,36 @@ class Flow:
             )
         return self._plan
 
+    def load_checkpoint(self, text: str | bytes) -> Checkpoint:
+        """Read a checkpoint of this flow from JSON (`Checkpoint.to_json()`), typed again.
+
+        Each stored output is validated back into its step's return annotation, and each input into
+        its parameter's annotation, with pydantic (models, dataclasses, builtins, `None`, ...); a
+        value whose annotation is missing or not resolvable stays as JSON gave it.
+
+        Args:
+            text: The JSON text.
+
+        Returns:
+            The checkpoint, ready for `run(resume=...)`.
+
+        Raises:
+            CheckpointError: The text is not a checkpoint, or a value does not validate (with
+                pydantic's detail).
+            CheckpointMismatch: A checkpoint of another flow or version, or of steps this flow
+                does not have.
+        """
+        self._freeze()
+        return typed(self, CheckpointFile.parse(text))
+
     async def run(
         self,
         inputs: Mapping[str, Any] | None = None,
         *,
         interrupts: MemoryObjectReceiveStream[InterruptSignal] | None = None,
         strategy: Strategy = _DEFAULT_STRATEGY,
+        resume: Checkpoint | None = None,
+        store: Store | None = None,
         run_id: str | None = None,
         grace: float | None = None,
         deadline: float | None = None,
@@ -404,7 +431,15 @@ class Flow:
                 any anyio memory-object receive stream). A closed or ended stream means no more
                 interrupts. The run does not close it.
             strategy: When an interrupt takes effect (default `AtCheckpoint()`).
-            run_id: The run's id (default: a new random hex id).
+            resume: A checkpoint of an earlier run of this flow (from `Interrupted.checkpoint`,
+                `StepFailed.checkpoint` or `load_checkpoint()`): its completed steps do not run
+                again, their outputs feed the steps that need them. The inputs may be omitted
+                (the checkpoint's are used), and the run id defaults to the checkpoint's.
+            store: Persist the run (see `SQLiteStore`): its checkpoint is committed after every
+                completed step, before any step that needs it starts, and when the run ends. With
+                `run_id`, a run the store holds unfinished is resumed, and one it holds completed
+                returns its stored `Completed` without running anything.
+            run_id: The run's id (default: the checkpoint's, else a new random hex id).
             grace: Seconds after the first interrupt after which the steps still in flight are
                 cancelled, as if a forced signal had come (not under `IgnoreInterruptions`).
             deadline: Seconds after the run begins at which it interrupts itself with a signal of
@@ -418,12 +453,26 @@ class Flow:
             FlowDefinitionError: The flow has no steps or a bad `result=`.
             FlowInputError: Missing or unknown inputs (before any step starts).
             StepFailed: A step raised; `__cause__` is its exception.
-            TypeError: A bad `interrupts`, `strategy` or `run_id`.
+            CheckpointMismatch: `resume` (or the stored run) is of another flow or version, or
+                `inputs` differ from its inputs.
+            CheckpointError: A stored output cannot be serialised or read back.
+            StoreError: The store cannot be read or written.
+            TypeError: A bad `interrupts`, `strategy`, `resume`, `store` or `run_id`.
             ValueError: A bad `grace` or `deadline`.
         """
-        run = prepare(
-            self, inputs, interrupts=interrupts, strategy=strategy, run_id=run_id, grace=grace, deadline=deadline
+        run = await open_run(
+            self,
+            inputs,
+            interrupts=interrupts,
+            strategy=strategy,
+            resume=resume,
+            store=store,
+            run_id=run_id,
+            grace=grace,
+            deadline=deadline,
         )
+        if isinstance(run, Completed):
+            return run
         return await run.execute(interrupts)
 
     async def start(
@@ -433,6 +482,8 @@ class Flow:
         *,
         interrupts: MemoryObjectReceiveStream[InterruptSignal] | None = None,
         strategy: Strategy = _DEFAULT_STRATEGY,
+        resume: Checkpoint | None = None,
+        store: Store | None = None,
         run_id: str | None = None,
         grace: float | None = None,
         deadline: float | None = None,
@@ -450,6 +501,8 @@ class Flow:
             inputs: Values for the flow's inputs, by name.
             interrupts: As for `run()`.
             strategy: As for `run()`.
+            resume: As for `run()`.
+            store: As for `run()` (a run the store holds completed gives a handle that is done).
             run_id: As for `run()`.
             grace: As for `run()`.
             deadline: As for `run()`.
@@ -460,6 +513,7 @@ class Flow:
         Raises:
             FlowDefinitionError: The flow has no steps or a bad `result=`.
             FlowInputError: Missing or unknown inputs.
+            CheckpointMismatch, CheckpointError, StoreError: As for `run()`.
             TypeError: `task_group` is not an anyio task group, or a bad option as for `run()`.
             ValueError: A bad `grace` or `deadline`.
         """
@@ -468,9 +522,19 @@ class Flow:
                 f"flow {self._name!r}: start() needs an anyio task group (async with anyio.create_task_group() "
                 f"as tg), got {type(task_group).__name__}"
             )
-        run = prepare(
-            self, inputs, interrupts=interrupts, strategy=strategy, run_id=run_id, grace=grace, deadline=deadline
+        run = await open_run(
+            self,
+            inputs,
+            interrupts=interrupts,
+            strategy=strategy,
+            resume=resume,
+            store=store,
+            run_id=run_id,
+            grace=grace,
+            deadline=deadline,
         )
+        if isinstance(run, Completed):
+            return FlowRun._finished(self._name, run)
         handle = FlowRun(run)
         await task_group.start(handle._drive, interrupts, name=f"stoppoint {self._name} run {run.run_id}")
         return handle

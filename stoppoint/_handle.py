@@ -31,24 +31,34 @@ class FlowRun:
     with `source="cancel"` (also listed in `report.interrupts`).
     """
 
-    __slots__ = ("_done", "_error", "_error_tb", "_outcome", "_run")
+    __slots__ = ("_done", "_error", "_error_tb", "_flow", "_outcome", "_run", "_run_id")
 
-    def __init__(self, run: _Run) -> None:
+    def __init__(self, run: _Run | None, flow: str = "", run_id: str = "") -> None:
         self._run = run
+        self._flow = run.name if run is not None else flow
+        self._run_id = run.run_id if run is not None else run_id
         self._done = anyio.Event()
         self._outcome: Completed[Any] | Interrupted | None = None
         self._error: BaseException | None = None
         self._error_tb: TracebackType | None = None
 
+    @classmethod
+    def _finished(cls, flow: str, outcome: Completed[Any]) -> FlowRun:
+        """A handle on a run a store holds completed: done from the start, nothing runs."""
+        handle = cls(None, flow, outcome.report.run_id)
+        handle._outcome = outcome
+        handle._done.set()
+        return handle
+
     @property
     def run_id(self) -> str:
         """The run's id."""
-        return self._run.run_id
+        return self._run_id
 
     @property
     def flow(self) -> str:
         """The flow's name."""
-        return self._run.name
+        return self._flow
 
     @property
     def done(self) -> bool:
@@ -58,6 +68,9 @@ class FlowRun:
     @property
     def report(self) -> RunReport:
         """A snapshot of the run's report now: steps `PENDING`, `RUNNING`, ... while it goes on."""
+        if self._run is None:
+            assert self._outcome is not None
+            return self._outcome.report
         return self._run.timeline.report()
 
     def interrupt(self, reason: str = "interrupted", *, force: bool = False, source: str | None = "api") -> bool:
@@ -71,7 +84,7 @@ class FlowRun:
         Returns:
             True if the run received it; False if the run had already ended.
         """
-        if self._done.is_set():
+        if self._done.is_set() or self._run is None:
             return False
         self._run.control.on_signal(InterruptSignal(reason=reason, force=force, source=source))
         return True
@@ -102,6 +115,7 @@ class FlowRun:
         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         run = self._run
+        assert run is not None
         try:
             self._outcome = await run.execute(receiver, started=task_status.started)
         except anyio.get_cancelled_exc_class():

@@ -66,6 +66,8 @@ class StepReport(BaseModel):
         error: `"ExcType: message"` of a failed step.
         progress: The last value the step reported with `ctx.progress()`.
         nested: For a step that includes another flow (`Flow.include`), that flow's report.
+        resumed: True when the step completed in an earlier attempt of the run: its output came
+            from the checkpoint (`run(resume=...)` or a store) and it did not run again.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -79,6 +81,7 @@ class StepReport(BaseModel):
     error: str | None = None
     progress: Progress | None = None
     nested: RunReport | None = None
+    resumed: bool = False
 
 
 class RunReport(BaseModel):
