@@ -56,7 +56,29 @@ class Checkpoint(BaseModel):
         Raises:
             CheckpointError: An output or input cannot be turned into JSON (the message names it).
         """
-        return json.dumps(self._jsonable(), ensure_ascii=False, separators=(",", ":"))
+        text = json.dumps(self._jsonable(), ensure_ascii=False, separators=(",", ":"))
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            self._name_unencodable()
+            raise
+        return text
+
+    def _name_unencodable(self) -> None:
+        """Raise a CheckpointError naming the value that holds text UTF-8 cannot carry (a lone
+        surrogate, as `os.fsdecode()` makes of undecodable file names)."""
+        values = [(f"input {n!r}", v) for n, v in self.inputs.items()]
+        values += [(f"the output of step {n!r}", v) for n, v in self.outputs.items()]
+        for what, value in values:
+            try:
+                json.dumps(pydantic_core.to_jsonable_python(value), ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise CheckpointError(
+                    f"checkpoint of flow {self.flow!r}, run {self.run_id!r}: {what} holds text that is not "
+                    f"valid Unicode ({exc.reason}: {exc.object[exc.start : exc.end]!r}); it cannot be stored"
+                ) from exc
+        for checkpoint in self.nested.values():
+            checkpoint._name_unencodable()
 
     def _jsonable(self) -> dict[str, Any]:
         return {
@@ -110,7 +132,8 @@ class CheckpointFile(BaseModel):
 
 
 def check_belongs(flow: Flow, checkpoint: Checkpoint | CheckpointFile) -> None:
-    """Raise `CheckpointMismatch` unless `checkpoint` is one of `flow` (name, version, step names).
+    """Raise `CheckpointMismatch` unless `checkpoint` is one of `flow` (name, version, step names),
+    at every level of nesting.
 
     Raises:
         CheckpointMismatch: Another flow, another version, or steps the flow does not have.
@@ -136,6 +159,10 @@ def check_belongs(flow: Flow, checkpoint: Checkpoint | CheckpointFile) -> None:
         raise CheckpointMismatch(
             f"{where} of flow {flow.name!r} has inputs {', '.join(map(repr, strangers))} the flow does not take"
         )
+    for name, inner in checkpoint.nested.items():
+        include = specs[name].include
+        assert include is not None
+        check_belongs(include, inner)
 
 
 def typed(flow: Flow, file: CheckpointFile) -> Checkpoint:
@@ -158,7 +185,7 @@ def typed(flow: Flow, file: CheckpointFile) -> Checkpoint:
     nested = {}
     for name, inner in file.nested.items():
         include = flow._specs[name].include
-        assert include is not None  # check_belongs made sure
+        assert include is not None  # check_belongs made sure (at every level: checking again is cheap)
         nested[name] = typed(include, inner)
     return Checkpoint(
         flow=file.flow,
@@ -179,28 +206,45 @@ def _validate(where: str, what: str, annotation: Any, value: Any) -> Any:
         raise CheckpointError(f"{where}: {what} does not validate as {_name(annotation)}: {exc}") from exc
     except PydanticSchemaGenerationError:  # an annotation pydantic cannot check: keep the JSON value
         return value
+    except Exception as exc:  # a user validator raising TypeError, a model not fully defined, ...
+        raise CheckpointError(f"{where}: {what} cannot be validated as {_name(annotation)}: {exc!r}") from exc
 
 
 def _name(annotation: Any) -> str:
     return getattr(annotation, "__name__", None) or repr(annotation)
 
 
-def _hints(fn: Any) -> dict[str, Any]:
+class _Annotations:
+    """Holds one annotation, so `typing.get_type_hints` resolves it alone."""
+
+    def __init__(self, annotations: dict[str, Any]) -> None:
+        self.__annotations__ = annotations
+
+
+def _hint(fn: Any, name: str) -> Any:
+    """The resolved annotation `name` of `fn` (`"return"` for its result), or Any.
+
+    Each annotation is resolved alone: a parameter annotated with a name imported only under
+    TYPE_CHECKING (often `StepContext`) must not cost the return annotation its type.
+    """
+    annotation = getattr(fn, "__annotations__", {}).get(name, Any)
+    if not isinstance(annotation, str):
+        return annotation
     try:
-        return typing.get_type_hints(fn)
-    except Exception:  # a name that does not resolve here: the values stay as JSON gave them
-        return {}
+        return typing.get_type_hints(_Annotations({name: annotation}), globalns=getattr(fn, "__globals__", None))[name]
+    except Exception:  # a name that does not resolve here: the value stays as JSON gave it
+        return Any
 
 
 def _output_type(flow: Flow, step: str) -> Any:
     spec = flow._specs[step]
     if spec.include is not None:
         return _output_type(spec.include, spec.include.result)
-    return _hints(spec.fn).get("return", Any)
+    return _hint(spec.fn, "return")
 
 
 def _input_type(flow: Flow, name: str) -> Any:
     spec = flow._specs[flow._input_users[name]]
     if spec.include is not None:
         return _input_type(spec.include, name)
-    return _hints(spec.fn).get(name, Any)
+    return _hint(spec.fn, name)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
+import pydantic_core
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream
 from pydantic import ValidationError
@@ -140,6 +141,16 @@ def prepare(
     return run
 
 
+def _same(given: Any, stored: Any) -> bool:
+    """Equal, or equal as JSON: an unannotated tuple comes back from a checkpoint as a list."""
+    if given == stored:
+        return True
+    try:
+        return bool(pydantic_core.to_jsonable_python(given) == pydantic_core.to_jsonable_python(stored))
+    except (pydantic_core.PydanticSerializationError, ValueError, TypeError):
+        return False
+
+
 def _check_resume_inputs(flow: Flow, inputs: Mapping[str, Any] | None, checkpoint: Checkpoint) -> None:
     if inputs is None:
         return
@@ -148,7 +159,7 @@ def _check_resume_inputs(flow: Flow, inputs: Mapping[str, Any] | None, checkpoin
     differing = sorted(
         str(name)
         for name in set(inputs) | set(checkpoint.inputs)
-        if name not in inputs or name not in checkpoint.inputs or inputs[name] != checkpoint.inputs[name]
+        if name not in inputs or name not in checkpoint.inputs or not _same(inputs[name], checkpoint.inputs[name])
     )
     if differing:
         raise CheckpointMismatch(
