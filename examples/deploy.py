@@ -1,11 +1,17 @@
-"""A deploy flow that an operator stops halfway through the upload.
+"""A deploy flow that an operator stops halfway through the upload, persisted, then resumed.
 
 Run it with `python examples/deploy.py`. The flow has four steps, server -> upload -> config -> start. While
 `upload` sends its parts, another task (the "operator") interrupts the run once the first part is up. The part
 being uploaded at that moment is finished, never cut off; the upload then stops at its next stopping point, and
 `config` and `start` never begin. The run returns `sp.Interrupted`, whose report says what happened to each step.
+
+The run is persisted in the embedded store, an SQLite file (`.stoppoint/deploy.db` by default): running the flow
+again with the same run id resumes it. `server` is not run again (its output comes back from the file), the
+upload starts over, and the deploy completes.
 """
 
+import uuid
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -87,24 +93,38 @@ def print_report(outcome: sp.Completed[Any] | sp.Interrupted) -> None:
             print(f"result:      {value!r}")
         case sp.Interrupted(signal):
             print(f"signal:      {signal.reason!r} (source: {signal.source})")
+    resumed = [name for name, step in report.steps.items() if step.resumed]
+    if resumed:
+        print(f"resumed:     {', '.join(resumed)} (outputs from the store, not run again)")
     print(f"completed:   {', '.join(report.completed) or '-'}")
     for name in report.stopped:
         print(f"stopped:     {name} at {report.steps[name].stopped_at}")
     print(f"not started: {', '.join(report.not_started) or '-'}")
 
 
-async def main() -> sp.Completed[Any] | sp.Interrupted:
+async def main(
+    store_path: Path = Path(".stoppoint") / "deploy.db",
+) -> tuple[sp.Completed[Any] | sp.Interrupted, sp.Completed[Any] | sp.Interrupted]:
+    """Deploy, get stopped by the operator, then resume the same run from the store; both outcomes."""
     global first_part_uploaded
     first_part_uploaded = cue = anyio.Event()
+    run_id = f"deploy-{uuid.uuid4().hex[:8]}"
+    store_path.parent.mkdir(parents=True, exist_ok=True)
+    inputs = {"host": "web-1.example.com"}
     interrupter, receiver = sp.interrupt_channel()
-    with interrupter, receiver:  # closing both avoids "unclosed stream" ResourceWarnings
-        async with anyio.create_task_group() as task_group:
-            task_group.start_soon(operator, interrupter, cue)
-            print(f"deploying in {len(deploy.steps)} steps: {' -> '.join(deploy.steps)}")
-            outcome = await deploy.run({"host": "web-1.example.com"}, interrupts=receiver)
-            task_group.cancel_scope.cancel()  # the operator need not wait for a cue that will never come
-    print_report(outcome)
-    return outcome
+    async with sp.SQLiteStore(store_path) as store:
+        with interrupter, receiver:  # closing both avoids "unclosed stream" ResourceWarnings
+            async with anyio.create_task_group() as task_group:
+                task_group.start_soon(operator, interrupter, cue)
+                print(f"deploying in {len(deploy.steps)} steps: {' -> '.join(deploy.steps)} (run {run_id})")
+                stopped = await deploy.run(inputs, interrupts=receiver, store=store, run_id=run_id)
+                task_group.cancel_scope.cancel()  # the operator need not wait for a cue that will never come
+        print_report(stopped)
+        first_part_uploaded = None  # no operator this time
+        print(f"\nresuming run {run_id} from {store_path}")
+        resumed = await deploy.run(inputs, store=store, run_id=run_id)
+        print_report(resumed)
+    return stopped, resumed
 
 
 if __name__ == "__main__":

@@ -31,8 +31,10 @@ from ._signal import InterruptSignal as InterruptSignal
 from ._signal import OnSignals as OnSignals
 from ._signal import interrupt_channel as interrupt_channel
 from ._signal import interrupt_on_signals as interrupt_on_signals
+from ._store import MemoryStore as MemoryStore
 from ._store import RunRecord as RunRecord
 from ._store import RunStatus as RunStatus
+from ._store import SQLiteStore as SQLiteStore
 from ._store import Store as Store
 from ._store import StoredRun as StoredRun
 from ._strategy import AtCheckpoint as AtCheckpoint
@@ -59,12 +61,14 @@ __all__ = [
     "Interrupted",
     "Interrupter",
     "Interruptible",
+    "MemoryStore",
     "OnSignals",
     "PollNextN",
     "Progress",
     "RunRecord",
     "RunReport",
     "RunStatus",
+    "SQLiteStore",
     "Shield",
     "StepContext",
     "StepFailed",

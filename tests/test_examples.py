@@ -12,6 +12,7 @@ import pytest
 import stoppoint as sp
 
 DEPLOY = Path(__file__).resolve().parent.parent / "examples" / "deploy.py"
+RESUME = Path(__file__).resolve().parent.parent / "examples" / "resume.py"
 
 
 def load_example(path: Path) -> ModuleType:
@@ -20,18 +21,21 @@ def load_example(path: Path) -> ModuleType:
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
 
-def test_deploy_script_prints_report() -> None:
+def test_deploy_script_prints_report(tmp_path: Path) -> None:
+    """As the README's first command runs it: stopped, persisted under .stoppoint/ (of the working
+    directory), resumed."""
     result = subprocess.run(
         [sys.executable, str(DEPLOY)],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
-        cwd=DEPLOY.parent.parent,
+        cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -40,12 +44,15 @@ def test_deploy_script_prints_report() -> None:
     assert re.search(r"^stopped:\s+upload at deploy\.py:\d+$", out, re.MULTILINE), out
     assert re.search(r"^not started:\s+config, start$", out, re.MULTILINE), out
     assert "operator pressed stop" in out
+    assert re.search(r"^outcome:\s+Completed$", out, re.MULTILINE), out
+    assert re.search(r"^resumed:\s+server \(outputs from the store", out, re.MULTILINE), out
+    assert (tmp_path / ".stoppoint" / "deploy.db").is_file()
 
 
 @pytest.mark.anyio
-async def test_deploy_main_is_interrupted_in_upload(anyio_backend: str) -> None:
+async def test_deploy_main_is_interrupted_in_upload_then_resumed(anyio_backend: str, tmp_path: Path) -> None:
     example = load_example(DEPLOY)
-    outcome = await example.main()
+    outcome, resumed = await example.main(tmp_path / "deploy.db")
     assert isinstance(outcome, sp.Interrupted)
     assert not outcome.forced
     assert outcome.signal.reason == "operator pressed stop"
@@ -62,6 +69,12 @@ async def test_deploy_main_is_interrupted_in_upload(anyio_backend: str) -> None:
     )
     assert report.steps["upload"].stopped_at == f"deploy.py:{loop_line}"
     assert list(outcome.checkpoint.outputs) == ["server"]
+    # The same run, resumed from the store: `server` is not run again, the rest completes.
+    assert isinstance(resumed, sp.Completed)
+    assert resumed.report.run_id == report.run_id
+    assert [name for name, step in resumed.report.steps.items() if step.resumed] == ["server"]
+    assert resumed.report.completed == ["server", "upload", "config", "start"]
+    assert resumed.value.url.startswith("https://example.com/")
 
 
 @pytest.mark.anyio
@@ -108,3 +121,21 @@ async def test_service_main_interrupts_one_run_by_id(anyio_backend: str, capsys:
     assert "operator:  etl-2 is running transform at 3/6 (last: order 203); cancelling it" in out
     assert "running:   none" in out
     assert "warehouse: orders_north (5 rows), orders_west (4 rows)" in out
+
+
+def test_resume_example_finishes_in_a_second_process() -> None:
+    """examples/resume.py: process 1 is stopped in `render`; process 2 reuses fetch and aggregate from the file."""
+    example = load_example(RESUME)
+    result = example.main()
+    first, second = result["first"], result["second"]
+    assert first["outcome"] == "interrupted"
+    assert first["ran"] == ["fetch", "aggregate", "render"]
+    assert first["reason"] == "maintenance window"
+    assert first["stopped_at"].startswith("resume.py:")
+    assert first["progress"] == 2  # interrupted after page 2: the stopping point before page 3 stops it
+    assert first["stored_status"] == ["interrupted"]
+    assert second["outcome"] == "completed"
+    assert second["resumed"] == ["fetch", "aggregate"]
+    assert second["ran"] == ["render", "publish"]
+    assert second["value"] == "4 pages, total 108.00"
+    assert second["stored_status"] == ["completed"]
