@@ -197,9 +197,22 @@ def typed(flow: Flow, file: CheckpointFile) -> Checkpoint:
     )
 
 
+class _Unresolved:
+    """An annotation that names something not reachable from the step's module."""
+
+    def __init__(self, text: str, error: Exception) -> None:
+        self.text = text
+        self.error = error
+
+
 def _validate(where: str, what: str, annotation: Any, value: Any) -> Any:
     if annotation is Any:
         return value
+    if isinstance(annotation, _Unresolved):
+        raise CheckpointError(
+            f"{where}: cannot type {what} back: its annotation {annotation.text!r} does not resolve "
+            f"({annotation.error!r}); define the type at module level, where the step's module can see it"
+        )
     try:
         return TypeAdapter(annotation).validate_python(value)
     except ValidationError as exc:
@@ -232,8 +245,10 @@ def _hint(fn: Any, name: str) -> Any:
         return annotation
     try:
         return typing.get_type_hints(_Annotations({name: annotation}), globalns=getattr(fn, "__globals__", None))[name]
-    except Exception:  # a name that does not resolve here: the value stays as JSON gave it
-        return Any
+    except Exception as exc:
+        # Typically a class defined inside a function, under `from __future__ import annotations`.
+        # Handing back the raw JSON instead would fail later, far from the cause.
+        return _Unresolved(annotation, exc)
 
 
 def _output_type(flow: Flow, step: str) -> Any:
