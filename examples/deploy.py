@@ -51,7 +51,7 @@ first_part_uploaded: anyio.Event | None = None
 @deploy.step
 async def server(ctx: sp.StepContext, host: str) -> ServerInfo:
     await ctx.checkpoint()
-    return ServerInfo(host=host, release_dir=f"/srv/app/releases/{ctx.run_id[:8]}")
+    return ServerInfo(host=host, release_dir=f"/srv/app/releases/{ctx.run_id}")
 
 
 @deploy.step
