@@ -10,9 +10,13 @@ issue 5 (Performance) are printed as met / not met.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -135,6 +139,38 @@ async def linear_flow(steps: int, repeats: int) -> dict[str, float]:
     }
 
 
+async def persisted_flow(steps: int, repeats: int) -> dict[str, float]:
+    """A chain saved after every step: what durability costs per step (a save writes the whole
+    checkpoint and report, so it grows with the number of steps)."""
+    flow = _chain(steps, _trivial_step)
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = 0
+
+        async def with_store(make: Callable[[], Any]) -> Callable[[int], Awaitable[None]]:
+            async def run(n: int) -> None:
+                nonlocal runs
+                runs += 1
+                async with contextlib.AsyncExitStack() as stack:
+                    store = make()
+                    if isinstance(store, sp.SQLiteStore):
+                        await stack.enter_async_context(store)
+                    outcome = await flow.run(store=store, run_id=f"run-{runs}")
+                    assert isinstance(outcome, sp.Completed)
+
+            return run
+
+        async def no_store(n: int) -> None:
+            await flow.run()
+
+        sqlite = await with_store(lambda: sp.SQLiteStore(Path(tmp) / f"{runs}.db"))
+        memory = await with_store(sp.MemoryStore)
+        return {
+            "no store": await _per_call(no_store, steps, repeats),
+            "MemoryStore": await _per_call(memory, steps, repeats),
+            "SQLiteStore (WAL, synchronous=FULL)": await _per_call(sqlite, steps, repeats),
+        }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run for CI")
@@ -144,6 +180,7 @@ def main() -> None:
 
     sp_results = anyio.run(stopping_point, n, repeats, backend=args.backend)
     flow_results = anyio.run(linear_flow, steps, repeats, backend=args.backend)
+    persisted = anyio.run(persisted_flow, 20, repeats, backend=args.backend)
 
     print(f"backend: {args.backend}; {n:,} stopping points, {steps:,}-step chain; medians of {repeats}")
     print()
@@ -154,6 +191,10 @@ def main() -> None:
     print()
     for name, seconds in flow_results.items():
         print(f"  {name:<48} {seconds * 1e6:8.2f} µs   {seconds / spawn:5.2f}x spawning a task")
+    print()
+    print("  a 20-step chain saved after every step, per step:")
+    for name, seconds in persisted.items():
+        print(f"  {name:<48} {seconds * 1e6:8.1f} µs   {seconds / persisted['no store']:7.1f}x no store")
     print()
     checkpoint = sp_results["await ctx.checkpoint()"]
     per_step = flow_results["linear flow, per step (steps take ctx)"] - flow_results["plain loop of the step bodies"]
