@@ -64,7 +64,8 @@ async def open_run(
         stored = await store.load(flow.name, run_id)
         if stored is not None:
             checkpoint = flow.load_checkpoint(stored.checkpoint_json)
-            if stored.record.status is RunStatus.COMPLETED:
+            # A flow that gained steps at the same version: the stored run is not complete for it.
+            if stored.record.status is RunStatus.COMPLETED and set(checkpoint.outputs) == set(flow._specs):
                 _check_resume_inputs(flow, inputs, checkpoint)
                 try:
                     report = RunReport.model_validate_json(stored.report_json)
@@ -691,7 +692,7 @@ class _Run:
                 outputs[name] = value
                 if self.store:
                     # Durability: the output is committed before any step that needs it starts.
-                    await self.control.save()
+                    await self.saved()
                 waiting = self.waiting
                 for dependant in self.plan.dependants[name]:
                     left = waiting[dependant] - 1
@@ -754,7 +755,7 @@ class _Run:
                 self.outputs[name] = value
                 del self.includes[name]
                 if self.store:
-                    await control.save()
+                    await self.saved()
                 self.release(name)
             elif control.forced and stopped_at is None:
                 self.finish(record, StepStatus.CANCELLED)  # forced: it did not stop at a stopping point
@@ -801,6 +802,13 @@ class _Run:
         record.status = status
         record.finished = now = time.perf_counter()
         record.duration = now - record.started
+
+    async def saved(self) -> None:
+        """Save after a completed step. The save is shielded, so a cancellation of the run may
+        have come meanwhile unseen: then no further step may start."""
+        await self.control.save()
+        if _cancellation_in_effect():
+            self.control.close()
 
     def release(self, name: str) -> None:
         """Make ready the steps that waited for `name`, which completed (run_step inlines this)."""
@@ -919,17 +927,19 @@ class _Run:
         finally:
             if channel is not None:
                 channel.unlisten(control.on_signal)
+            if receiver is not None:
+                # Signals that came too late still belong in the report (the stored one too);
+                # garbage that came too late cannot spoil a run that is over.
+                bad_signal = control.bad_signal
+                control.drain(receiver)
+                control.bad_signal = bad_signal
             if self.store:
+                if len(self.outputs) != len(self.specs) and _cancellation_in_effect():
+                    self.cancel_signal()  # the stored report says what the outcome will say
                 await control.save()  # how the run ended, also when it was cancelled
         if self.fatal is not None:
             raise self.fatal
         await self.let_cancellation_through()
-        if receiver is not None:
-            # Signals that came too late still belong in the report; garbage that came too late
-            # cannot spoil a run that is over.
-            bad_signal = control.bad_signal
-            control.drain(receiver)
-            control.bad_signal = bad_signal
         return self.outcome()
 
     async def run_nested(self) -> tuple[bool, Any]:
@@ -993,20 +1003,27 @@ class _Run:
             StepFailed: A step had failed before the cancellation: that failure is the outcome.
             TypeError: The interrupt stream carried something other than signals.
         """
-        if self.control.bad_signal is not None:
-            raise self.control.bad_signal
+        control = self.control
+        if control.bad_signal is not None:
+            raise control.bad_signal
+        if control.store_error is not None:
+            raise control.store_error
         if self.failure is not None:
             raise self.step_failed()
         if len(self.outputs) == len(self.specs):
             return Completed(self.outputs[self.plan.result], self.timeline.report)
+        return Interrupted(self.cancel_signal(), self.timeline.report, self.checkpoint(), forced=True)
+
+    def cancel_signal(self) -> InterruptSignal:
+        """The signal of a run cancelled from outside: the first one received, or one of its own
+        (recorded in the report like a received one) if none came."""
         control = self.control
-        signal = control.first
-        if signal is None:
-            signal = InterruptSignal(
+        if control.first is None:
+            control.first = InterruptSignal(
                 reason="the task group running the flow was cancelled", force=True, source="cancel"
             )
-            control.signals.append(signal)
-        return Interrupted(signal, self.timeline.report, self.checkpoint(), forced=True)
+            control.signals.append(control.first)
+        return control.first
 
     def checkpoint(self) -> Checkpoint:
         return Checkpoint(

@@ -1,0 +1,643 @@
+"""Durability at the edges, from review: cancellation meeting a save, signals meeting the final save, stored
+runs of a flow that changed, the durability rule across fan-outs, includes and PollNextN. Each of the first
+five failed before its fix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import pytest
+
+import stoppoint as sp
+
+pytestmark = pytest.mark.anyio
+
+
+class Recording(sp.MemoryStore):
+    """A MemoryStore that records the outputs committed by each save, and can run hooks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.commits: list[sp.Checkpoint] = []
+        self.reports: list[sp.RunReport] = []
+        self.before: Any = None
+        self.fail_at: int | None = None
+
+    async def save(self, checkpoint: sp.Checkpoint, report: sp.RunReport) -> None:
+        n = len(self.commits)
+        if self.before is not None:
+            await self.before(n, checkpoint, report)
+        if self.fail_at is not None and n >= self.fail_at:
+            raise sp.StoreError(f"disk full at save {n}")
+        await super().save(checkpoint, report)
+        self.commits.append(checkpoint)
+        self.reports.append(report)
+
+    def committed(self) -> set[str]:
+        return set(self.commits[-1].outputs) if self.commits else set()
+
+
+# -- stored COMPLETED run, flow gained the result step at the same version -----------------------
+
+
+async def test_completed_stored_run_flow_gained_result_step() -> None:
+    store = sp.MemoryStore()
+    f1 = sp.Flow("g", version="1")
+
+    @f1.step
+    async def a() -> int:
+        return 1
+
+    assert isinstance(await f1.run(store=store, run_id="r"), sp.Completed)
+
+    f2 = sp.Flow("g", version="1")
+
+    @f2.step(name="a")
+    async def a2() -> int:
+        return 1
+
+    @f2.step
+    async def b(a: int) -> int:
+        return a + 1
+
+    out = await f2.run(store=store, run_id="r")  # not complete for this flow: b runs (it was a KeyError)
+    assert isinstance(out, sp.Completed)
+    assert out.value == 2
+
+
+# -- FlowRun cancelled: stored report vs returned outcome -----------------------------------------
+
+
+async def test_flowrun_cancelled_stored_report_matches_outcome() -> None:
+    store = sp.MemoryStore()
+    flow = sp.Flow("c", version="1")
+    entered = anyio.Event()
+
+    @flow.step
+    async def a() -> int:
+        entered.set()
+        await anyio.sleep_forever()
+        return 1
+
+    async with anyio.create_task_group() as tg:
+        handle = await flow.start(tg, store=store, run_id="r")
+        await entered.wait()
+        tg.cancel_scope.cancel()
+    out = await handle.outcome()
+    assert isinstance(out, sp.Interrupted)
+    stored = await store.load("c", "r")
+    assert stored is not None
+    stored_report = sp.RunReport.model_validate_json(stored.report_json)
+    assert [s.source for s in out.report.interrupts] == ["cancel"]
+    assert stored_report.interrupts == out.report.interrupts
+
+
+# -- a signal arriving during the final save ----------------------------------------------------
+
+
+async def test_signal_during_final_save_missing_from_stored_report(channel: Any) -> None:
+    interrupter, receiver = channel
+    store = Recording()
+    flow = sp.Flow("s", version="1")
+
+    @flow.step
+    async def a() -> int:
+        return 1
+
+    async def before(n: int, cp: sp.Checkpoint, report: sp.RunReport) -> None:
+        if report.finished_at is not None:  # the final save: its I/O takes a while
+            interrupter.interrupt("late")
+            await anyio.lowlevel.checkpoint()
+
+    store.before = before
+    out = await flow.run(interrupts=receiver, store=store, run_id="r")
+    assert isinstance(out, sp.Completed)
+    stored = await store.load("s", "r")
+    assert stored is not None
+    stored_report = sp.RunReport.model_validate_json(stored.report_json)
+    assert stored_report.interrupts == out.report.interrupts
+
+
+# -- FlowRun cancelled + final save fails --------------------------------------------------------
+
+
+async def test_flowrun_cancelled_and_final_save_fails_raises_store_error() -> None:
+    store = Recording()
+    flow = sp.Flow("c", version="1")
+    entered = anyio.Event()
+
+    @flow.step
+    async def a() -> int:
+        entered.set()
+        await anyio.sleep_forever()
+        return 1
+
+    async with anyio.create_task_group() as tg:
+        handle = await flow.start(tg, store=store, run_id="r")
+        await entered.wait()
+        store.fail_at = 1  # the final save fails
+        tg.cancel_scope.cancel()
+    stored = await store.load("c", "r")
+    assert stored is not None
+    assert stored.record.status is sp.RunStatus.RUNNING
+    with pytest.raises(sp.StoreError):
+        await handle.outcome()  # the run's end was not recorded: run() would raise StoreError
+
+
+# -- asyncio native cancel: final save -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_native_cancel_final_save(anyio_backend: str) -> None:
+    import asyncio
+
+    store = sp.MemoryStore()
+    flow = sp.Flow("n", version="1")
+    entered = asyncio.Event()
+
+    @flow.step
+    async def a() -> int:
+        entered.set()
+        await asyncio.sleep(3600)
+        return 1
+
+    task = asyncio.ensure_future(flow.run(store=store, run_id="r"))
+    await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    stored = await store.load("n", "r")
+    assert stored is not None
+    assert stored.record.status is sp.RunStatus.INTERRUPTED, stored.record
+
+
+# -- durability: every step starts only with its dependencies committed ------------------------
+
+
+def _check(store: Recording, deps: tuple[str, ...], name: str, log: list[str]) -> None:
+    missing = [d for d in deps if d not in store.committed()]
+    if missing:
+        log.append(f"{name} started before {missing} committed")
+
+
+@pytest.mark.parametrize("maxc", [None, 1, 2])
+async def test_durability_fanout(maxc: int | None) -> None:
+    store = Recording()
+    log: list[str] = []
+    flow = sp.Flow("d", version="1", max_concurrency=maxc)
+
+    @flow.step
+    async def a() -> int:
+        _check(store, (), "a", log)
+        return 1
+
+    @flow.step
+    async def b() -> int:
+        _check(store, (), "b", log)
+        return 2
+
+    @flow.step
+    async def c(a: int, b: int) -> int:
+        _check(store, ("a", "b"), "c", log)
+        return a + b
+
+    @flow.step
+    async def d(a: int) -> int:
+        _check(store, ("a",), "d", log)
+        return a
+
+    @flow.step
+    async def e(c: int, d: int) -> int:
+        _check(store, ("c", "d"), "e", log)
+        return c + d
+
+    out = await flow.run(store=store)
+    assert isinstance(out, sp.Completed)
+    assert log == []
+
+
+async def test_durability_include() -> None:
+    store = Recording()
+    log: list[str] = []
+    inner = sp.Flow("inner", version="1")
+
+    @inner.step
+    async def x(a: int) -> int:
+        top = store.commits[-1]
+        if "a" not in top.outputs:
+            log.append("x before a")
+        return a + 1
+
+    @inner.step
+    async def y(x: int) -> int:
+        top = store.commits[-1]
+        if (
+            "x"
+            not in top.nested.get(
+                "inc", sp.Checkpoint(flow="", flow_version="", run_id="", inputs={}, outputs={})
+            ).outputs
+        ):
+            log.append("y before x")
+        return x + 1
+
+    outer = sp.Flow("outer", version="1")
+
+    @outer.step
+    async def a() -> int:
+        return 1
+
+    outer.include(inner, name="inc")
+
+    @outer.step
+    async def z(inc: int) -> int:
+        if "inc" not in store.committed():
+            log.append("z before inc")
+        return inc
+
+    out = await outer.run(store=store)
+    assert isinstance(out, sp.Completed), out
+    assert out.value == 3
+    assert log == []
+
+
+# -- crash in the middle of an inner flow: resume reuses its completed steps -------------------
+
+
+async def test_crash_mid_include_resume_reuses_inner_steps() -> None:
+    store = Recording()
+    snapshot = sp.MemoryStore()
+    calls: list[str] = []
+
+    def build(crash: bool) -> sp.Flow:
+        inner = sp.Flow("inner", version="1")
+
+        @inner.step
+        async def x(a: int) -> int:
+            calls.append("x")
+            return a + 1
+
+        @inner.step
+        async def y(x: int) -> int:
+            calls.append("y")
+            if crash:
+                snapshot._runs = dict(store._runs)  # what a kill -9 here leaves on disk
+            return x + 1
+
+        outer = sp.Flow("outer", version="1")
+
+        @outer.step
+        async def a() -> int:
+            calls.append("a")
+            return 1
+
+        outer.include(inner, name="inc")
+        return outer
+
+    await build(True).run(store=store, run_id="r")
+    stored = await snapshot.load("outer", "r")
+    assert stored is not None
+    assert stored.record.status is sp.RunStatus.RUNNING
+    calls.clear()
+    out = await build(False).run(store=snapshot, run_id="r")
+    assert isinstance(out, sp.Completed)
+    assert out.value == 3
+    assert calls == ["y"]
+    inc = out.report.steps["inc"]
+    assert inc.nested is not None
+    assert inc.nested.steps["x"].resumed
+
+
+# -- started_at kept across attempts ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+async def test_started_at_kept(kind: str, tmp_path: Any, channel: Any) -> None:
+    interrupter, receiver = channel
+    flow = sp.Flow("t", version="1")
+    stop = [True]
+
+    @flow.step
+    async def a(ctx: sp.StepContext) -> int:
+        if stop[0]:
+            interrupter.interrupt("x")
+        await ctx.checkpoint()
+        return 1
+
+    store: Any = sp.MemoryStore() if kind == "memory" else sp.SQLiteStore(tmp_path / "s.db")
+    first = await flow.run(interrupts=receiver, store=store, run_id="r")
+    assert isinstance(first, sp.Interrupted)
+    [r1] = await store.list_runs()
+    stop[0] = False
+    second = await flow.run(store=store, run_id="r")
+    assert isinstance(second, sp.Completed)
+    [r2] = await store.list_runs()
+    assert r2.started_at == r1.started_at
+    assert r2.status is sp.RunStatus.COMPLETED
+    if kind == "sqlite":
+        await store.aclose()
+
+
+# -- caller cancels while a step's save is in flight: does a dependant start? ------------------
+
+
+async def test_cancel_during_save_does_not_start_dependant() -> None:
+    store = Recording()
+    started: list[str] = []
+    flow = sp.Flow("k", version="1")
+
+    @flow.step
+    async def a() -> int:
+        started.append("a")
+        return 1
+
+    @flow.step
+    async def b(a: int) -> int:
+        started.append("b")  # a side effect before b's first await
+        await anyio.lowlevel.checkpoint()
+        return a
+
+    with anyio.CancelScope() as scope:
+
+        async def before(n: int, cp: sp.Checkpoint, report: sp.RunReport) -> None:
+            if "a" in cp.outputs and report.finished_at is None:
+                scope.cancel()  # the caller gives up while a's commit is on its way to disk
+                await anyio.lowlevel.checkpoint()
+
+        store.before = before
+        await flow.run(store=store, run_id="r")
+    assert scope.cancelled_caught
+    assert started == ["a"]
+    stored = await store.load("k", "r")
+    assert stored is not None
+    rep = sp.RunReport.model_validate_json(stored.report_json)
+    assert rep.steps["b"].status == sp.StepStatus.NOT_STARTED, rep.steps["b"]
+
+
+async def test_flowrun_cancel_during_save_does_not_start_dependant() -> None:
+    store = Recording()
+    started: list[str] = []
+    flow = sp.Flow("k", version="1")
+
+    @flow.step
+    async def a() -> int:
+        started.append("a")
+        return 1
+
+    @flow.step
+    async def b(a: int) -> int:
+        started.append("b")
+        await anyio.lowlevel.checkpoint()
+        return a
+
+    async with anyio.create_task_group() as tg:
+
+        async def before(n: int, cp: sp.Checkpoint, report: sp.RunReport) -> None:
+            if "a" in cp.outputs and report.finished_at is None:
+                tg.cancel_scope.cancel()
+                await anyio.lowlevel.checkpoint()
+
+        store.before = before
+        handle = await flow.start(tg, store=store, run_id="r")
+    out = await handle.outcome()
+    assert isinstance(out, sp.Interrupted)
+    assert started == ["a"]
+    assert out.report.steps["b"].status == sp.StepStatus.NOT_STARTED
+
+
+# -- the store fails mid-run ------------------------------------------------------------------
+
+
+async def test_store_fails_mid_run() -> None:
+    store = Recording()
+    started: list[str] = []
+    flow = sp.Flow("f", version="1")
+
+    @flow.step
+    async def a() -> int:
+        started.append("a")
+        return 1
+
+    @flow.step
+    async def b(a: int) -> int:
+        started.append("b")
+        return a
+
+    store.fail_at = 1  # the save after a
+    with pytest.raises(sp.StoreError):
+        await flow.run(store=store, run_id="r")
+    assert started == ["a"]
+    stored = await store.load("f", "r")
+    assert stored is not None
+    assert stored.record.status is sp.RunStatus.RUNNING
+
+
+# -- PollNextN durability after an interrupt --------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3])
+async def test_durability_pollnextn(n: int, channel: Any) -> None:
+    interrupter, receiver = channel
+    store = Recording()
+    log: list[str] = []
+    started: list[str] = []
+    flow = sp.Flow("p", version="1")
+
+    @flow.step
+    async def a() -> int:
+        started.append("a")
+        interrupter.interrupt("now")
+        return 1
+
+    @flow.step
+    async def b(a: int) -> int:
+        started.append("b")
+        _check(store, ("a",), "b", log)
+        return a
+
+    @flow.step
+    async def c(a: int) -> int:
+        started.append("c")
+        _check(store, ("a",), "c", log)
+        return a
+
+    @flow.step
+    async def d(b: int, c: int) -> int:
+        started.append("d")
+        _check(store, ("b", "c"), "d", log)
+        return b + c
+
+    out = await flow.run(interrupts=receiver, strategy=sp.PollNextN(n), store=store, run_id="r")
+    assert log == []
+    stored = await store.load("p", "r")
+    assert stored is not None
+    cp = flow.load_checkpoint(stored.checkpoint_json)
+    if isinstance(out, sp.Interrupted):
+        assert cp == out.checkpoint
+        assert stored.record.status is sp.RunStatus.INTERRUPTED
+    assert set(cp.outputs) == set(started)
+
+
+# -- resume after a failure: report flags ----------------------------------------------------
+
+
+async def test_resume_after_failure_report() -> None:
+    store = sp.MemoryStore()
+    fail = [True]
+    flow = sp.Flow("r", version="1")
+
+    @flow.step
+    async def a() -> int:
+        return 1
+
+    @flow.step
+    async def b(a: int) -> int:
+        if fail[0]:
+            raise ValueError("boom")
+        return a + 1
+
+    with pytest.raises(sp.StepFailed) as info:
+        await flow.run(store=store, run_id="r")
+    stored = await store.load("r", "r")
+    assert stored is not None
+    assert stored.record.status is sp.RunStatus.FAILED
+    assert flow.load_checkpoint(stored.checkpoint_json) == info.value.checkpoint
+    assert sp.RunReport.model_validate_json(stored.report_json) == info.value.report
+    fail[0] = False
+    out = await flow.run(store=store, run_id="r")
+    assert isinstance(out, sp.Completed)
+    assert out.value == 2
+    assert out.report.steps["a"].resumed
+    assert not out.report.steps["b"].resumed
+    assert out.report.steps["b"].status == sp.StepStatus.COMPLETED
+    again = await flow.run(store=store, run_id="r")
+    assert isinstance(again, sp.Completed)
+    assert again.report == out.report
+    async with anyio.create_task_group() as tg:
+        h = await flow.start(tg, store=store, run_id="r")
+    assert h.done
+    assert (await h.outcome()).value == 2
+    assert h.report == out.report
+
+
+# -- interrupt inside an include, resume from the store -------------------------------------
+
+
+@pytest.mark.parametrize("strategy", [sp.AtCheckpoint(), sp.FinishCurrent(), sp.PollNextN(1)])
+async def test_interrupt_in_include_resume_from_store(channel: Any, strategy: sp.Strategy) -> None:
+    interrupter, receiver = channel
+    store = Recording()
+    calls: list[str] = []
+    stop = [True]
+    inner = sp.Flow("inner", version="1")
+
+    @inner.step
+    async def x(ctx: sp.StepContext, a: int) -> int:
+        calls.append("x")
+        if stop[0]:
+            interrupter.interrupt("now")
+        await ctx.checkpoint()
+        return a + 1
+
+    @inner.step
+    async def y(x: int) -> int:
+        calls.append("y")
+        return x + 1
+
+    @inner.step
+    async def w(y: int) -> int:
+        calls.append("w")
+        return y + 1
+
+    outer = sp.Flow("outer", version="1")
+
+    @outer.step
+    async def a() -> int:
+        calls.append("a")
+        return 1
+
+    outer.include(inner, name="inc")
+
+    @outer.step
+    async def z(inc: int) -> int:
+        calls.append("z")
+        return inc
+
+    first = await outer.run(interrupts=receiver, strategy=strategy, store=store, run_id="r")
+    assert isinstance(first, sp.Interrupted)
+    stored = await store.load("outer", "r")
+    assert stored is not None
+    assert outer.load_checkpoint(stored.checkpoint_json) == first.checkpoint
+    assert sp.RunReport.model_validate_json(stored.report_json) == first.report
+    assert stored.record.status is sp.RunStatus.INTERRUPTED
+    done_inner = set(first.checkpoint.nested["inc"].outputs) if "inc" in first.checkpoint.nested else set()
+    calls_before = list(calls)
+    calls.clear()
+    stop[0] = False
+    out = await outer.run(store=store, run_id="r")
+    assert isinstance(out, sp.Completed)
+    assert out.value == 4
+    assert not (set(calls) & (done_inner | {"a"})), (calls_before, calls)
+    nested = out.report.steps["inc"].nested
+    assert nested is not None
+    assert {n for n, s in nested.steps.items() if s.resumed} == done_inner
+
+
+async def test_completed_stored_run_flow_gained_nonresult_step() -> None:
+    store = sp.MemoryStore()
+    f1 = sp.Flow("g2", version="1")
+
+    @f1.step
+    async def a() -> int:
+        return 1
+
+    assert isinstance(await f1.run(store=store, run_id="r"), sp.Completed)
+    ran: list[str] = []
+    f2 = sp.Flow("g2", version="1", result="a")
+
+    @f2.step(name="a")
+    async def a2() -> int:
+        return 1
+
+    @f2.step
+    async def audit(a: int) -> None:
+        ran.append("audit")
+
+    out = await f2.run(store=store, run_id="r")
+    assert isinstance(out, sp.Completed)
+    assert set(out.report.steps) == {"a", "audit"}, out.report.steps.keys()
+
+
+async def test_failed_inside_include_resume_from_store() -> None:
+    store = sp.MemoryStore()
+    calls: list[str] = []
+    fail = [True]
+    inner = sp.Flow("inner", version="1")
+
+    @inner.step
+    async def x() -> int:
+        calls.append("x")
+        return 1
+
+    @inner.step
+    async def y(x: int) -> int:
+        calls.append("y")
+        if fail[0]:
+            raise RuntimeError("boom")
+        return x + 1
+
+    outer = sp.Flow("outer", version="1")
+    outer.include(inner, name="inc")
+
+    with pytest.raises(sp.StepFailed) as info:
+        await outer.run(store=store, run_id="r")
+    stored = await store.load("outer", "r")
+    assert stored is not None
+    assert stored.record.status is sp.RunStatus.FAILED
+    assert outer.load_checkpoint(stored.checkpoint_json) == info.value.checkpoint
+    calls.clear()
+    fail[0] = False
+    out = await outer.run(store=store, run_id="r")
+    assert isinstance(out, sp.Completed)
+    assert out.value == 2
+    assert calls == ["y"]
