@@ -981,27 +981,15 @@ class _Run:
         error.__suppress_context__ = True
         return error
 
-    def outcome(self) -> Completed[Any] | Interrupted:
-        control = self.control
-        if control.bad_signal is not None:
-            raise control.bad_signal
-        if control.store_error is not None:
-            raise control.store_error
-        if self.failure is not None:
-            raise self.step_failed()
-        if len(self.outputs) == len(self.specs):
-            return Completed(self.outputs[self.plan.result], self.timeline.report)
-        if control.first is None:  # pragma: no cover - every path that leaves a step unfinished records why
-            raise RuntimeError(f"stoppoint: run {self.run_id!r} of flow {self.name!r} ended unfinished without cause")
-        return Interrupted(control.first, self.timeline.report, self.checkpoint(), forced=control.forced)
-
-    def cancelled_outcome(self) -> Completed[Any] | Interrupted:
-        """The outcome of a run whose task was cancelled from outside (a `FlowRun` whose task
-        group was cancelled): a forced interrupt, with a signal of its own if none came first.
+    def outcome(self, cancelled: bool = False) -> Completed[Any] | Interrupted:
+        """The run's outcome once it has ended; `cancelled`: its task was cancelled from outside
+        (a `FlowRun` whose task group was cancelled), which makes an unfinished run a forced
+        interrupt, with a signal of its own if none came first.
 
         Raises:
-            StepFailed: A step had failed before the cancellation: that failure is the outcome.
             TypeError: The interrupt stream carried something other than signals.
+            StoreError: The store failed (or another error a store raised).
+            StepFailed: A step failed (also when a cancellation came after).
         """
         control = self.control
         if control.bad_signal is not None:
@@ -1012,7 +1000,11 @@ class _Run:
             raise self.step_failed()
         if len(self.outputs) == len(self.specs):
             return Completed(self.outputs[self.plan.result], self.timeline.report)
-        return Interrupted(self.cancel_signal(), self.timeline.report, self.checkpoint(), forced=True)
+        if cancelled:
+            return Interrupted(self.cancel_signal(), self.timeline.report, self.checkpoint(), forced=True)
+        if control.first is None:  # pragma: no cover - every path that leaves a step unfinished records why
+            raise RuntimeError(f"stoppoint: run {self.run_id!r} of flow {self.name!r} ended unfinished without cause")
+        return Interrupted(control.first, self.timeline.report, self.checkpoint(), forced=control.forced)
 
     def cancel_signal(self) -> InterruptSignal:
         """The signal of a run cancelled from outside: the first one received, or one of its own

@@ -120,7 +120,7 @@ class FlowRun:
             self._outcome = await run.execute(receiver, started=task_status.started)
         except anyio.get_cancelled_exc_class():
             try:
-                self._outcome = run.cancelled_outcome()
+                self._outcome = run.outcome(cancelled=True)
             except Exception as exc:  # a step had failed first: that is what outcome() raises
                 self._fail(exc)
             raise

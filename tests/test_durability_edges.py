@@ -150,6 +150,7 @@ async def test_flowrun_cancelled_and_final_save_fails_raises_store_error() -> No
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_native_cancel_final_save(anyio_backend: str) -> None:
+    """A native asyncio Task.cancel() of a persisted run still saves how it ended (asyncio only by nature)."""
     import asyncio
 
     store = sp.MemoryStore()
@@ -159,7 +160,7 @@ async def test_native_cancel_final_save(anyio_backend: str) -> None:
     @flow.step
     async def a() -> int:
         entered.set()
-        await asyncio.sleep(3600)
+        await asyncio.Event().wait()  # blocked until cancelled
         return 1
 
     task = asyncio.ensure_future(flow.run(store=store, run_id="r"))
