@@ -5,9 +5,9 @@ Run it with `python examples/deploy.py`. The flow has four steps, server -> uplo
 being uploaded at that moment is finished, never cut off; the upload then stops at its next stopping point, and
 `config` and `start` never begin. The run returns `sp.Interrupted`, whose report says what happened to each step.
 
-The run is persisted in the embedded store, an SQLite file (`.stoppoint/deploy.db` by default): running the flow
-again with the same run id resumes it. `server` is not run again (its output comes back from the file), the
-upload starts over, and the deploy completes.
+The run is persisted in the embedded store, an SQLite file (`.stoppoint/deploy.db` by default), and `main()`
+then runs the flow again with the same run id, which resumes it: `server` is not run again (its output comes
+back from the file), the upload starts over, and the deploy completes. Each run of the script is a new run id.
 """
 
 import uuid

@@ -53,6 +53,10 @@ class Checkpoint(BaseModel):
         Outputs and inputs are serialised with pydantic: models, dataclasses, builtins, dates,
         UUIDs, enums and the like. Nothing is pickled.
 
+        Returns:
+            The JSON text (use this, not `model_dump_json()`, which lacks the format header and
+            that `load_checkpoint()` refuses).
+
         Raises:
             CheckpointError: An output or input cannot be turned into JSON (the message names it).
         """

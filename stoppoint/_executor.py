@@ -55,12 +55,24 @@ async def open_run(
 ) -> _Run | Completed[Any]:
     """Check the arguments of one run of `flow` (see `Flow.run`) and set it up, not started; or,
     when `store` holds that run completed, its stored outcome."""
-    if store is not None and not isinstance(store, Store):
+    if store is not None and (isinstance(store, type) or not isinstance(store, Store)):
         raise TypeError(
             f"flow {flow.name!r}: store must implement the Store protocol (save, load, list_runs, delete), "
             f"such as SQLiteStore(path); got {type(store).__name__}"
         )
-    if store is not None and resume is None and isinstance(run_id, str) and run_id:
+    if store is not None and resume is not None and isinstance(resume, Checkpoint):
+        # Resuming a checkpoint into a store: refuse to overwrite a stored run that got further.
+        stored = await store.load(flow.name, run_id if isinstance(run_id, str) and run_id else resume.run_id)
+        if stored is not None:
+            ahead = set(flow.load_checkpoint(stored.checkpoint_json).outputs) - set(resume.outputs)
+            if ahead or stored.record.status is RunStatus.COMPLETED:
+                raise CheckpointMismatch(
+                    f"flow {flow.name!r}, run {stored.record.run_id!r}: the store holds this run "
+                    f"{stored.record.status.value}"
+                    + (f", with steps the checkpoint lacks ({', '.join(sorted(ahead))})" if ahead else "")
+                    + "; run it with store= and run_id= alone to go on from there"
+                )
+    elif store is not None and isinstance(run_id, str) and run_id:
         stored = await store.load(flow.name, run_id)
         if stored is not None:
             checkpoint = flow.load_checkpoint(stored.checkpoint_json)

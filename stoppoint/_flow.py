@@ -391,7 +391,8 @@ class Flow:
 
         Each stored output is validated back into its step's return annotation, and each input into
         its parameter's annotation, with pydantic (models, dataclasses, builtins, `None`, ...); a
-        value whose annotation is missing or not resolvable stays as JSON gave it.
+        value without an annotation (or annotated `Any`) stays as JSON gave it. Like a run, it
+        freezes the flow: declare every step first.
 
         Args:
             text: The JSON text.
@@ -404,6 +405,7 @@ class Flow:
                 pydantic's detail).
             CheckpointMismatch: A checkpoint of another flow or version, or of steps this flow
                 does not have.
+            FlowDefinitionError: The flow has no steps.
         """
         self._freeze()
         return typed(self, CheckpointFile.parse(text))
@@ -434,7 +436,10 @@ class Flow:
             resume: A checkpoint of an earlier run of this flow (from `Interrupted.checkpoint`,
                 `StepFailed.checkpoint` or `load_checkpoint()`): its completed steps do not run
                 again, their outputs feed the steps that need them. The inputs may be omitted
-                (the checkpoint's are used), and the run id defaults to the checkpoint's.
+                (the checkpoint's are used; given ones must be the same, as given: an optional
+                input passed at its default counts as different from one not passed), and the
+                run id defaults to the checkpoint's. With `store`, a stored run of that id that
+                got further than the checkpoint is refused rather than overwritten.
             store: Persist the run (see `SQLiteStore`): its checkpoint is committed after every
                 completed step, before any step that needs it starts, and when the run ends. With
                 `run_id`, a run the store holds unfinished is resumed, and one it holds completed

@@ -116,6 +116,11 @@ class StoredRun(BaseModel):
     """What `Store.load()` returns: the record and the run's latest checkpoint and report, as JSON.
 
     `Flow.load_checkpoint(stored.checkpoint_json)` turns the checkpoint back into typed outputs.
+
+    Attributes:
+        record: The run's record.
+        checkpoint_json: Its latest checkpoint (`Checkpoint.to_json()`).
+        report_json: Its latest report (`RunReport.model_dump_json()`).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -129,14 +134,19 @@ class StoredRun(BaseModel):
 class Store(Protocol):
     """Where `Flow.run(store=...)` persists runs. All methods are async, so network stores fit.
 
-    `run()` calls `save()` after every completed step, before any step that depends on it starts,
-    and once more when the run ends; a store must have committed the checkpoint when `save()`
-    returns. Calls for one run never overlap.
+    `run()` calls `save()` once before the first step (so the run is listed as running), after
+    every completed step (before any step that depends on it starts), and once more when the run
+    ends; a store must have committed the checkpoint when `save()` returns. Calls for one run never
+    overlap.
     """
 
     async def save(self, checkpoint: Checkpoint, report: RunReport) -> None:
         """Store `checkpoint` (as `checkpoint.to_json()`) and `report` for `(checkpoint.flow, checkpoint.run_id)`,
         replacing what was stored for that run.
+
+        Args:
+            checkpoint: The run's checkpoint now.
+            report: The run's report now (its status is derived from it: `run_status()`).
 
         Raises:
             StoreError: The store cannot be written.
@@ -147,6 +157,13 @@ class Store(Protocol):
     async def load(self, flow: str, run_id: str) -> StoredRun | None:
         """The stored run, or None if there is none.
 
+        Args:
+            flow: The flow's name.
+            run_id: The run's id.
+
+        Returns:
+            The record and the run's latest checkpoint and report as JSON, or None.
+
         Raises:
             StoreError: The store cannot be read.
         """
@@ -155,6 +172,12 @@ class Store(Protocol):
     async def list_runs(self, flow: str | None = None) -> list[RunRecord]:
         """Records of the stored runs (of `flow` only, if given), oldest first.
 
+        Args:
+            flow: Only the runs of this flow (None: all).
+
+        Returns:
+            The records, oldest first.
+
         Raises:
             StoreError: The store cannot be read.
         """
@@ -162,6 +185,10 @@ class Store(Protocol):
 
     async def delete(self, flow: str, run_id: str) -> None:
         """Forget a run; nothing happens if there is none.
+
+        Args:
+            flow: The flow's name.
+            run_id: The run's id.
 
         Raises:
             StoreError: The store cannot be written.
@@ -199,6 +226,14 @@ class _Row(NamedTuple):
 
 _RECORD_COLUMNS = "flow, run_id, flow_version, status, started_at, updated_at, finished_at"
 _ROW_COLUMNS = f"{_RECORD_COLUMNS}, checkpoint, report"
+
+
+def _check_names(method: str, flow: str | None, run_id: str = "") -> None:
+    """Flow names and run ids are str: anything else is a programming error, not "no such run"."""
+    if not (flow is None and method == "list_runs") and not isinstance(flow, str):
+        raise TypeError(f"{method}(): flow must be a str, got {type(flow).__name__}")
+    if not isinstance(run_id, str):
+        raise TypeError(f"{method}(): run_id must be a str, got {type(run_id).__name__}")
 
 
 def _row(checkpoint: Checkpoint, report: RunReport) -> _Row:
@@ -351,6 +386,7 @@ class MemoryStore:
 
     async def load(self, flow: str, run_id: str) -> StoredRun | None:
         """The stored run, or None (see `Store.load`)."""
+        _check_names("load", flow, run_id)
         await anyio.lowlevel.checkpoint()
         with self._lock:
             row = self._runs.get((flow, run_id))
@@ -358,6 +394,7 @@ class MemoryStore:
 
     async def list_runs(self, flow: str | None = None) -> list[RunRecord]:
         """Records of the stored runs (of `flow` only, if given), oldest first (see `Store.list_runs`)."""
+        _check_names("list_runs", flow)
         await anyio.lowlevel.checkpoint()
         with self._lock:
             rows = [row for row in self._runs.values() if flow is None or row.flow == flow]
@@ -366,6 +403,7 @@ class MemoryStore:
 
     async def delete(self, flow: str, run_id: str) -> None:
         """Forget a run; nothing happens if there is none (see `Store.delete`)."""
+        _check_names("delete", flow, run_id)
         await anyio.lowlevel.checkpoint()
         with self._lock:
             self._runs.pop((flow, run_id), None)
@@ -493,6 +531,7 @@ class SQLiteStore:
         Raises:
             StoreError: The file cannot be opened or read, or the run's row is invalid.
         """
+        _check_names("load", flow, run_id)
         if not _utf8(flow, run_id):  # SQLite could not even take the query; no run of that name is stored
             return None
         return await self._call(self._load, flow, run_id)
@@ -503,6 +542,7 @@ class SQLiteStore:
         Raises:
             StoreError: The file cannot be opened or read, or a row is invalid.
         """
+        _check_names("list_runs", flow)
         if flow is not None and not _utf8(flow):
             return []
         return await self._call(self._list_runs, flow)
@@ -513,6 +553,7 @@ class SQLiteStore:
         Raises:
             StoreError: The file cannot be opened or written.
         """
+        _check_names("delete", flow, run_id)
         if _utf8(flow, run_id):
             await self._call(self._delete, flow, run_id)
 

@@ -166,3 +166,39 @@ async def test_an_annotation_that_does_not_resolve_is_an_error_not_a_silent_dict
     assert isinstance(outcome, sp.Interrupted)
     with pytest.raises(sp.CheckpointError, match="annotation 'Local' does not resolve"):
         flow.load_checkpoint(outcome.checkpoint.to_json())
+
+
+async def test_a_store_class_instead_of_a_store_is_refused() -> None:
+    with pytest.raises(TypeError, match="store must implement the Store protocol"):
+        await build([], None, None).run({"item": "x"}, store=sp.MemoryStore)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+async def test_store_methods_want_str_names(tmp_path: Path, kind: str) -> None:
+    store: sp.MemoryStore | sp.SQLiteStore = sp.MemoryStore() if kind == "memory" else sp.SQLiteStore(tmp_path / "r.db")
+    with pytest.raises(TypeError, match=r"load\(\): flow must be a str, got NoneType"):
+        await store.load(None, "r")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"delete\(\): run_id must be a str, got int"):
+        await store.delete("f", 2)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"list_runs\(\): flow must be a str, got int"):
+        await store.list_runs(5)  # type: ignore[arg-type]
+    assert await store.list_runs() == []
+    if isinstance(store, sp.SQLiteStore):
+        await store.aclose()
+
+
+async def test_resuming_a_checkpoint_into_a_store_never_overwrites_a_run_that_got_further(
+    tmp_path: Path, channel: Channel
+) -> None:
+    interrupter, receiver = channel
+    async with sp.SQLiteStore(tmp_path / "runs.db") as store:
+        first = await build([], "pay", interrupter).run({"item": "x"}, interrupts=receiver, store=store, run_id="o")
+        assert isinstance(first, sp.Interrupted)
+        # The stored run is where the checkpoint is: resuming it into the store is fine.
+        calls: list[str] = []
+        done = await build(calls, None, None).run(resume=first.checkpoint, store=store)
+        assert isinstance(done, sp.Completed)
+        assert calls == ["pay", "ship"]
+        # Now the store holds it completed: the old checkpoint must not run it again over it.
+        with pytest.raises(sp.CheckpointMismatch, match="the store holds this run completed"):
+            await build(calls, None, None).run(resume=first.checkpoint, store=store)
