@@ -339,13 +339,9 @@ async def test_started_at_kept(kind: str, tmp_path: Any, channel: Any) -> None:
         await store.aclose()
 
 
-# -- caller cancels while a step's save is in flight: does a dependant start? ------------------
-
-
-async def test_cancel_during_save_does_not_start_dependant() -> None:
-    store = Recording()
-    started: list[str] = []
-    flow = sp.Flow("k", version="1")
+def a_then_b(name: str, started: list[str]) -> sp.Flow:
+    """a -> b; each step notes that it started (b before its first await)."""
+    flow = sp.Flow(name, version="1")
 
     @flow.step
     async def a() -> int:
@@ -357,6 +353,17 @@ async def test_cancel_during_save_does_not_start_dependant() -> None:
         started.append("b")  # a side effect before b's first await
         await anyio.lowlevel.checkpoint()
         return a
+
+    return flow
+
+
+# -- caller cancels while a step's save is in flight: does a dependant start? ------------------
+
+
+async def test_cancel_during_save_does_not_start_dependant() -> None:
+    store = Recording()
+    started: list[str] = []
+    flow = a_then_b("k", started)
 
     with anyio.CancelScope() as scope:
 
@@ -378,18 +385,7 @@ async def test_cancel_during_save_does_not_start_dependant() -> None:
 async def test_flowrun_cancel_during_save_does_not_start_dependant() -> None:
     store = Recording()
     started: list[str] = []
-    flow = sp.Flow("k", version="1")
-
-    @flow.step
-    async def a() -> int:
-        started.append("a")
-        return 1
-
-    @flow.step
-    async def b(a: int) -> int:
-        started.append("b")
-        await anyio.lowlevel.checkpoint()
-        return a
+    flow = a_then_b("k", started)
 
     async with anyio.create_task_group() as tg:
 
@@ -412,17 +408,7 @@ async def test_flowrun_cancel_during_save_does_not_start_dependant() -> None:
 async def test_store_fails_mid_run() -> None:
     store = Recording()
     started: list[str] = []
-    flow = sp.Flow("f", version="1")
-
-    @flow.step
-    async def a() -> int:
-        started.append("a")
-        return 1
-
-    @flow.step
-    async def b(a: int) -> int:
-        started.append("b")
-        return a
+    flow = a_then_b("f", started)
 
     store.fail_at = 1  # the save after a
     with pytest.raises(sp.StoreError):
