@@ -14,6 +14,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
+from time import perf_counter as _perf_counter
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -35,6 +36,13 @@ if TYPE_CHECKING:
     from ._flow import Flow, Plan, StepSpec
 
 __all__ = ["open_run", "prepare"]
+
+_new_context = StepContext._for_step
+
+# Reading an Enum member off its class costs ~90 ns on CPython 3.11 (a descriptor call); the
+# per-step hot path reads these module globals instead.
+_RUNNING = StepStatus.RUNNING
+_COMPLETED = StepStatus.COMPLETED
 
 
 _sleep = anyio.sleep
@@ -216,19 +224,21 @@ def _first_stop(group: BaseExceptionGroup[Any]) -> StopRequested | None:
 
 
 class _StepRecord:
-    """What happened to one started step in one run (steps that never start get none)."""
+    """What happened to one started step in one run (steps that never start get none).
 
-    __slots__ = ("ctx", "duration", "error", "finished", "nested", "started", "status", "stopped_at")
+    No __slots__: the class-level defaults spare the per-step hot path six attribute stores.
+    """
+
+    finished: float | None = None
+    duration: float | None = None
+    stopped_at: str | None = None
+    error: str | None = None
+    nested: _Timeline | None = None  # an include step's inner run
 
     def __init__(self, started: float, ctx: StepContext | None = None) -> None:
-        self.status = StepStatus.RUNNING
+        self.status = _RUNNING
         self.started = started  # perf_counter(); turned into wall-clock time for the report
-        self.finished: float | None = None
-        self.duration: float | None = None
-        self.stopped_at: str | None = None
-        self.error: str | None = None
         self.ctx = ctx  # its `_progress` goes into the report
-        self.nested: _Timeline | None = None  # an include step's inner run
 
 
 class _Timeline:
@@ -552,19 +562,8 @@ class _Run:
 
     # -- scheduling ------------------------------------------------------------------------------
 
-    def may_start(self, name: str) -> bool:
-        """The stopping point before step `name`: may it start now?"""
-        control = self.control
-        if control.polled is not None:
-            control.poll()
-        if control.first is None and not self.halted and not control.shut:
-            if self.unstarted:
-                self.unstarted.pop(name, None)
-            return True
-        return self.admit(name)
-
     def admit(self, name: str) -> bool:
-        """`may_start` once the run is interrupted or halting.
+        """The stopping point before step `name` once the run is interrupted or halting: may it start?
 
         With `PollNextN(n)` the n steps that still start must be the first handed out, whatever
         order the scheduler runs their tasks in (trio picks at random): the steps handed out
@@ -651,10 +650,18 @@ class _Run:
                 assert spec.include is not None
                 await self.run_include(name, spec, spec.include)
                 return
-            if not self.may_start(name):
+            # The stopping point before the step: its common case (nothing pending, nothing
+            # halting) inline, the rest in admit().
+            control = self.control
+            if control.polled is not None:
+                control.poll()
+            if control.first is None and not self.halted and not control.shut:
+                if self.unstarted:
+                    self.unstarted.pop(name, None)
+            elif not self.admit(name):
                 return
             # arguments() and release(), inlined below: two method calls are ~10% of a step of a
-            # chain (benchmarks/: 2.9 vs 3.3 µs per step), and this is the per-step hot path.
+            # chain, and this is the per-step hot path.
             kwargs: dict[str, Any] = {}
             outputs = self.outputs
             for dependency in spec.dependencies:
@@ -664,12 +671,13 @@ class _Run:
                 if item.param in inputs:
                     kwargs[item.param] = inputs[item.param]
             ctx: StepContext | None = None
-            running = self.control.running
+            running = control.running
+            started = _perf_counter()
             if spec.context_param is not None:
-                ctx = StepContext(run_id=self.run_id, flow=self.name, step=name)
+                ctx = _new_context(self.run_id, self.name, name, started)
                 kwargs[spec.context_param] = ctx
                 running.add(ctx)
-            self.records[name] = record = _StepRecord(time.perf_counter(), ctx)
+            self.records[name] = record = _StepRecord(started, ctx)
             try:
                 value = await fn(**kwargs)
             except StopRequested as stop:
@@ -698,8 +706,8 @@ class _Run:
             except BaseException as exc:
                 self.fatal_error(record, exc)
             else:
-                record.status = StepStatus.COMPLETED
-                record.finished = now = time.perf_counter()
+                record.status = _COMPLETED
+                record.finished = now = _perf_counter()
                 record.duration = now - record.started
                 outputs[name] = value
                 if self.store:
@@ -715,11 +723,11 @@ class _Run:
                     # A shield let the step finish while the run was being cancelled (say, its
                     # task group was): its output is kept, but no further step may start. Only
                     # after a shield, because the check costs more than a whole step.
-                    self.control.close()
+                    control.close()
             finally:
                 if ctx is not None:
                     running.discard(ctx)
-                    if ctx._open and record.status is not StepStatus.COMPLETED:
+                    if ctx._open and record.status is not _COMPLETED:
                         await self.close_iterations(name, record, ctx)
         finally:
             self.active -= 1
