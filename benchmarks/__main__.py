@@ -24,6 +24,8 @@ import anyio
 from . import latency, peers, persisted, scale, steps, stopping_point
 from ._measure import Report
 
+SECTIONS = ["stopping-point", "steps", "latency", "scale", "peers", "persisted"]
+
 
 def _versions() -> str:
     names = ["anyio", "trio", "pydantic", "uvloop", "prefect"]
@@ -41,22 +43,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run for CI")
     parser.add_argument("--backend", default="asyncio", choices=["asyncio", "trio"])
     parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=SECTIONS,
+        help="run only this group of scenarios (repeatable; default: all)",
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     backend = args.backend
 
+    only = set(args.only or SECTIONS)
+
     report = Report()
     n, repeats = (20_000, 3) if quick else (1_000_000, 7)
-    anyio.run(stopping_point.measure, report, n, repeats, backend=backend)
     chain_steps, width = (1_000, 100) if quick else (10_000, 1_000)
-    anyio.run(steps.measure, report, chain_steps, width, repeats, backend=backend)
-    latency.measure(report, 10 if quick else 300)
     flows, step_sizes, flow_counts = (
         (500, [100, 1_000], [100, 1_000]) if quick else (10_000, [1_000, 10_000, 100_000], [1_000, 10_000])
     )
-    anyio.run(scale.measure, report, flows, step_sizes, flow_counts, backend=backend)
-    anyio.run(peers.measure, report, chain_steps, repeats, not quick, backend=backend)
-    anyio.run(persisted.measure, report, 20, repeats, backend=backend)
+    if "stopping-point" in only:
+        anyio.run(stopping_point.measure, report, n, repeats, backend=backend)
+    if "steps" in only:
+        anyio.run(steps.measure, report, chain_steps, width, repeats, backend=backend)
+    if "latency" in only:
+        latency.measure(report, 10 if quick else 300)
+    if "scale" in only:
+        anyio.run(scale.measure, report, flows, step_sizes, flow_counts, backend=backend)
+    if "peers" in only:
+        anyio.run(peers.measure, report, chain_steps, repeats, not quick, backend=backend)
+    if "persisted" in only:
+        anyio.run(persisted.measure, report, 20, repeats, backend=backend)
 
     header = f"backend: {backend}{' (quick)' if quick else ''}; {_versions()}"
     if args.markdown:

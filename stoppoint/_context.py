@@ -40,7 +40,18 @@ YIELD_INTERVAL = 0.001
 # within 32 of them. Small ints are cached, so the countdown allocates nothing.
 _MAX_STRIDE = 32
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-_loop_yield = anyio.lowlevel.checkpoint  # module-level so tests can run code "during" the yield
+
+
+async def yield_to_others() -> None:
+    """Let the other tasks run: two turns of the loop, so that a task woken during the first
+    (the watcher of a plain interrupt stream, woken by a sender that ran in it) also runs before
+    this one resumes. With one turn, a signal sent to a busy step over a plain stream waited for
+    the step's next yield, a whole yield interval later (benchmarks/latency.py)."""
+    await anyio.lowlevel.checkpoint()
+    await anyio.lowlevel.checkpoint()
+
+
+_loop_yield = yield_to_others  # module-level so tests can run code "during" the yield
 
 
 @types.coroutine

@@ -25,7 +25,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from pydantic import ValidationError
 
 from ._checkpoint import Checkpoint, check_belongs
-from ._context import YIELD_INTERVAL, StepContext
+from ._context import YIELD_INTERVAL, StepContext, yield_to_others
 from ._errors import CheckpointMismatch, FlowInputError, StepFailed, StopRequested, StoreError
 from ._outcome import Completed, Interrupted, Progress, RunReport, StepReport, StepStatus
 from ._signal import InterruptSignal, linked, take_buffered
@@ -625,7 +625,7 @@ class _Run:
             now = time.perf_counter()
             if now - last_yield >= YIELD_INTERVAL:
                 last_yield = now
-                await anyio.lowlevel.checkpoint()
+                await yield_to_others()
             name = self.next_step()
         if not self.active and self.is_top:
             self.control.idle()

@@ -506,6 +506,43 @@ async def test_signal_arriving_during_a_checkpoints_yield_stops_there(
     assert outcome.report.steps["once"].stopped_at.startswith("test_executor.py:")
 
 
+async def test_a_busy_step_yields_long_enough_for_a_plain_streams_watcher(
+    monkeypatch: pytest.MonkeyPatch, anyio_backend: str
+) -> None:
+    """A signal sent over a plain anyio stream by a task that ran during a step's yield needs a
+    second task to run (the run's watcher) before the step resumes: the yield gives it that turn,
+    so the step stops at that stopping point, not one yield interval later."""
+    monkeypatch.setattr("stoppoint._context.YIELD_INTERVAL", 0.0)  # every stopping point yields
+    send, receive = anyio.create_memory_object_stream[sp.InterruptSignal](1)
+    reached = anyio.Event()
+    flow = sp.Flow("busy")
+    passed: list[int] = []
+
+    @flow.step
+    async def busy(ctx: sp.StepContext) -> None:
+        for i in range(100):
+            if i == 5:
+                reached.set()  # wakes the sender: it runs during this stopping point's yield
+            await ctx.checkpoint()
+            passed.append(i)
+
+    async def sender() -> None:
+        await reached.wait()
+        send.send_nowait(sp.InterruptSignal(reason="from another task", source="test"))
+
+    with send, receive:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sender)
+            outcome = await flow.run(interrupts=receive)
+    assert isinstance(outcome, sp.Interrupted)
+    if anyio_backend == "asyncio":
+        assert passed == [0, 1, 2, 3, 4]  # FIFO scheduling: stopped at the yield the sender ran in
+    else:
+        # trio runs each batch of ready tasks in a random order: the step may resume once before
+        # the watcher, but never twice (with a single loop turn per yield it could).
+        assert passed in ([0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5])
+
+
 async def test_one_interrupter_serves_several_runs_on_clones(channel: Channel) -> None:
     interrupter, receiver = channel
     flow = sp.Flow("shared")
