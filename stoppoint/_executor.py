@@ -11,7 +11,6 @@ import asyncio
 import math
 import time
 import uuid
-from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from time import perf_counter as _perf_counter
@@ -234,26 +233,45 @@ class _StepRecord:
     stopped_at: str | None = None
     error: str | None = None
     nested: _Timeline | None = None  # an include step's inner run
+    progress: tuple[float, float | None, str | None] | None = None  # the context's, once the step is over
 
     def __init__(self, started: float, ctx: StepContext | None = None) -> None:
         self.status = _RUNNING
         self.started = started  # perf_counter(); turned into wall-clock time for the report
-        self.ctx = ctx  # its `_progress` goes into the report
+        self.ctx = ctx  # its `_progress` goes into the report (while the step runs)
 
 
 class _Timeline:
     """What a report is built from: step records, signals and times (no outputs, no tasks), so
     an outcome that builds its report lazily keeps nothing else of the run alive."""
 
-    __slots__ = ("cache", "ended", "flow", "perf0", "records", "resumed", "run_id", "signals", "steps", "wall0")
+    __slots__ = (
+        "cache",
+        "done",
+        "ended",
+        "flow",
+        "perf0",
+        "records",
+        "resumed",
+        "run_id",
+        "signals",
+        "steps",
+        "wall0",
+    )
 
     def __init__(self, run_id: str, flow: str, steps: tuple[str, ...], signals: list[InterruptSignal]) -> None:
-        self.resumed: set[str] = set()  # completed in an earlier attempt: outputs from the checkpoint
+        # Completed in an earlier attempt (outputs from the checkpoint); a run that resumes
+        # nothing shares the empty frozenset.
+        self.resumed: frozenset[str] = frozenset()
         self.cache: dict[str, StepReport] = {}  # step reports that will not change (see step_report)
         self.run_id = run_id
         self.flow = flow
         self.steps = steps
         self.records: dict[str, _StepRecord] = {}
+        # Most completed steps leave only (started, finished) here, not a record: the collector
+        # stops tracking a tuple of floats, so a long chain does not grow the heap every full
+        # collection traverses (a 100,000-step chain ran at half speed with records).
+        self.done: dict[str, tuple[float, float]] = {}
         self.signals = signals
         # One wall-clock reading per run; step times are perf_counter() offsets from it.
         self.wall0 = time.time()
@@ -282,6 +300,18 @@ class _Timeline:
         cached = self.cache.get(name)
         record = self.records.get(name)
         if record is None:
+            times = self.done.get(name)
+            if times is not None:
+                if cached is None or cached.started_at is None:  # (cached while it was PENDING)
+                    started, finished = times
+                    self.cache[name] = cached = StepReport.model_construct(
+                        name=name,
+                        status=StepStatus.COMPLETED,
+                        started_at=self.wall(started),
+                        finished_at=self.wall(finished),
+                        duration_s=finished - started,
+                    )
+                return cached
             if name in self.resumed:
                 status = StepStatus.COMPLETED
             else:
@@ -293,7 +323,7 @@ class _Timeline:
             return cached
         if cached is not None and cached.started_at is not None:
             return cached
-        progress = record.ctx._progress if record.ctx is not None else None
+        progress = record.ctx._progress if record.ctx is not None else record.progress
         # model_construct: these values are ours and already valid (progress was checked when given).
         report = StepReport.model_construct(
             name=name,
@@ -346,7 +376,7 @@ class _Control:
         self.flow = flow
         self.store = store
         self.top: _Run | None = None  # the top-level run: what a save writes
-        self.save_lock = anyio.Lock()  # saves of one run never overlap
+        self.save_lock = anyio.Lock() if store is not None else None  # saves of one run never overlap
         self.store_error: Exception | None = None
         self.run_id = run_id
         self.strategy = strategy
@@ -458,6 +488,7 @@ class _Control:
         store, top = self.store, self.top
         if store is None or top is None or self.store_error is not None:
             return
+        assert self.save_lock is not None
         with anyio.CancelScope(shield=True):
             async with self.save_lock:
                 try:
@@ -523,24 +554,28 @@ class _Run:
         self.limit = flow.max_concurrency or len(self.specs)
         self.timeline = _Timeline(run_id, flow.name, tuple(self.specs), signals)
         self.records = self.timeline.records
+        self.done = self.timeline.done
         self.store = control.store is not None  # save after each completed step
         self.includes: dict[str, _Run] = {}  # include steps running: their inner runs
         if resume is None:
             self.waiting = dict(plan.waiting)
-            self.ready = deque(plan.roots)
+            self.ready = list(plan.roots)
             self.outputs: dict[str, Any] = {}
             self.partial: dict[str, Checkpoint] = {}  # include steps left unfinished: their checkpoints
         else:
             # Completed steps do not run again: their outputs come from the checkpoint.
             self.outputs = dict(resume.outputs)
             self.partial = dict(resume.nested)
-            self.timeline.resumed.update(self.outputs)
+            self.timeline.resumed = frozenset(self.outputs)
             self.waiting = {
                 name: sum(other not in self.outputs for other in spec.waits_for)
                 for name, spec in self.specs.items()
                 if name not in self.outputs
             }
-            self.ready = deque(name for name, left in self.waiting.items() if not left)
+            self.ready = [name for name, left in self.waiting.items() if not left]
+        # The ready queue is ready[head:]: a list and an index take a tenth of a deque's memory
+        # (a run parked in one step holds both).
+        self.head = 0
         # After an interrupt (PollNextN): whether a handed-out step may start, decided in hand-out order.
         self.decided: dict[str, bool] = {}
         # Handed out together with others (in that order), not at their stopping point yet.
@@ -596,14 +631,16 @@ class _Run:
             return None
         take: str | None = None
         ready = self.ready
-        while ready and self.active < self.limit:
-            if control.first is not None and self.specs[ready[0]].fn is not None:
+        head = self.head
+        while head < len(ready) and self.active < self.limit:
+            name = ready[head]
+            if control.first is not None and self.specs[name].fn is not None:
                 # After the interrupt, the steps that may still start (PollNextN) are chosen as
                 # they are handed out, in the order they became ready.
                 if not self.count_start():
                     break
-                self.decided[ready[0]] = True
-            name = ready.popleft()
+                self.decided[name] = True
+            head += 1
             self.active += 1
             if take is None:
                 take = name
@@ -613,6 +650,10 @@ class _Run:
                 self.unstarted[name] = None
                 assert self.task_group is not None
                 self.task_group.start_soon(self.work, name, name=f"stoppoint {self.name}.{name}")
+        if head == len(ready):
+            ready.clear()
+            head = 0
+        self.head = head
         return take
 
     async def work(self, name: str | None) -> None:
@@ -706,9 +747,14 @@ class _Run:
             except BaseException as exc:
                 self.fatal_error(record, exc)
             else:
+                now = _perf_counter()
                 record.status = _COMPLETED
-                record.finished = now = _perf_counter()
-                record.duration = now - record.started
+                if ctx is None or ctx._progress is None:
+                    del self.records[name]
+                    self.done[name] = (started, now)  # see _Timeline.done
+                else:
+                    record.finished = now
+                    record.duration = now - started
                 outputs[name] = value
                 if self.store:
                     # Durability: the output is committed before any step that needs it starts.
@@ -729,6 +775,10 @@ class _Run:
                     running.discard(ctx)
                     if ctx._open and record.status is not _COMPLETED:
                         await self.close_iterations(name, record, ctx)
+                    # Records outlive their steps (the report reads them); contexts need not.
+                    # A long chain then holds half the objects for the collector to traverse.
+                    record.progress = ctx._progress
+                    record.ctx = None
         finally:
             self.active -= 1
 
