@@ -4,7 +4,6 @@ number of steps of a chain and with the number of concurrent flows."""
 from __future__ import annotations
 
 import gc
-import itertools
 import statistics
 import time
 import tracemalloc
@@ -125,11 +124,6 @@ async def measure(report: Report, flows: int, step_sizes: list[int], flow_counts
     )
 
     chains = {size: chain(size) for size in step_sizes}
-    floors = {size: _Bookkeeping(size) for size in step_sizes}
-
-    async def bookkeeping(flow: sp.Flow, size: int) -> None:
-        floors[size].run()
-
     await _scaling(
         report,
         "steps of a chain",
@@ -138,7 +132,6 @@ async def measure(report: Report, flows: int, step_sizes: list[int], flow_counts
         chains,
         lambda flow, size: run_completed(flow),
         repeats,
-        floor=("floor: the same dict operations per step, no flow", "items", bookkeeping),
     )
 
     async def two_steps(ctx: sp.StepContext) -> None:
@@ -166,35 +159,6 @@ async def measure(report: Report, flows: int, step_sizes: list[int], flow_counts
         repeats,
         floor=("anyio tasks doing two loop yields each", "tasks", concurrent_tasks),
     )
-
-
-class _Bookkeeping:
-    """What a scheduler keyed by step name does per step of a chain, and nothing else: read the
-    step and its input, record its output and its times, count down its dependant (the plan is
-    built beforehand, as a flow's is). Past the CPU caches (100,000 steps) each of these dict
-    operations is a cache miss."""
-
-    def __init__(self, size: int) -> None:
-        self.names = [f"s{i}" for i in range(size)]
-        self.specs = dict.fromkeys(self.names, 0)
-        self.dependants: dict[str, tuple[str, ...]] = {a: (b,) for a, b in itertools.pairwise(self.names)}
-        self.dependants[self.names[-1]] = ()
-        self.waiting = dict.fromkeys(self.names, 1)
-
-    def run(self) -> None:
-        specs, dependants, waiting = self.specs, self.dependants, dict(self.waiting)
-        outputs: dict[str, object] = {}
-        done: dict[str, tuple[float, float]] = {}
-        previous = None
-        for name in self.names:
-            specs[name]
-            if previous is not None:
-                outputs[previous]
-            outputs[name] = None
-            done[name] = (0.0, 1.0)
-            for dependant in dependants[name]:
-                waiting[dependant] -= 1
-            previous = name
 
 
 async def _two_checkpoints() -> None:

@@ -249,6 +249,7 @@ class _Timeline:
         "cache",
         "done",
         "ended",
+        "finished",
         "flow",
         "perf0",
         "records",
@@ -268,9 +269,12 @@ class _Timeline:
         self.flow = flow
         self.steps = steps
         self.records: dict[str, _StepRecord] = {}
-        # Most completed steps leave only (started, finished) here, not a record: the collector
-        # stops tracking a tuple of floats, so a long chain does not grow the heap every full
-        # collection traverses (a 100,000-step chain ran at half speed with records).
+        # Most completed steps leave only (name, started, finished) in `finished`, not a record:
+        # the collector stops tracking a tuple of a str and floats, so a long chain does not grow
+        # the heap every full collection traverses (a 100,000-step chain ran at half speed with
+        # records), and appending to a list costs no cache miss. `done` indexes it by name when
+        # a report is built.
+        self.finished: list[tuple[str, float, float]] = []
         self.done: dict[str, tuple[float, float]] = {}
         self.signals = signals
         # One wall-clock reading per run; step times are perf_counter() offsets from it.
@@ -285,6 +289,10 @@ class _Timeline:
         """Build the pydantic report (outcomes call this only when their `.report` is read; a
         `FlowRun` calls it while the run goes on, which gives PENDING and RUNNING steps, and a
         store after every completed step)."""
+        finished, done = self.finished, self.done
+        if len(done) < len(finished):
+            for name, started, ended in finished[len(done) :]:
+                done[name] = (started, ended)
         return RunReport.model_construct(
             run_id=self.run_id,
             flow=self.flow,
@@ -546,6 +554,7 @@ class _Run:
         self.flow = flow
         self.name = flow.name
         self.specs = flow._specs
+        self.entries = plan.entries
         self.plan = plan
         self.inputs = inputs
         self.control = control
@@ -554,11 +563,11 @@ class _Run:
         self.limit = flow.max_concurrency or len(self.specs)
         self.timeline = _Timeline(run_id, flow.name, tuple(self.specs), signals)
         self.records = self.timeline.records
-        self.done = self.timeline.done
+        self.finished = self.timeline.finished
         self.store = control.store is not None  # save after each completed step
         self.includes: dict[str, _Run] = {}  # include steps running: their inner runs
         if resume is None:
-            self.waiting = dict(plan.waiting)
+            self.waiting = dict(plan.counted)  # steps waiting for one step alone need no count
             self.ready = list(plan.roots)
             self.outputs: dict[str, Any] = {}
             self.partial: dict[str, Checkpoint] = {}  # include steps left unfinished: their checkpoints
@@ -685,7 +694,7 @@ class _Run:
 
     async def run_step(self, name: str) -> None:
         try:
-            spec = self.specs[name]
+            spec, dependants = self.entries[name]
             fn = spec.fn
             if fn is None:
                 assert spec.include is not None
@@ -751,7 +760,7 @@ class _Run:
                 record.status = _COMPLETED
                 if ctx is None or ctx._progress is None:
                     del self.records[name]
-                    self.done[name] = (started, now)  # see _Timeline.done
+                    self.finished.append((name, started, now))  # see _Timeline.finished
                 else:
                     record.finished = now
                     record.duration = now - started
@@ -759,12 +768,15 @@ class _Run:
                 if self.store:
                     # Durability: the output is committed before any step that needs it starts.
                     await self.saved()
-                waiting = self.waiting
-                for dependant in self.plan.dependants[name]:
-                    left = waiting[dependant] - 1
-                    waiting[dependant] = left
-                    if not left:
+                for dependant, alone in dependants:
+                    if alone:
                         self.ready.append(dependant)
+                    else:
+                        waiting = self.waiting
+                        left = waiting[dependant] - 1
+                        waiting[dependant] = left
+                        if not left:
+                            self.ready.append(dependant)
                 if ctx is not None and ctx._shielded and _cancellation_in_effect():
                     # A shield let the step finish while the run was being cancelled (say, its
                     # task group was): its output is kept, but no further step may start. Only
@@ -883,11 +895,14 @@ class _Run:
     def release(self, name: str) -> None:
         """Make ready the steps that waited for `name`, which completed (run_step inlines this)."""
         waiting = self.waiting
-        for dependant in self.plan.dependants[name]:
-            left = waiting[dependant] - 1
-            waiting[dependant] = left
-            if not left:
+        for dependant, alone in self.entries[name][1]:
+            if alone:
                 self.ready.append(dependant)
+            else:
+                left = waiting[dependant] - 1
+                waiting[dependant] = left
+                if not left:
+                    self.ready.append(dependant)
 
     def stopped(
         self,
