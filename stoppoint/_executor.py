@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = ["open_run", "prepare"]
 
 _new_context = StepContext._for_step
+_NOTHING: frozenset[str] = frozenset()
 
 # Reading an Enum member off its class costs ~90 ns on CPython 3.11 (a descriptor call); the
 # per-step hot path reads these module globals instead.
@@ -262,8 +263,8 @@ class _Timeline:
 
     def __init__(self, run_id: str, flow: str, steps: tuple[str, ...], signals: list[InterruptSignal]) -> None:
         # Completed in an earlier attempt (outputs from the checkpoint); a run that resumes
-        # nothing shares the empty frozenset.
-        self.resumed: frozenset[str] = frozenset()
+        # nothing shares one empty frozenset (`frozenset()` builds a new one each time).
+        self.resumed: frozenset[str] = _NOTHING
         self.cache: dict[str, StepReport] = {}  # step reports that will not change (see step_report)
         self.run_id = run_id
         self.flow = flow

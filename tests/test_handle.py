@@ -271,6 +271,14 @@ async def test_live_report_shows_statuses_and_progress() -> None:
     assert final.completed == ["load", "crunch", "store"]
     assert final.steps["crunch"].progress == sp.Progress(done=10, total=10, message="all done")
     assert final.steps["crunch"].finished_at is not None
+    # `store` was reported PENDING above; its report now is that of a completed step, times and all.
+    for name in ("load", "crunch", "store"):
+        step = final.steps[name]
+        assert step.started_at is not None
+        assert step.finished_at is not None
+        assert step.duration_s is not None
+        assert step.started_at <= step.finished_at
+        assert abs((step.finished_at - step.started_at).total_seconds() - step.duration_s) < 1e-3
     assert final == outcome.report
 
 
