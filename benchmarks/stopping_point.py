@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -76,6 +76,14 @@ async def measure(report: Report, n: int, repeats: int) -> None:
             for _ in range(n):
                 pass
 
+        async def async_generator(n: int) -> None:
+            async def items() -> AsyncIterator[int]:
+                for i in range(n):
+                    yield i
+
+            async for _ in items():
+                pass
+
         async def iterate_every_1(n: int) -> None:
             async for _ in ctx.iterate(range(n), every=1):
                 pass
@@ -92,6 +100,7 @@ async def measure(report: Report, n: int, repeats: int) -> None:
             "plain attribute read": attribute,
             "ctx.stop_requested": stop_requested,
             "plain for over range(N)": plain_for,
+            "async for over an async generator of range(N)": async_generator,
             "ctx.iterate(range(N), every=1)": iterate_every_1,
             "ctx.iterate(range(N), every=1000)": iterate_every_1000,
         }
@@ -111,7 +120,12 @@ async def measure(report: Report, n: int, repeats: int) -> None:
         "ctx.stop_requested",
     ]:
         section.add(name, max(results[name] - loop, 1e-12), baseline="bare await of a trivial coroutine")
-    for name in ["plain for over range(N)", "ctx.iterate(range(N), every=1)", "ctx.iterate(range(N), every=1000)"]:
+    for name in [
+        "plain for over range(N)",
+        "async for over an async generator of range(N)",
+        "ctx.iterate(range(N), every=1)",
+        "ctx.iterate(range(N), every=1000)",
+    ]:
         section.add(name, results[name], baseline="plain for over range(N)", note="per item, loop included")
 
     checkpoint = section.get("await ctx.checkpoint()")
