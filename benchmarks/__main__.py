@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     if "latency" in only:
         latency.measure(report, 10 if quick else 300)
     if "scale" in only:
-        anyio.run(scale.measure, report, flows, step_sizes, flow_counts, 3 if quick else 5, backend=backend)
+        anyio.run(scale.measure, report, flows, step_sizes, flow_counts, 3 if quick else 7, backend=backend)
     if "peers" in only:
         anyio.run(peers.measure, report, chain_steps, repeats, not quick, backend=backend)
     if "persisted" in only:

@@ -7,23 +7,27 @@ import gc
 import math
 import statistics
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 
-async def per_item(body: Callable[[int], Awaitable[object]], n: int, repeats: int) -> float:
-    """Median seconds per item of `await body(n)` (a loop of n items), over `repeats` runs.
+async def per_item(bodies: Mapping[str, Callable[[int], Awaitable[object]]], n: int, repeats: int) -> dict[str, float]:
+    """Median seconds per item of `await body(n)` (a loop of n items) for each body, over
+    `repeats` rounds.
 
-    Garbage is collected before each run, so one run does not pay for the garbage of the one
-    before it; the collector stays on while a run is timed, since it is part of what a run costs.
+    Each round runs every body once, in turn, so that the machine's slow drift (tens of percent
+    over a minute on shared machines) affects a body and its baseline alike. Garbage is collected
+    before each run, so one run does not pay for the garbage of the one before it; the collector
+    stays on while a run is timed, since it is part of what a run costs.
     """
-    samples = []
+    samples: dict[str, list[float]] = {name: [] for name in bodies}
     for _ in range(repeats):
-        gc.collect()
-        t0 = time.perf_counter()
-        await body(n)
-        samples.append((time.perf_counter() - t0) / n)
-    return statistics.median(samples)
+        for name, body in bodies.items():
+            gc.collect()
+            t0 = time.perf_counter()
+            await body(n)
+            samples[name].append((time.perf_counter() - t0) / n)
+    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def percentile(samples: list[float], q: float) -> float:

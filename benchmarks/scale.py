@@ -166,24 +166,17 @@ async def _two_checkpoints() -> None:
     await anyio.lowlevel.checkpoint()
 
 
-def _bound(body: Callable[[sp.Flow, int], Awaitable[None]], flow: sp.Flow, size: int) -> Callable[[], Awaitable[None]]:
-    return lambda: body(flow, size)
-
-
-async def _timed(body: Callable[[], Awaitable[None]], repeats: int, collect: bool) -> float:
-    """Median seconds of `await body()`, with the collector on (`collect`) or paused."""
-    samples = []
-    for _ in range(repeats):
-        gc.collect()
-        if not collect:
-            gc.disable()
-        try:
-            t0 = time.perf_counter()
-            await body()
-            samples.append(time.perf_counter() - t0)
-        finally:
-            gc.enable()
-    return statistics.median(samples)
+async def _once(body: Callable[[sp.Flow, int], Awaitable[None]], flow: sp.Flow, size: int, collect: bool) -> float:
+    """Seconds of one `await body(flow, size)`, with the collector on (`collect`) or paused."""
+    gc.collect()
+    if not collect:
+        gc.disable()
+    try:
+        t0 = time.perf_counter()
+        await body(flow, size)
+        return time.perf_counter() - t0
+    finally:
+        gc.enable()
 
 
 async def _scaling(
@@ -204,17 +197,20 @@ async def _scaling(
     kinds: list[tuple[str, str, Callable[[sp.Flow, int], Awaitable[None]]]] = [("", unit, run)]
     if floor is not None:
         kinds.append(floor)
-    times: dict[tuple[str, bool, int], float] = {}
-    for label, noun, body in kinds:
-        for collect in (True, False):
-            previous: str | None = None
-            for size in sizes:
-                flow = flows[size]
-                seconds = await _timed(_bound(body, flow, size), repeats, collect)
-                times[(label, collect, size)] = seconds
-                name = f"{size:,} {noun}" + (f" ({label})" if label else "") + ("" if collect else ", collector paused")
-                section.add(name, seconds, baseline=previous)
-                previous = name
+    # Every round times each case once, in turn, so that the machine's drift affects all alike.
+    cases = [
+        (label, noun, body, collect, size) for label, noun, body in kinds for collect in (True, False) for size in sizes
+    ]
+    samples: dict[tuple[str, bool, int], list[float]] = {(c[0], c[3], c[4]): [] for c in cases}
+    for _ in range(repeats):
+        for label, _noun, body, collect, size in cases:
+            samples[(label, collect, size)].append(await _once(body, flows[size], size, collect))
+    times = {key: statistics.median(values) for key, values in samples.items()}
+    previous: str | None = None
+    for label, noun, _body, collect, size in cases:
+        name = f"{size:,} {noun}" + (f" ({label})" if label else "") + ("" if collect else ", collector paused")
+        section.add(name, times[(label, collect, size)], baseline=previous if size != sizes[0] else None)
+        previous = name
     if len(sizes) > 1:
         big, small = sizes[-1], sizes[-2]
         limit = big / small * 1.2

@@ -67,11 +67,19 @@ async def measure(report: Report, steps: int, width: int, repeats: int) -> None:
         await run_completed(bare)
 
     spawn = "spawn one anyio task per body"
-    section.add("plain loop awaiting the bodies", await per_item(plain_loop, steps, repeats))
-    section.add(spawn, await per_item(task_per_body, steps, repeats))
-    section.add("a task group and a task per body", await per_item(task_group_per_body, steps, repeats), baseline=spawn)
-    section.add("chain, steps take ctx", await per_item(flow_with_ctx, steps, repeats), baseline=spawn)
-    section.add("chain, steps take nothing", await per_item(flow_bare, steps, repeats), baseline=spawn)
+    times = await per_item(
+        {
+            "plain loop awaiting the bodies": plain_loop,
+            spawn: task_per_body,
+            "a task group and a task per body": task_group_per_body,
+            "chain, steps take ctx": flow_with_ctx,
+            "chain, steps take nothing": flow_bare,
+        },
+        steps,
+        repeats,
+    )
+    for name, seconds in times.items():
+        section.add(name, seconds, baseline=None if name in (spawn, "plain loop awaiting the bodies") else spawn)
     plain = section.get("plain loop awaiting the bodies").value
     section.add(
         "overhead per step (chain with ctx - plain loop)",
@@ -100,9 +108,17 @@ async def measure(report: Report, steps: int, width: int, repeats: int) -> None:
         await run_completed(wide_bare)
 
     group = "a task group spawning the same coroutines"
-    section.add(group, await per_item(task_group_spawning, width, repeats))
-    section.add("fan-out, steps take ctx", await per_item(fan_out_ctx, width, repeats), baseline=group)
-    section.add("fan-out, steps take nothing", await per_item(fan_out_bare, width, repeats), baseline=group)
+    times = await per_item(
+        {
+            group: task_group_spawning,
+            "fan-out, steps take ctx": fan_out_ctx,
+            "fan-out, steps take nothing": fan_out_bare,
+        },
+        width,
+        repeats,
+    )
+    for name, seconds in times.items():
+        section.add(name, seconds, baseline=None if name == group else group)
     report.target(
         "fan-out: per step <= 1.5x a task group spawning the same coroutines",
         section.get("fan-out, steps take ctx").ratio,

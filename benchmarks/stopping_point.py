@@ -104,7 +104,7 @@ async def measure(report: Report, n: int, repeats: int) -> None:
             "ctx.iterate(range(N), every=1)": iterate_every_1,
             "ctx.iterate(range(N), every=1000)": iterate_every_1000,
         }
-        return {name: await per_item(body, n, repeats) for name, body in bodies.items()}
+        return await per_item(bodies, n, repeats)
 
     with send, receive:
         results = await in_step(run)
