@@ -109,3 +109,36 @@ async def test_iterate_closes_an_abandoned_async_source(channel: Channel) -> Non
     outcome = await flow.run(interrupts=receiver)
     assert isinstance(outcome, sp.Interrupted)
     assert closed == [True]
+
+
+async def test_a_stopping_point_with_nothing_due_allocates_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hot path: between two clock readings, `await ctx.checkpoint()` builds no object at all
+    (no coroutine, no datetime, no string), which tracemalloc's peak shows, inside a real step."""
+    import tracemalloc
+
+    monkeypatch.setattr("stoppoint._context.YIELD_INTERVAL", 3600.0)  # no yield to the loop meanwhile
+    flow = sp.Flow("hot")
+    peaks: list[int] = []
+
+    @flow.step
+    async def spin(ctx: sp.StepContext) -> None:
+        for _ in range(10_000):  # the stride between clock readings grows to its bound
+            await ctx.checkpoint()
+        fast = ctx._countdown - 1  # the checkpoints left before the next clock reading
+        assert fast > 8
+        tracemalloc.start()
+        try:
+            tracemalloc.reset_peak()
+            before, _ = tracemalloc.get_traced_memory()
+            left = fast  # small ints are cached: counting down allocates nothing either
+            while left:
+                await ctx.checkpoint()
+                left -= 1
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        peaks.append(peak - before)
+
+    outcome = await flow.run()
+    assert isinstance(outcome, sp.Completed)
+    assert peaks == [0]
