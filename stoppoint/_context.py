@@ -7,7 +7,6 @@ import math
 import numbers
 import os
 import sys
-import types
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -20,7 +19,7 @@ from collections.abc import (
 )
 from time import perf_counter as _perf_counter
 from types import FrameType, TracebackType
-from typing import Any, TypeVar, cast, overload
+from typing import Any, TypeVar, overload
 
 import anyio
 import anyio.lowlevel
@@ -54,18 +53,25 @@ async def yield_to_others() -> None:
 _loop_yield = yield_to_others  # module-level so tests can run code "during" the yield
 
 
-@types.coroutine
 def _finished() -> Generator[Any, None, None]:
     return
     yield  # pragma: no cover - makes this a generator function
 
 
-# An exhausted generator-based coroutine (`types.coroutine`): `await` takes it as its own
-# iterator (no __await__ method runs, nothing is allocated) and it finishes at once, however often
-# it is awaited. This is all `await ctx.checkpoint()` costs when nothing is due: less than a bare
-# `await` of a trivial coroutine, which must build a coroutine object first.
-_READY = _finished()
-next(cast(Generator[Any, None, None], _READY), None)
+_FINISHED = _finished()
+next(_FINISHED, None)
+
+
+class _Ready:
+    """What `await ctx.checkpoint()` awaits when nothing is due: an `Awaitable` whose `__await__`
+    is the C-level `__iter__` of an exhausted generator, so awaiting it runs no Python code,
+    allocates nothing, and finishes at once, however often and by whomever it is awaited."""
+
+    __slots__ = ()
+    __await__ = staticmethod(_FINISHED.__iter__)
+
+
+_READY: Awaitable[None] = _Ready()
 _new = object.__new__
 
 

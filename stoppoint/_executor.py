@@ -313,12 +313,18 @@ class _Timeline:
             if times is not None:
                 if cached is None or cached.started_at is None:  # (cached while it was PENDING)
                     started, finished = times
+                    # The fields a record's report sets (below), so that every completed step's
+                    # report has the same `model_fields_set`.
                     self.cache[name] = cached = StepReport.model_construct(
                         name=name,
                         status=StepStatus.COMPLETED,
                         started_at=self.wall(started),
                         finished_at=self.wall(finished),
                         duration_s=finished - started,
+                        stopped_at=None,
+                        error=None,
+                        progress=None,
+                        nested=None,
                     )
                 return cached
             if name in self.resumed:
@@ -583,6 +589,12 @@ class _Run:
                 if name not in self.outputs
             }
             self.ready = [name for name, left in self.waiting.items() if not left]
+            # A step completed in the checkpoint is never made ready again, even when a step it
+            # waits for runs now (a flow that gained a prerequisite at the same version).
+            self.entries = {
+                name: (spec, tuple(item for item in dependants if item[0] not in self.outputs))
+                for name, (spec, dependants) in plan.entries.items()
+            }
         # The ready queue is ready[head:]: a list and an index take a tenth of a deque's memory
         # (a run parked in one step holds both).
         self.head = 0

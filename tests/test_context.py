@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import collections.abc
 import inspect
+from collections.abc import Awaitable, Generator
+from typing import Any
 
 import anyio
 import pytest
@@ -142,3 +145,35 @@ async def test_a_stopping_point_with_nothing_due_allocates_nothing(monkeypatch: 
     outcome = await flow.run()
     assert isinstance(outcome, sp.Completed)
     assert peaks == [0]
+
+
+class _Delegating:
+    """A plain awaitable wrapper, as timing and tracing helpers write them: it delegates to the
+    inner awaitable's `__await__`."""
+
+    def __init__(self, inner: Awaitable[None]) -> None:
+        self.inner = inner
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return (yield from self.inner.__await__())
+
+
+async def test_a_checkpoint_with_nothing_due_is_still_an_awaitable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`checkpoint()` returns an `Awaitable` (with `__await__`, not a coroutine) also on its fast
+    path, so wrappers that delegate to `__await__()` work whether or not a yield is due."""
+    monkeypatch.setattr("stoppoint._context.YIELD_INTERVAL", 3600.0)  # no yield due: the fast path
+    flow = sp.Flow("awaitable")
+    seen: list[bool] = []
+
+    @flow.step
+    async def spin(ctx: sp.StepContext) -> int:
+        for _ in range(5):
+            awaitable = ctx.checkpoint()
+            seen.append(isinstance(awaitable, collections.abc.Awaitable) and not inspect.iscoroutine(awaitable))
+            await _Delegating(awaitable)
+        return len(seen)
+
+    outcome = await flow.run()
+    assert isinstance(outcome, sp.Completed)
+    assert outcome.value == 5
+    assert seen == [True] * 5

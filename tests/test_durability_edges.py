@@ -628,3 +628,50 @@ async def test_failed_inside_include_resume_from_store() -> None:
     assert isinstance(out, sp.Completed)
     assert out.value == 2
     assert calls == ["y"]
+
+
+@pytest.mark.parametrize("c_also_waits_for_a", [True, False])
+async def test_a_gained_prerequisite_of_a_completed_step_never_runs_that_step_again(c_also_waits_for_a: bool) -> None:
+    """A flow that gained, at the same version, a step that a completed step now waits for (with
+    another, or alone): on resume the new step runs, and the completed step is not run again."""
+    store = sp.MemoryStore()
+    ran: list[str] = []
+    f1 = sp.Flow("gained", version="1")
+
+    @f1.step
+    async def a() -> int:
+        ran.append("a")
+        return 1
+
+    @f1.step
+    async def c(a: int) -> int:
+        ran.append("c")
+        return a + 10
+
+    assert isinstance(await f1.run(store=store, run_id="r"), sp.Completed)
+    f2 = sp.Flow("gained", version="1")
+
+    @f2.step(name="a")
+    async def a2() -> int:
+        ran.append("a again")
+        return 1
+
+    @f2.step
+    async def b() -> int:
+        ran.append("b")
+        return 2
+
+    @f2.step(name="c", after=("a", "b") if c_also_waits_for_a else ("b",))
+    async def c2() -> int:
+        ran.append("c again")
+        return 11
+
+    @f2.step(name="d")
+    async def d(c: int, b: int) -> int:  # waits for the completed step and the new one
+        ran.append("d")
+        return c + b
+
+    out = await f2.run(store=store, run_id="r")
+    assert isinstance(out, sp.Completed)
+    assert out.value == 13
+    assert ran == ["a", "c", "b", "d"]

@@ -119,3 +119,25 @@ async def test_outcomes_pickle_and_copy(channel: Channel) -> None:
         assert copy.copy(outcome) == outcome
     assert isinstance(interrupted, sp.Interrupted)
     assert pickle.loads(pickle.dumps(interrupted)).report.stopped == ["a"]
+
+
+async def test_completed_step_reports_set_the_same_fields_with_or_without_progress() -> None:
+    """Every completed step's report sets the same fields, whether or not the step reported
+    progress: a report dumped with `exclude_unset=True` has the same keys for each."""
+    flow = sp.Flow("fields")
+
+    @flow.step
+    async def plain() -> int:
+        return 1
+
+    @flow.step
+    async def counted(ctx: sp.StepContext, plain: int) -> int:
+        ctx.progress(1, 1)
+        return plain + 1
+
+    outcome = await flow.run()
+    assert isinstance(outcome, sp.Completed)
+    steps = outcome.report.steps
+    assert steps["plain"].status is steps["counted"].status is sp.StepStatus.COMPLETED
+    assert steps["plain"].model_fields_set == steps["counted"].model_fields_set
+    assert set(steps["plain"].model_dump(exclude_unset=True)) >= {"stopped_at", "error", "progress", "nested"}
