@@ -595,8 +595,8 @@ class _Run:
                 name: (spec, tuple(item for item in dependants if item[0] not in self.outputs))
                 for name, (spec, dependants) in plan.entries.items()
             }
-        # The ready queue is ready[head:]: a list and an index take a tenth of a deque's memory
-        # (a run parked in one step holds both).
+        # The ready queue is ready[head:]: a list and an index take a tenth of the memory of a
+        # deque, which every run would hold for as long as it lasts.
         self.head = 0
         # After an interrupt (PollNextN): whether a handed-out step may start, decided in hand-out order.
         self.decided: dict[str, bool] = {}

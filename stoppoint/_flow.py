@@ -57,14 +57,12 @@ class StepSpec:
 class Plan:
     """What every run of a frozen flow needs, derived once from its steps."""
 
-    waiting: dict[str, int]  # step -> how many steps it waits for (each run works on a copy)
-    dependants: dict[str, tuple[str, ...]]  # step -> steps that wait for it
-    # step -> (its spec, [(dependant, whether it waits for this step alone)]): what finishing a
-    # step needs, in one lookup. A dependant that waits for nothing else is ready at once, with
-    # no count to keep: a chain never touches `waiting`, which past the CPU caches (100,000
-    # steps) costs a cache miss per dict operation.
+    # step -> (its spec, ((dependant, whether it waits for this step alone), ...)): what running
+    # and finishing a step need, in one lookup. A dependant that waits for nothing else is ready
+    # at once, with no count to keep, so a chain touches no count: past the CPU caches (100,000
+    # steps) every operation on a dict that size is a cache miss.
     entries: dict[str, tuple[StepSpec, tuple[tuple[str, bool], ...]]]
-    counted: dict[str, int]  # `waiting` of the steps that wait for more than one step
+    counted: dict[str, int]  # step -> how many steps it waits for, if more than one (each run counts down a copy)
     roots: tuple[str, ...]  # steps that wait for nothing, in declaration order
     result: str
     all_inputs: frozenset[str]
@@ -385,8 +383,6 @@ class Flow:
                     dependants[other].append(name)
             waiting = {name: len(spec.waits_for) for name, spec in self._specs.items()}
             self._plan = Plan(
-                waiting=waiting,
-                dependants={name: tuple(names) for name, names in dependants.items()},
                 entries={
                     name: (spec, tuple((other, waiting[other] == 1) for other in dependants[name]))
                     for name, spec in self._specs.items()
