@@ -800,8 +800,7 @@ class _Run:
                     running.discard(ctx)
                     if ctx._open and record.status is not _COMPLETED:
                         await self.close_iterations(name, record, ctx)
-                    # Records outlive their steps (the report reads them); contexts need not.
-                    # A long chain then holds half the objects for the collector to traverse.
+                    # A record may outlive its step (the report reads it); its context need not.
                     record.progress = ctx._progress
                     record.ctx = None
         finally:
