@@ -685,8 +685,10 @@ class _Run:
             await self.run_step(name)
             # Back-to-back steps in one task would never let other tasks run; yield now and then,
             # between two steps (holding none, so the next is taken, and starts, after the yield).
+            # Not when no step is ready: this worker is about to end, and the last one to end must
+            # see the run idle before any timer (grace, deadline) gets a turn to act on it.
             now = time.perf_counter()
-            if now - last_yield >= YIELD_INTERVAL:
+            if now - last_yield >= YIELD_INTERVAL and self.head < len(self.ready):
                 last_yield = now
                 await yield_to_others()
             name = self.next_step()

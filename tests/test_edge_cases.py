@@ -53,9 +53,16 @@ async def test_poll_next_n_starts_ready_steps_in_declaration_order(channel: Any,
 # -- 2. escalation after the run went idle marks a graceful stop forced ------------------------------------
 
 
-async def test_grace_running_out_as_the_last_step_stops_does_not_force(channel: Any, fake_sleep: FakeSleep) -> None:
+@pytest.mark.parametrize("yield_due", [False, True])
+async def test_grace_running_out_as_the_last_step_stops_does_not_force(
+    channel: Any, fake_sleep: FakeSleep, monkeypatch: pytest.MonkeyPatch, yield_due: bool
+) -> None:
     """The grace timer wakes in the loop turn in which the last step stops at a checkpoint: the
-    run stopped gracefully, so the outcome is not forced."""
+    run stopped gracefully, so the outcome is not forced. Also when the step took long enough
+    for its worker to owe the loop a yield (`yield_due`): with no step left to start, the worker
+    does not yield, so the timer finds the run idle."""
+    if yield_due:
+        monkeypatch.setattr("stoppoint._executor.YIELD_INTERVAL", 0.0)
     interrupter, receiver = channel
     flow = sp.Flow("f")
 
