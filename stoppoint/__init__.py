@@ -16,6 +16,18 @@ from ._errors import StepFailed as StepFailed
 from ._errors import StoppointError as StoppointError
 from ._errors import StopRequested as StopRequested
 from ._errors import StoreError as StoreError
+from ._events import Event as Event
+from ._events import FlowCompletedEvent as FlowCompletedEvent
+from ._events import FlowFailedEvent as FlowFailedEvent
+from ._events import FlowInterruptedEvent as FlowInterruptedEvent
+from ._events import FlowStartedEvent as FlowStartedEvent
+from ._events import InterruptReceivedEvent as InterruptReceivedEvent
+from ._events import RunEvent as RunEvent
+from ._events import StepCancelledEvent as StepCancelledEvent
+from ._events import StepCompletedEvent as StepCompletedEvent
+from ._events import StepFailedEvent as StepFailedEvent
+from ._events import StepStartedEvent as StepStartedEvent
+from ._events import StepStoppedEvent as StepStoppedEvent
 from ._flow import Flow as Flow
 from ._handle import FlowRun as FlowRun
 from ._interruptible import Interruptible as Interruptible
@@ -51,12 +63,18 @@ __all__ = [
     "CheckpointError",
     "CheckpointMismatch",
     "Completed",
+    "Event",
     "FinishCurrent",
     "Flow",
+    "FlowCompletedEvent",
     "FlowDefinitionError",
+    "FlowFailedEvent",
     "FlowInputError",
+    "FlowInterruptedEvent",
     "FlowRun",
+    "FlowStartedEvent",
     "IgnoreInterruptions",
+    "InterruptReceivedEvent",
     "InterruptSignal",
     "Interrupted",
     "Interrupter",
@@ -65,15 +83,21 @@ __all__ = [
     "OnSignals",
     "PollNextN",
     "Progress",
+    "RunEvent",
     "RunRecord",
     "RunReport",
     "RunStatus",
     "SQLiteStore",
     "Shield",
+    "StepCancelledEvent",
+    "StepCompletedEvent",
     "StepContext",
     "StepFailed",
+    "StepFailedEvent",
     "StepReport",
+    "StepStartedEvent",
     "StepStatus",
+    "StepStoppedEvent",
     "StopRequested",
     "StoppointError",
     "Store",

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.lowlevel
 import pydantic_core
+import structlog
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream
 from pydantic import ValidationError
@@ -26,6 +27,21 @@ from pydantic import ValidationError
 from ._checkpoint import Checkpoint, check_belongs
 from ._context import YIELD_INTERVAL, StepContext, yield_to_others
 from ._errors import CheckpointMismatch, FlowInputError, StepFailed, StopRequested, StoreError
+from ._events import (
+    EventCallback,
+    FlowCompletedEvent,
+    FlowFailedEvent,
+    FlowInterruptedEvent,
+    FlowStartedEvent,
+    InterruptReceivedEvent,
+    RunEvent,
+    StepCancelledEvent,
+    StepCompletedEvent,
+    StepFailedEvent,
+    StepStartedEvent,
+    StepStoppedEvent,
+    log_event,
+)
 from ._outcome import Completed, Interrupted, Progress, RunReport, StepReport, StepStatus
 from ._signal import InterruptSignal, linked, take_buffered
 from ._store import RunStatus, Store
@@ -60,6 +76,7 @@ async def open_run(
     run_id: str | None,
     grace: float | None,
     deadline: float | None,
+    on_event: EventCallback | None = None,
 ) -> _Run | Completed[Any]:
     """Check the arguments of one run of `flow` (see `Flow.run`) and set it up, not started; or,
     when `store` holds that run completed, its stored outcome."""
@@ -105,6 +122,7 @@ async def open_run(
         run_id=run_id,
         grace=grace,
         deadline=deadline,
+        on_event=on_event,
     )
 
 
@@ -119,6 +137,7 @@ def prepare(
     run_id: str | None,
     grace: float | None,
     deadline: float | None,
+    on_event: EventCallback | None = None,
 ) -> _Run:
     """Check the arguments of one run of `flow` (see `Flow.run`) and set it up, not started."""
     if not isinstance(strategy, Strategy) or type(strategy) is Strategy:
@@ -145,9 +164,11 @@ def prepare(
         run_id = uuid.uuid4().hex
     elif not isinstance(run_id, str) or not run_id:
         raise TypeError(f"flow {flow.name!r}: run_id must be a non-empty str, got {run_id!r}")
+    if on_event is not None and not callable(on_event):
+        raise TypeError(f"flow {flow.name!r}: on_event must be a callable taking an event, got {on_event!r}")
     grace = _seconds(flow, "grace", grace)
     deadline = _seconds(flow, "deadline", deadline)
-    control = _Control(flow.name, run_id, strategy, grace, store)
+    control = _Control(flow.name, run_id, strategy, grace, store, _observer(on_event))
     run = _Run(
         flow,
         plan,
@@ -212,6 +233,32 @@ def _check_inputs(flow: Flow, inputs: Mapping[str, Any] | None, plan: Plan) -> d
     if missing or unknown:
         raise FlowInputError(flow.name, missing, unknown)
     return given
+
+
+def _observer(on_event: EventCallback | None) -> Callable[[RunEvent], None] | None:
+    """Who hears a run's events: `on_event`, and structlog once the application configured it
+    (unconfigured, structlog prints to stdout, which a library must not start doing). None when
+    nobody listens: then no event is built at all."""
+    sinks: list[EventCallback] = []
+    if on_event is not None:
+        sinks.append(on_event)
+    if structlog.is_configured():
+        sinks.append(log_event)
+    if not sinks:
+        return None
+
+    def observe(event: RunEvent) -> None:
+        for sink in sinks:
+            try:
+                sink(event)
+            except Exception:
+                # A listener's bug must not change the run (as a failing callback does not stop
+                # an event loop): it is logged, with its traceback, and the run goes on.
+                structlog.get_logger("stoppoint").exception(
+                    "event.listener_failed", listener=repr(sink), failed_on=event.event, run_id=event.run_id
+                )
+
+    return observe
 
 
 def _first_stop(group: BaseExceptionGroup[Any]) -> StopRequested | None:
@@ -387,8 +434,41 @@ class _Control:
     flight at every level of nesting (shielded blocks finish first, as anyio promises).
     """
 
-    def __init__(self, flow: str, run_id: str, strategy: Strategy, grace: float | None, store: Store | None) -> None:
+    __slots__ = (
+        "background",
+        "bad_signal",
+        "closed",
+        "first",
+        "flow",
+        "forced",
+        "grace",
+        "observer",
+        "polled",
+        "run_id",
+        "running",
+        "save_lock",
+        "shut",
+        "signals",
+        "started_since_interrupt",
+        "store",
+        "store_error",
+        "strategy",
+        "task_group",
+        "top",
+    )
+
+    def __init__(
+        self,
+        flow: str,
+        run_id: str,
+        strategy: Strategy,
+        grace: float | None,
+        store: Store | None,
+        observer: Callable[[RunEvent], None] | None = None,
+    ) -> None:
         self.flow = flow
+        # Hears every event of the run, at every level; None (nobody listens) means none is built.
+        self.observer = observer
         self.store = store
         self.top: _Run | None = None  # the top-level run: what a save writes
         self.save_lock = anyio.Lock() if store is not None else None  # saves of one run never overlap
@@ -416,6 +496,12 @@ class _Control:
     def on_signal(self, signal: InterruptSignal) -> None:
         """Record a signal; the first one takes effect now, as the strategy says."""
         self.signals.append(signal)
+        if self.observer is not None and self.top is not None:
+            self.observer(
+                InterruptReceivedEvent.model_construct(
+                    run_id=self.run_id, flow=self.flow, at=self.top.timeline.wall(_perf_counter()), signal=signal
+                )
+            )
         if self.first is None:
             self.first = signal
             strategy = self.strategy
@@ -546,6 +632,41 @@ class _Run:
     An include step runs the included flow as another `_Run` sharing the same `_Control`.
     """
 
+    # Slots: with 30 attributes an instance dict reaches CPython 3.11's limit for shared keys, past
+    # which every attribute read on the per-step path slows down (a chain step cost 10% more).
+    __slots__ = (
+        "active",
+        "cancelled_exc",
+        "control",
+        "deadline",
+        "decided",
+        "entries",
+        "failure",
+        "fatal",
+        "finished",
+        "flow",
+        "halted",
+        "head",
+        "includes",
+        "inputs",
+        "is_top",
+        "limit",
+        "name",
+        "outputs",
+        "partial",
+        "plan",
+        "ready",
+        "records",
+        "run_id",
+        "specs",
+        "store",
+        "task_group",
+        "timeline",
+        "told_end",
+        "unstarted",
+        "waiting",
+    )
+
     def __init__(
         self,
         flow: Flow,
@@ -610,6 +731,7 @@ class _Run:
         self.cancelled_exc = anyio.get_cancelled_exc_class()
         self.task_group: TaskGroup | None = None
         self.is_top = False
+        self.told_end = False  # the observer heard how the run ended
 
     def halt(self) -> None:
         """Start no more steps here and cancel the running ones (a step failed)."""
@@ -743,6 +865,14 @@ class _Run:
                 kwargs[spec.context_param] = ctx
                 running.add(ctx)
             self.records[name] = record = _StepRecord(started, ctx)
+            observer = control.observer
+            if observer is not None:
+                observer(
+                    StepStartedEvent.model_construct(
+                        run_id=self.run_id, flow=self.name, at=self.timeline.wall(started), step=name
+                    )
+                )
+            now = started
             try:
                 value = await fn(**kwargs)
             except StopRequested as stop:
@@ -805,6 +935,8 @@ class _Run:
                     # A record may outlive its step (the report reads it); its context need not.
                     record.progress = ctx._progress
                     record.ctx = None
+                if observer is not None:
+                    self.step_ended(name, record, now)
         finally:
             self.active -= 1
 
@@ -826,9 +958,15 @@ class _Run:
             signals=[],
             resume=self.partial.pop(name, None),
         )
-        self.records[name] = record = _StepRecord(time.perf_counter())
+        self.records[name] = record = _StepRecord(_perf_counter())
         record.nested = inner.timeline
         self.includes[name] = inner
+        if control.observer is not None:
+            control.observer(
+                StepStartedEvent.model_construct(
+                    run_id=self.run_id, flow=self.name, at=self.timeline.wall(record.started), step=name
+                )
+            )
         try:
             done, value = await inner.run_nested()
         except self.cancelled_exc:
@@ -862,6 +1000,8 @@ class _Run:
             self.includes.pop(name, None)
             if record.status is not StepStatus.COMPLETED and (inner.outputs or inner.partial):
                 self.partial[name] = inner.checkpoint()
+            if control.observer is not None:
+                self.step_ended(name, record, record.finished or _perf_counter())
 
     def cancelled_include(self, name: str, record: _StepRecord, inner: _Run) -> None:
         """The include step is being cancelled: a failure inside it, if any, still counts."""
@@ -898,6 +1038,32 @@ class _Run:
         record.status = status
         record.finished = now = time.perf_counter()
         record.duration = now - record.started
+
+    def step_ended(self, name: str, record: _StepRecord, completed_at: float) -> None:
+        """Tell the observer how a started step ended, once its status is final (`completed_at`:
+        when it returned, if it did; a completed step's record may not keep it)."""
+        assert self.control.observer is not None
+        status = record.status
+        if status is not _COMPLETED:
+            completed_at = record.finished if record.finished is not None else _perf_counter()
+        common: dict[str, Any] = {
+            "run_id": self.run_id,
+            "flow": self.name,
+            "at": self.timeline.wall(completed_at),
+            "step": name,
+        }
+        event: RunEvent
+        if status is _COMPLETED:
+            event = StepCompletedEvent.model_construct(duration_s=completed_at - record.started, **common)
+        elif status is StepStatus.INTERRUPTED:
+            event = StepStoppedEvent.model_construct(stopped_at=record.stopped_at, **common)
+        elif status is StepStatus.FAILED:
+            event = StepFailedEvent.model_construct(error=record.error or "", **common)
+        elif status is StepStatus.CANCELLED:
+            event = StepCancelledEvent.model_construct(**common)
+        else:  # still RUNNING: the cancellation went through before the step's end was recorded
+            event = StepCancelledEvent.model_construct(**common)
+        self.control.observer(event)
 
     async def saved(self) -> None:
         """Save after a completed step. The save is shielded, so a cancellation of the run may
@@ -1011,6 +1177,15 @@ class _Run:
         run has begun (its task group is up), before the first step."""
         self.is_top = True
         control = self.control
+        if control.observer is not None:
+            control.observer(
+                FlowStartedEvent.model_construct(
+                    run_id=self.run_id,
+                    flow=self.name,
+                    at=self.timeline.wall(_perf_counter()),
+                    resumed=tuple(name for name in self.specs if name in self.timeline.resumed),
+                )
+            )
         channel = None
         if receiver is not None and control.drain(receiver):
             # Listening starts in the same synchronous stretch as the drain: no signal falls between.
@@ -1037,6 +1212,8 @@ class _Run:
                     self.cancel_signal()  # the stored report says what the outcome will say
                 await control.save()  # how the run ended, also when it was cancelled
         if self.fatal is not None:
+            if control.observer is not None:
+                self.tell_failed(self.fatal)
             raise self.fatal
         await self.let_cancellation_through()
         return self.outcome()
@@ -1090,6 +1267,57 @@ class _Run:
             StoreError: The store failed (or another error a store raised).
             StepFailed: A step failed (also when a cancellation came after).
         """
+        if self.control.observer is None:
+            return self.ended(cancelled)
+        try:
+            outcome = self.ended(cancelled)
+        except Exception as exc:
+            self.tell_failed(exc)
+            raise
+        self.tell_ended(outcome)
+        return outcome
+
+    def tell_cancelled(self) -> None:
+        """The caller's scope cancelled `run()` before the run ended: say so, as a forced interrupt."""
+        if self.control.observer is not None and len(self.outputs) != len(self.specs):
+            self.tell_ended(Interrupted(self.cancel_signal(), self.timeline.report, self.checkpoint(), forced=True))
+
+    def tell_ended(self, outcome: Completed[Any] | Interrupted) -> None:
+        """Tell the observer how the run ended (once: a cancelled `FlowRun` may ask twice)."""
+        observer = self.control.observer
+        if observer is None or self.told_end:
+            return
+        self.told_end = True
+        now = _perf_counter()
+        common: dict[str, Any] = {
+            "run_id": self.run_id,
+            "flow": self.name,
+            "at": self.timeline.wall(now),
+            "duration_s": now - self.timeline.perf0,
+        }
+        if isinstance(outcome, Completed):
+            observer(FlowCompletedEvent.model_construct(**common))
+        else:
+            observer(FlowInterruptedEvent.model_construct(signal=outcome.signal, forced=outcome.forced, **common))
+
+    def tell_failed(self, exc: BaseException) -> None:
+        observer = self.control.observer
+        if observer is None or self.told_end:
+            return
+        self.told_end = True
+        now = _perf_counter()
+        observer(
+            FlowFailedEvent.model_construct(
+                run_id=self.run_id,
+                flow=self.name,
+                at=self.timeline.wall(now),
+                duration_s=now - self.timeline.perf0,
+                error=f"{type(exc).__name__}: {exc}",
+                step=exc.step if isinstance(exc, StepFailed) else None,
+            )
+        )
+
+    def ended(self, cancelled: bool) -> Completed[Any] | Interrupted:
         control = self.control
         if control.bad_signal is not None:
             raise control.bad_signal

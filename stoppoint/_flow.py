@@ -8,12 +8,14 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
+import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ._checkpoint import Checkpoint, CheckpointFile, typed
 from ._context import StepContext
 from ._errors import FlowDefinitionError
+from ._events import EventCallback
 from ._executor import open_run
 from ._handle import FlowRun
 from ._outcome import Completed
@@ -429,6 +431,7 @@ class Flow:
         run_id: str | None = None,
         grace: float | None = None,
         deadline: float | None = None,
+        on_event: EventCallback | None = None,
     ) -> Completed[Any] | Interrupted:
         """Run the flow until every step completed or an interrupt stopped it.
 
@@ -458,6 +461,11 @@ class Flow:
             deadline: Seconds after the run begins at which it interrupts itself with a signal of
                 `source="deadline"` (taking effect as the strategy says, like any signal). Only
                 this run sees that signal.
+            on_event: Called with each event of the run (`FlowStartedEvent`, `StepStartedEvent`,
+                ..., see `Event`), synchronously, in the task where the transition happens; it
+                should return quickly. An exception it raises is logged and does not affect the
+                run. The same events go to structlog (logger `"stoppoint"`) once the application
+                has configured structlog. With neither, no event is built.
 
         Returns:
             `Completed` with the result when every step completed, else `Interrupted`.
@@ -483,10 +491,15 @@ class Flow:
             run_id=run_id,
             grace=grace,
             deadline=deadline,
+            on_event=on_event,
         )
         if isinstance(run, Completed):
             return run
-        return await run.execute(interrupts)
+        try:
+            return await run.execute(interrupts)
+        except anyio.get_cancelled_exc_class():
+            run.tell_cancelled()
+            raise
 
     async def start(
         self,
@@ -500,6 +513,7 @@ class Flow:
         run_id: str | None = None,
         grace: float | None = None,
         deadline: float | None = None,
+        on_event: EventCallback | None = None,
     ) -> FlowRun:
         """Start a run in `task_group` and return a handle on it once it has begun.
 
@@ -519,6 +533,7 @@ class Flow:
             run_id: As for `run()`.
             grace: As for `run()`.
             deadline: As for `run()`.
+            on_event: As for `run()`.
 
         Returns:
             The run's handle.
@@ -545,6 +560,7 @@ class Flow:
             run_id=run_id,
             grace=grace,
             deadline=deadline,
+            on_event=on_event,
         )
         if isinstance(run, Completed):
             return FlowRun._finished(self._name, run)
