@@ -28,6 +28,7 @@ from ._events import StepCompletedEvent as StepCompletedEvent
 from ._events import StepFailedEvent as StepFailedEvent
 from ._events import StepStartedEvent as StepStartedEvent
 from ._events import StepStoppedEvent as StepStoppedEvent
+from ._feed import EventStream as EventStream
 from ._flow import Flow as Flow
 from ._handle import FlowRun as FlowRun
 from ._interruptible import Interruptible as Interruptible
@@ -64,6 +65,7 @@ __all__ = [
     "CheckpointMismatch",
     "Completed",
     "Event",
+    "EventStream",
     "FinishCurrent",
     "Flow",
     "FlowCompletedEvent",

@@ -168,7 +168,7 @@ def prepare(
         raise TypeError(f"flow {flow.name!r}: on_event must be a callable taking an event, got {on_event!r}")
     grace = _seconds(flow, "grace", grace)
     deadline = _seconds(flow, "deadline", deadline)
-    control = _Control(flow.name, run_id, strategy, grace, store, _observer(on_event))
+    control = _Control(flow.name, run_id, strategy, grace, store, _sinks(on_event))
     run = _Run(
         flow,
         plan,
@@ -235,30 +235,16 @@ def _check_inputs(flow: Flow, inputs: Mapping[str, Any] | None, plan: Plan) -> d
     return given
 
 
-def _observer(on_event: EventCallback | None) -> Callable[[RunEvent], None] | None:
-    """Who hears a run's events: `on_event`, and structlog once the application configured it
-    (unconfigured, structlog prints to stdout, which a library must not start doing). None when
-    nobody listens: then no event is built at all."""
+def _sinks(on_event: EventCallback | None) -> list[EventCallback]:
+    """Who hears a run's events from its start: `on_event`, and structlog once the application
+    configured it (unconfigured, structlog prints to stdout, which a library must not start
+    doing). `FlowRun.events()` adds and removes listeners as it goes."""
     sinks: list[EventCallback] = []
     if on_event is not None:
         sinks.append(on_event)
     if structlog.is_configured():
         sinks.append(log_event)
-    if not sinks:
-        return None
-
-    def observe(event: RunEvent) -> None:
-        for sink in sinks:
-            try:
-                sink(event)
-            except Exception:
-                # A listener's bug must not change the run (as a failing callback does not stop
-                # an event loop): it is logged, with its traceback, and the run goes on.
-                structlog.get_logger("stoppoint").exception(
-                    "event.listener_failed", listener=repr(sink), failed_on=event.event, run_id=event.run_id
-                )
-
-    return observe
+    return sinks
 
 
 def _first_stop(group: BaseExceptionGroup[Any]) -> StopRequested | None:
@@ -404,6 +390,40 @@ class _Timeline:
             self.cache[name] = report
         return report
 
+    def step_events(self, run_id: str, events: list[RunEvent]) -> None:
+        """Append the events of the steps started so far, looking into includes (see `_Run.past_events`)."""
+        wall, flow = self.wall, self.flow
+
+        def started(name: str, at: float) -> None:
+            events.append(StepStartedEvent.model_construct(run_id=run_id, flow=flow, at=wall(at), step=name))
+
+        for name, begun, ended in self.finished:
+            started(name, begun)
+            events.append(
+                StepCompletedEvent.model_construct(
+                    run_id=run_id, flow=flow, at=wall(ended), step=name, duration_s=ended - begun
+                )
+            )
+        for name, record in self.records.items():
+            started(name, record.started)
+            if record.nested is not None:
+                record.nested.step_events(run_id, events)
+            if record.status is not _RUNNING and record.finished is not None:
+                events.append(self.step_end_event(run_id, name, record, record.finished))
+
+    def step_end_event(self, run_id: str, name: str, record: _StepRecord, ended: float) -> RunEvent:
+        """The event of how a started step ended, by its record's (final) status."""
+        common: dict[str, Any] = {"run_id": run_id, "flow": self.flow, "at": self.wall(ended), "step": name}
+        status = record.status
+        if status is _COMPLETED:
+            return StepCompletedEvent.model_construct(duration_s=ended - record.started, **common)
+        if status is StepStatus.INTERRUPTED:
+            return StepStoppedEvent.model_construct(stopped_at=record.stopped_at, **common)
+        if status is StepStatus.FAILED:
+            return StepFailedEvent.model_construct(error=record.error or "", **common)
+        # CANCELLED, or still RUNNING: a cancellation went through before the end was recorded
+        return StepCancelledEvent.model_construct(**common)
+
     def stopped_at(self) -> str | None:
         """Where the first step that stopped at a stopping point stopped, looking into includes."""
         for record in self.records.values():
@@ -449,6 +469,7 @@ class _Control:
         "save_lock",
         "shut",
         "signals",
+        "sinks",
         "started_since_interrupt",
         "store",
         "store_error",
@@ -464,11 +485,13 @@ class _Control:
         strategy: Strategy,
         grace: float | None,
         store: Store | None,
-        observer: Callable[[RunEvent], None] | None = None,
+        sinks: list[EventCallback] | None = None,
     ) -> None:
         self.flow = flow
-        # Hears every event of the run, at every level; None (nobody listens) means none is built.
-        self.observer = observer
+        self.sinks = sinks or []  # who listens to the run's events
+        # What the run calls with each event, at every level: None while nobody listens, and then
+        # no event is built at all.
+        self.observer: Callable[[RunEvent], None] | None = self.dispatch if self.sinks else None
         self.store = store
         self.top: _Run | None = None  # the top-level run: what a save writes
         self.save_lock = anyio.Lock() if store is not None else None  # saves of one run never overlap
@@ -490,6 +513,29 @@ class _Control:
         self.polled: MemoryObjectReceiveStream[InterruptSignal] | None = None  # a plain stream
         self.task_group: TaskGroup | None = None  # the top-level run's
         self.background: list[anyio.CancelScope] | None = []  # timers and watcher; None once idle
+
+    # -- events --------------------------------------------------------------------------------------
+
+    def dispatch(self, event: RunEvent) -> None:
+        for sink in list(self.sinks):
+            try:
+                sink(event)
+            except Exception:
+                # A listener's bug must not change the run (as a failing callback does not stop
+                # an event loop): it is logged, with its traceback, and the run goes on.
+                structlog.get_logger("stoppoint").exception(
+                    "event.listener_failed", listener=repr(sink), failed_on=event.event, run_id=event.run_id
+                )
+
+    def listen(self, sink: EventCallback) -> None:
+        self.sinks.append(sink)
+        self.observer = self.dispatch
+
+    def unlisten(self, sink: EventCallback) -> None:
+        if sink in self.sinks:
+            self.sinks.remove(sink)
+        if not self.sinks:
+            self.observer = None
 
     # -- signals -------------------------------------------------------------------------------------
 
@@ -935,7 +981,7 @@ class _Run:
                     # A record may outlive its step (the report reads it); its context need not.
                     record.progress = ctx._progress
                     record.ctx = None
-                if observer is not None:
+                if control.observer is not None:  # (someone may have begun listening meanwhile)
                     self.step_ended(name, record, now)
         finally:
             self.active -= 1
@@ -1042,28 +1088,11 @@ class _Run:
     def step_ended(self, name: str, record: _StepRecord, completed_at: float) -> None:
         """Tell the observer how a started step ended, once its status is final (`completed_at`:
         when it returned, if it did; a completed step's record may not keep it)."""
-        assert self.control.observer is not None
-        status = record.status
-        if status is not _COMPLETED:
+        observer = self.control.observer
+        assert observer is not None
+        if record.status is not _COMPLETED:
             completed_at = record.finished if record.finished is not None else _perf_counter()
-        common: dict[str, Any] = {
-            "run_id": self.run_id,
-            "flow": self.name,
-            "at": self.timeline.wall(completed_at),
-            "step": name,
-        }
-        event: RunEvent
-        if status is _COMPLETED:
-            event = StepCompletedEvent.model_construct(duration_s=completed_at - record.started, **common)
-        elif status is StepStatus.INTERRUPTED:
-            event = StepStoppedEvent.model_construct(stopped_at=record.stopped_at, **common)
-        elif status is StepStatus.FAILED:
-            event = StepFailedEvent.model_construct(error=record.error or "", **common)
-        elif status is StepStatus.CANCELLED:
-            event = StepCancelledEvent.model_construct(**common)
-        else:  # still RUNNING: the cancellation went through before the step's end was recorded
-            event = StepCancelledEvent.model_construct(**common)
-        self.control.observer(event)
+        observer(self.timeline.step_end_event(self.run_id, name, record, completed_at))
 
     async def saved(self) -> None:
         """Save after a completed step. The save is shielded, so a cancellation of the run may
@@ -1288,34 +1317,52 @@ class _Run:
         if observer is None or self.told_end:
             return
         self.told_end = True
-        now = _perf_counter()
-        common: dict[str, Any] = {
-            "run_id": self.run_id,
-            "flow": self.name,
-            "at": self.timeline.wall(now),
-            "duration_s": now - self.timeline.perf0,
-        }
-        if isinstance(outcome, Completed):
-            observer(FlowCompletedEvent.model_construct(**common))
-        else:
-            observer(FlowInterruptedEvent.model_construct(signal=outcome.signal, forced=outcome.forced, **common))
+        observer(self.end_event(outcome))
 
     def tell_failed(self, exc: BaseException) -> None:
         observer = self.control.observer
         if observer is None or self.told_end:
             return
         self.told_end = True
-        now = _perf_counter()
-        observer(
-            FlowFailedEvent.model_construct(
+        observer(self.end_event(exc))
+
+    def end_event(self, end: Completed[Any] | Interrupted | BaseException) -> RunEvent:
+        """The event of the run's end: its outcome, or what `run()` raised."""
+        timeline = self.timeline
+        at = timeline.ended if timeline.ended is not None else _perf_counter()
+        common: dict[str, Any] = {
+            "run_id": self.run_id,
+            "flow": self.name,
+            "at": timeline.wall(at),
+            "duration_s": at - timeline.perf0,
+        }
+        if isinstance(end, Completed):
+            return FlowCompletedEvent.model_construct(**common)
+        if isinstance(end, Interrupted):
+            return FlowInterruptedEvent.model_construct(signal=end.signal, forced=end.forced, **common)
+        return FlowFailedEvent.model_construct(
+            error=f"{type(end).__name__}: {end}", step=end.step if isinstance(end, StepFailed) else None, **common
+        )
+
+    def past_events(self) -> list[RunEvent]:
+        """The events of the run so far, rebuilt from its records (for a listener who comes late),
+        in the order they happened; without the end event, which `end_event` makes."""
+        timeline = self.timeline
+        events: list[RunEvent] = [
+            FlowStartedEvent.model_construct(
                 run_id=self.run_id,
                 flow=self.name,
-                at=self.timeline.wall(now),
-                duration_s=now - self.timeline.perf0,
-                error=f"{type(exc).__name__}: {exc}",
-                step=exc.step if isinstance(exc, StepFailed) else None,
+                at=timeline.wall(timeline.perf0),
+                resumed=tuple(name for name in self.specs if name in timeline.resumed),
             )
+        ]
+        events += (
+            InterruptReceivedEvent.model_construct(run_id=self.run_id, flow=self.name, at=signal.sent_at, signal=signal)
+            for signal in timeline.signals
         )
+        timeline.step_events(self.run_id, events)
+        events.sort(key=lambda event: event.at)  # stable: a step's start stays before its end
+        return events
 
     def ended(self, cancelled: bool) -> Completed[Any] | Interrupted:
         control = self.control

@@ -9,6 +9,7 @@ import anyio
 from anyio.abc import TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from ._feed import EventStream
 from ._outcome import Completed, Interrupted, RunReport
 from ._signal import InterruptSignal
 
@@ -31,7 +32,7 @@ class FlowRun:
     with `source="cancel"` (also listed in `report.interrupts`).
     """
 
-    __slots__ = ("_done", "_error", "_error_tb", "_flow", "_outcome", "_run", "_run_id")
+    __slots__ = ("_done", "_error", "_error_tb", "_flow", "_outcome", "_run", "_run_id", "_streams")
 
     def __init__(self, run: _Run | None, flow: str = "", run_id: str = "") -> None:
         self._run = run
@@ -41,6 +42,7 @@ class FlowRun:
         self._outcome: Completed[Any] | Interrupted | None = None
         self._error: BaseException | None = None
         self._error_tb: TracebackType | None = None
+        self._streams: list[EventStream] = []
 
     @classmethod
     def _finished(cls, flow: str, outcome: Completed[Any]) -> FlowRun:
@@ -89,6 +91,41 @@ class FlowRun:
         self._run.control.on_signal(InterruptSignal(reason=reason, force=force, source=source))
         return True
 
+    def events(self, max_buffer: int = 10_000) -> EventStream:
+        """The run's events, from its start, as an async iterator: `async for event in handle.events()`.
+
+        Events that happened before the call come first (rebuilt from the run's records), then
+        the live ones; the stream ends after the run's end event. The run never waits for the
+        consumer: one that falls more than `max_buffer` events behind loses the oldest
+        (`EventStream.dropped` counts them). Any number of streams may be open on one run, and
+        while none is (and no `on_event` nor structlog listens), the run builds no event.
+
+        Raises:
+            ValueError: `max_buffer` is not an int >= 1.
+        """
+        if isinstance(max_buffer, bool) or not isinstance(max_buffer, int) or max_buffer < 1:
+            raise ValueError(f"FlowRun.events(): max_buffer must be an int >= 1, got {max_buffer!r}")
+        run = self._run
+        if run is None:  # a run the store held completed: nothing ran
+            assert self._outcome is not None
+            stream = EventStream((), max_buffer)
+            stream.close()
+            return stream
+        past = run.past_events()
+        if self._done.is_set():
+            end: Completed[Any] | Interrupted | BaseException | None = self._error or self._outcome
+            assert end is not None
+            past.append(run.end_event(end))
+            stream = EventStream(past, max_buffer)
+            stream.close()
+            return stream
+        stream = EventStream(past, max_buffer)
+        control = run.control
+        control.listen(stream._put)
+        stream._detach = lambda: control.unlisten(stream._put)
+        self._streams.append(stream)
+        return stream
+
     async def outcome(self) -> Completed[Any] | Interrupted:
         """Wait for the run to end and return its outcome (any number of tasks may wait).
 
@@ -131,6 +168,9 @@ class FlowRun:
             raise
         finally:
             self._done.set()
+            for stream in self._streams:  # ended without an end event (say, KeyboardInterrupt)
+                stream.close()
+            self._streams.clear()
 
     def _fail(self, exc: BaseException) -> None:
         self._error = exc

@@ -321,3 +321,137 @@ async def test_events_read_back_from_json() -> None:
 async def test_on_event_must_be_callable() -> None:
     with pytest.raises(TypeError, match="flow 'chain': on_event must be a callable"):
         await chain().run(on_event="print")  # type: ignore[arg-type]
+
+
+def same_events(a: list[sp.RunEvent], b: list[sp.RunEvent]) -> bool:
+    """Equal but for `at` (an event rebuilt for a late listener may carry a slightly other time)."""
+    return [event.model_dump(exclude={"at"}) for event in a] == [event.model_dump(exclude={"at"}) for event in b]
+
+
+def gated(name: str = "gated") -> tuple[sp.Flow, anyio.Event, anyio.Event]:
+    """a -> b -> c, where b waits for `go` after setting `inside`."""
+    flow = sp.Flow(name)
+    inside, go = anyio.Event(), anyio.Event()
+
+    @flow.step
+    async def a() -> int:
+        return 1
+
+    @flow.step
+    async def b(a: int) -> int:
+        inside.set()
+        await go.wait()
+        return a + 1
+
+    @flow.step
+    async def c(b: int) -> int:
+        return b + 1
+
+    return flow, inside, go
+
+
+async def test_events_of_a_started_run_from_its_start_to_its_end() -> None:
+    """`FlowRun.events()` yields the same events as `on_event` hears, also when the listener
+    comes in the middle of the run: the past is rebuilt from the run's records."""
+    flow, inside, go = gated()
+    heard: list[sp.RunEvent] = []
+    async with anyio.create_task_group() as tg:
+        handle = await flow.start(tg, on_event=heard.append)
+        early = handle.events()
+        await inside.wait()
+        late = handle.events()  # a and b started, a completed
+        go.set()
+        got_early = [event async for event in early]
+        got_late = [event async for event in late]
+        outcome = await handle.outcome()
+    assert isinstance(outcome, sp.Completed)
+    assert kinds(heard) == [
+        ("flow.started", None),
+        ("step.started", "a"),
+        ("step.completed", "a"),
+        ("step.started", "b"),
+        ("step.completed", "b"),
+        ("step.started", "c"),
+        ("step.completed", "c"),
+        ("flow.completed", None),
+    ]
+    assert same_events(got_early, heard)
+    assert same_events(got_late, heard)
+    assert early.dropped == late.dropped == 0
+
+
+async def test_events_of_an_ended_run_are_all_there_and_the_stream_ends(channel: Channel) -> None:
+    interrupter, receiver = channel
+    flow, inside, go = gated()
+    heard: list[sp.RunEvent] = []
+    async with anyio.create_task_group() as tg:
+        handle = await flow.start(tg, interrupts=receiver, on_event=heard.append)
+        await inside.wait()
+        interrupter.interrupt("stop", source="test")  # b finishes (it holds no stopping point), c never starts
+        go.set()
+        outcome = await handle.outcome()
+    assert isinstance(outcome, sp.Interrupted)
+    replay = [event async for event in handle.events()]
+    assert kinds(replay) == kinds(heard)
+    assert kinds(replay)[-1] == ("flow.interrupted", None)
+    received = [event for event in replay if isinstance(event, sp.InterruptReceivedEvent)]
+    assert [event.signal for event in received] == [outcome.signal]
+
+
+async def test_a_slow_consumer_loses_the_oldest_events_and_never_stalls_the_run() -> None:
+    flow = sp.Flow("many")
+    for i in range(10):
+        flow.step(name=f"s{i}", after=(f"s{i - 1}",) if i else ())(chain_body)
+    async with anyio.create_task_group() as tg:
+        handle = await flow.start(tg)
+        stream = handle.events(max_buffer=3)
+        outcome = await handle.outcome()  # the run ends without anyone reading the stream
+    assert isinstance(outcome, sp.Completed)
+    got = [event async for event in stream]
+    assert kinds(got) == [("step.started", "s9"), ("step.completed", "s9"), ("flow.completed", None)]
+    assert stream.dropped == 1 + 2 * 10 + 1 - 3
+
+
+async def chain_body() -> None:
+    pass
+
+
+async def test_closing_a_stream_stops_listening_and_ends_it() -> None:
+    flow, inside, go = gated()
+    async with anyio.create_task_group() as tg:
+        handle = await flow.start(tg)
+        stream = handle.events()
+        await inside.wait()
+        stream.close()
+        go.set()
+        assert isinstance(await handle.outcome(), sp.Completed)
+    got = [event async for event in stream]
+    assert kinds(got) == [("flow.started", None), ("step.started", "a"), ("step.completed", "a"), ("step.started", "b")]
+
+
+async def test_a_started_run_nobody_listens_to_builds_no_event(
+    monkeypatch: pytest.MonkeyPatch, unconfigured_structlog: None
+) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an event was built with nobody listening")
+
+    for name in sp.__all__:
+        obj = getattr(sp, name)
+        if isinstance(obj, type) and issubclass(obj, sp.RunEvent):
+            monkeypatch.setattr(obj, "model_construct", refuse)
+    flow, inside, go = gated()
+    async with anyio.create_task_group() as tg:
+        handle = await flow.start(tg)
+        await inside.wait()
+        go.set()
+        assert isinstance(await handle.outcome(), sp.Completed)
+
+
+async def test_events_max_buffer_must_be_a_positive_int() -> None:
+    flow, _, go = gated()
+    go.set()
+    async with anyio.create_task_group() as tg:
+        handle = await flow.start(tg)
+        with pytest.raises(ValueError, match="max_buffer must be an int >= 1, got 0"):
+            handle.events(max_buffer=0)
+        await handle.outcome()
