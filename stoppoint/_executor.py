@@ -8,6 +8,7 @@ others, so a linear flow runs in the caller's task and a fan-out spawns one task
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 import uuid
@@ -247,6 +248,23 @@ def _sinks(on_event: EventCallback | None) -> list[EventCallback]:
     return sinks
 
 
+def _listener_failed(sink: EventCallback, event: RunEvent) -> None:
+    """Log a listener's exception (being handled): through structlog if the application configured
+    it, else through the standard library's `logging` (to stderr, by its last-resort handler),
+    never through an unconfigured structlog, which would print to stdout."""
+    try:
+        if structlog.is_configured():
+            structlog.get_logger("stoppoint").exception(
+                "event.listener_failed", listener=repr(sink), failed_on=event.event, run_id=event.run_id
+            )
+        else:
+            logging.getLogger("stoppoint").exception(
+                "event listener %r failed on %s (run %s)", sink, event.event, event.run_id
+            )
+    except Exception:  # pragma: no cover - a logging setup that raises must not stop the run either
+        pass
+
+
 def _first_stop(group: BaseExceptionGroup[Any]) -> StopRequested | None:
     for exc in group.exceptions:
         if isinstance(exc, StopRequested):
@@ -268,6 +286,9 @@ class _StepRecord:
     error: str | None = None
     nested: _Timeline | None = None  # an include step's inner run
     progress: tuple[float, float | None, str | None] | None = None  # the context's, once the step is over
+    # Its end is final and was told to any listener: a listener who comes later learns it from the
+    # record, and one who comes before hears it live, never both.
+    told = False
 
     def __init__(self, started: float, ctx: StepContext | None = None) -> None:
         self.status = _RUNNING
@@ -408,7 +429,7 @@ class _Timeline:
             started(name, record.started)
             if record.nested is not None:
                 record.nested.step_events(run_id, events)
-            if record.status is not _RUNNING and record.finished is not None:
+            if record.told and record.finished is not None:
                 events.append(self.step_end_event(run_id, name, record, record.finished))
 
     def step_end_event(self, run_id: str, name: str, record: _StepRecord, ended: float) -> RunEvent:
@@ -464,6 +485,7 @@ class _Control:
         "grace",
         "observer",
         "polled",
+        "received",
         "run_id",
         "running",
         "save_lock",
@@ -500,6 +522,7 @@ class _Control:
         self.strategy = strategy
         self.grace = grace
         self.signals: list[InterruptSignal] = []
+        self.received: list[float] = []  # perf_counter() when each of `signals` came
         self.first: InterruptSignal | None = None
         self.started_since_interrupt = 0
         # No step may start now (at any level): the strategy's verdict, kept up to date whenever
@@ -523,9 +546,7 @@ class _Control:
             except Exception:
                 # A listener's bug must not change the run (as a failing callback does not stop
                 # an event loop): it is logged, with its traceback, and the run goes on.
-                structlog.get_logger("stoppoint").exception(
-                    "event.listener_failed", listener=repr(sink), failed_on=event.event, run_id=event.run_id
-                )
+                _listener_failed(sink, event)
 
     def listen(self, sink: EventCallback) -> None:
         self.sinks.append(sink)
@@ -541,13 +562,7 @@ class _Control:
 
     def on_signal(self, signal: InterruptSignal) -> None:
         """Record a signal; the first one takes effect now, as the strategy says."""
-        self.signals.append(signal)
-        if self.observer is not None and self.top is not None:
-            self.observer(
-                InterruptReceivedEvent.model_construct(
-                    run_id=self.run_id, flow=self.flow, at=self.top.timeline.wall(_perf_counter()), signal=signal
-                )
-            )
+        self.record(signal)
         if self.first is None:
             self.first = signal
             strategy = self.strategy
@@ -563,6 +578,21 @@ class _Control:
                 # else: the run has not begun; it arms the timer when it does
         if signal.force:
             self.escalate()
+        # Told after it took effect: a listener that interrupts in turn comes second.
+        self.tell_received(signal, self.received[-1])
+
+    def record(self, signal: InterruptSignal) -> None:
+        """Add `signal` to the run's signals, with when it came (a late listener learns it from there)."""
+        self.signals.append(signal)
+        self.received.append(_perf_counter())
+
+    def tell_received(self, signal: InterruptSignal, at: float) -> None:
+        if self.observer is not None and self.top is not None:
+            self.observer(
+                InterruptReceivedEvent.model_construct(
+                    run_id=self.run_id, flow=self.flow, at=self.top.timeline.wall(at), signal=signal
+                )
+            )
 
     def drain(self, receiver: MemoryObjectReceiveStream[InterruptSignal]) -> bool:
         """Take every signal already waiting in `receiver`; False if it is closed or ended."""
@@ -699,6 +729,7 @@ class _Run:
         "limit",
         "name",
         "outputs",
+        "over",
         "partial",
         "plan",
         "ready",
@@ -777,7 +808,8 @@ class _Run:
         self.cancelled_exc = anyio.get_cancelled_exc_class()
         self.task_group: TaskGroup | None = None
         self.is_top = False
-        self.told_end = False  # the observer heard how the run ended
+        self.told_end: RunEvent | None = None  # the end event, once told (streams opened after it get it too)
+        self.over = False  # the run's outcome is being made: it is over
 
     def halt(self) -> None:
         """Start no more steps here and cancel the running ones (a step failed)."""
@@ -949,12 +981,8 @@ class _Run:
             else:
                 now = _perf_counter()
                 record.status = _COMPLETED
-                if ctx is None or ctx._progress is None:
-                    del self.records[name]
-                    self.finished.append((name, started, now))  # see _Timeline.finished
-                else:
-                    record.finished = now
-                    record.duration = now - started
+                record.finished = now
+                record.duration = now - started
                 outputs[name] = value
                 if self.store:
                     # Durability: the output is committed before any step that needs it starts.
@@ -981,6 +1009,10 @@ class _Run:
                     # A record may outlive its step (the report reads it); its context need not.
                     record.progress = ctx._progress
                     record.ctx = None
+                record.told = True
+                if record.status is _COMPLETED and record.progress is None:
+                    del self.records[name]
+                    self.finished.append((name, started, now))  # see _Timeline.finished
                 if control.observer is not None:  # (someone may have begun listening meanwhile)
                     self.step_ended(name, record, now)
         finally:
@@ -1046,6 +1078,7 @@ class _Run:
             self.includes.pop(name, None)
             if record.status is not StepStatus.COMPLETED and (inner.outputs or inner.partial):
                 self.partial[name] = inner.checkpoint()
+            record.told = True
             if control.observer is not None:
                 self.step_ended(name, record, record.finished or _perf_counter())
 
@@ -1211,7 +1244,7 @@ class _Run:
                 FlowStartedEvent.model_construct(
                     run_id=self.run_id,
                     flow=self.name,
-                    at=self.timeline.wall(_perf_counter()),
+                    at=self.timeline.wall(self.timeline.perf0),
                     resumed=tuple(name for name in self.specs if name in self.timeline.resumed),
                 )
             )
@@ -1296,6 +1329,7 @@ class _Run:
             StoreError: The store failed (or another error a store raised).
             StepFailed: A step failed (also when a cancellation came after).
         """
+        self.over = True  # no signal counts any more (FlowRun.interrupt returns False)
         if self.control.observer is None:
             return self.ended(cancelled)
         try:
@@ -1314,17 +1348,17 @@ class _Run:
     def tell_ended(self, outcome: Completed[Any] | Interrupted) -> None:
         """Tell the observer how the run ended (once: a cancelled `FlowRun` may ask twice)."""
         observer = self.control.observer
-        if observer is None or self.told_end:
+        if observer is None or self.told_end is not None:
             return
-        self.told_end = True
-        observer(self.end_event(outcome))
+        self.told_end = self.end_event(outcome)
+        observer(self.told_end)
 
     def tell_failed(self, exc: BaseException) -> None:
         observer = self.control.observer
-        if observer is None or self.told_end:
+        if observer is None or self.told_end is not None:
             return
-        self.told_end = True
-        observer(self.end_event(exc))
+        self.told_end = self.end_event(exc)
+        observer(self.told_end)
 
     def end_event(self, end: Completed[Any] | Interrupted | BaseException) -> RunEvent:
         """The event of the run's end: its outcome, or what `run()` raised."""
@@ -1357,8 +1391,10 @@ class _Run:
             )
         ]
         events += (
-            InterruptReceivedEvent.model_construct(run_id=self.run_id, flow=self.name, at=signal.sent_at, signal=signal)
-            for signal in timeline.signals
+            InterruptReceivedEvent.model_construct(
+                run_id=self.run_id, flow=self.name, at=timeline.wall(at), signal=signal
+            )
+            for signal, at in zip(timeline.signals, self.control.received, strict=True)
         )
         timeline.step_events(self.run_id, events)
         events.sort(key=lambda event: event.at)  # stable: a step's start stays before its end
@@ -1388,7 +1424,8 @@ class _Run:
             control.first = InterruptSignal(
                 reason="the task group running the flow was cancelled", force=True, source="cancel"
             )
-            control.signals.append(control.first)
+            control.record(control.first)
+            control.tell_received(control.first, control.received[-1])
         return control.first
 
     def checkpoint(self) -> Checkpoint:

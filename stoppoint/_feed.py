@@ -68,6 +68,7 @@ class EventStream:
         while not self._buffer:
             if self._closed:
                 raise StopAsyncIteration
-            self._wakeup = anyio.Event()
+            if self._wakeup.is_set():  # (not while another task waits on it)
+                self._wakeup = anyio.Event()
             await self._wakeup.wait()
         return self._buffer.popleft()

@@ -86,7 +86,7 @@ class FlowRun:
         Returns:
             True if the run received it; False if the run had already ended.
         """
-        if self._done.is_set() or self._run is None:
+        if self._done.is_set() or self._run is None or self._run.over:
             return False
         self._run.control.on_signal(InterruptSignal(reason=reason, force=force, source=source))
         return True
@@ -112,6 +112,11 @@ class FlowRun:
             stream.close()
             return stream
         past = run.past_events()
+        if run.told_end is not None:  # asked by a listener of the end event itself
+            past.append(run.told_end)
+            stream = EventStream(past, max_buffer)
+            stream.close()
+            return stream
         if self._done.is_set():
             end: Completed[Any] | Interrupted | BaseException | None = self._error or self._outcome
             assert end is not None

@@ -231,7 +231,7 @@ async def test_a_cancelled_run_tells_a_forced_end_once() -> None:
         tg.start_soon(run_it)
         await started.wait()
         tg.cancel_scope.cancel()
-    assert kinds(events)[-2:] == [("step.cancelled", "hang"), ("flow.interrupted", None)]
+    assert kinds(events)[-3:] == [("step.cancelled", "hang"), ("interrupt.received", None), ("flow.interrupted", None)]
     assert isinstance(events[-1], sp.FlowInterruptedEvent)
     assert events[-1].forced is True
     assert events[-1].signal.source == "cancel"
