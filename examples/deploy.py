@@ -1,15 +1,19 @@
 """A deploy flow that an operator stops halfway through the upload, persisted, then resumed.
 
-Run it with `python examples/deploy.py`. The flow has four steps, server -> upload -> config -> start. While
-`upload` sends its parts, another task (the "operator") interrupts the run once the first part is up. The part
-being uploaded at that moment is finished, never cut off; the upload then stops at its next stopping point, and
-`config` and `start` never begin. The run returns `sp.Interrupted`, whose report says what happened to each step.
+Run it with `stoppoint run examples/deploy.py:deploy` (press Ctrl-C during the upload, then run the `stoppoint
+resume RUN_ID` it prints), or with `python examples/deploy.py`, which plays the operator itself, as follows.
+
+The flow has four steps, server -> upload -> config -> start. While `upload` sends its parts, another task (the
+"operator") interrupts the run once the first part is up. The part being uploaded at that moment is finished,
+never cut off; the upload then stops at its next stopping point, and `config` and `start` never begin. The run
+returns `sp.Interrupted`, whose report says what happened to each step.
 
 The run is persisted in the embedded store, an SQLite file (`.stoppoint/deploy.db` by default), and `main()`
 then runs the flow again with the same run id, which resumes it: `server` is not run again (its output comes
 back from the file), the upload starts over, and the deploy completes. Each run of the script is a new run id.
 """
 
+import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -20,6 +24,8 @@ from pydantic import BaseModel
 import stoppoint as sp
 
 PARTS = ("app.tar.gz", "static.tar.gz", "migrations.sql")
+# Seconds to "send" each part: long enough to press Ctrl-C under `stoppoint run` (tests make it short).
+PART_SECONDS = float(os.environ.get("DEPLOY_PART_SECONDS", "1.0"))
 
 
 class ServerInfo(BaseModel):
@@ -49,7 +55,7 @@ first_part_uploaded: anyio.Event | None = None
 
 
 @deploy.step
-async def server(ctx: sp.StepContext, host: str) -> ServerInfo:
+async def server(ctx: sp.StepContext, host: str = "web-1.example.com") -> ServerInfo:
     await ctx.checkpoint()
     return ServerInfo(host=host, release_dir=f"/srv/app/releases/{ctx.run_id}")
 
@@ -59,11 +65,13 @@ async def upload(ctx: sp.StepContext, server: ServerInfo) -> UploadReceipt:
     uploaded: list[str] = []
     # `ctx.iterate` puts a stopping point before every part: if the run was interrupted, the step stops there.
     async for part in ctx.iterate(PARTS):
-        await anyio.sleep(0.05)  # pretend to send the part
+        ctx.progress(len(uploaded), len(PARTS), f"sending {part}")
+        await anyio.sleep(PART_SECONDS)  # pretend to send the part
         uploaded.append(part)
         print(f"  uploaded part {len(uploaded)}/{len(PARTS)}: {part} -> {server.host}:{server.release_dir}")
         if len(uploaded) == 1 and first_part_uploaded is not None:
             first_part_uploaded.set()
+    ctx.progress(len(uploaded), len(PARTS), "all parts sent")
     return UploadReceipt(server=server, parts=uploaded)
 
 

@@ -1,6 +1,7 @@
 """The examples run and stop where they say they stop."""
 
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -36,6 +37,7 @@ def test_deploy_script_prints_report(tmp_path: Path) -> None:
         timeout=60,
         check=False,
         cwd=tmp_path,
+        env={**os.environ, "DEPLOY_PART_SECONDS": "0.05"},
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -52,6 +54,7 @@ def test_deploy_script_prints_report(tmp_path: Path) -> None:
 @pytest.mark.anyio
 async def test_deploy_main_is_interrupted_in_upload_then_resumed(anyio_backend: str, tmp_path: Path) -> None:
     example = load_example(DEPLOY)
+    example.PART_SECONDS = 0.05
     outcome, resumed = await example.main(tmp_path / "deploy.db")
     assert isinstance(outcome, sp.Interrupted)
     assert not outcome.forced

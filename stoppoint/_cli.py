@@ -1,0 +1,404 @@
+"""The `stoppoint` command: run a flow from a file, stop it with Ctrl-C, resume it, list and show runs.
+
+    stoppoint run FILE.py:FLOW [--input k=v ...] [--inputs-json FILE] [--run-id ID] [--store PATH]
+                               [--strategy at-checkpoint|finish-current|poll-next-N|ignore] [--grace SECONDS]
+    stoppoint resume RUN_ID [--store PATH]
+    stoppoint runs [--flow NAME] [--store PATH]
+    stoppoint show RUN_ID [--json] [--store PATH]
+
+Runs are kept in an embedded SQLite file, `.stoppoint/runs.db` under the current directory unless
+`--store` says otherwise; next to each run the store keeps the target it was started from, so
+`resume RUN_ID` needs nothing else. Exit codes: 0 completed, 130 interrupted, 1 a step failed,
+2 a usage or definition error (the message names it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sqlite3
+import sys
+import typing
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import anyio
+import pydantic
+
+from ._display import Display, summary
+from ._errors import FlowDefinitionError, FlowInputError, StepFailed, StoppointError
+from ._flow import Flow
+from ._outcome import Completed, Interrupted, RunReport
+from ._signal import interrupt_channel, interrupt_on_signals
+from ._store import RunStatus, SQLiteStore
+from ._strategy import AtCheckpoint, FinishCurrent, IgnoreInterruptions, PollNextN, Strategy
+
+__all__ = ["main"]
+
+DEFAULT_STORE = Path(".stoppoint") / "runs.db"
+EXIT_COMPLETED, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+# Next to the store's own tables, in the same file: which target each run was started from.
+_TARGETS_TABLE = (
+    "CREATE TABLE IF NOT EXISTS cli_targets (run_id TEXT PRIMARY KEY, flow TEXT NOT NULL, target TEXT NOT NULL)"
+)
+
+
+class UsageError(Exception):
+    """A problem with what the command was asked to do (exit code 2)."""
+
+
+def _fail(message: str) -> NoReturn:
+    raise UsageError(message)
+
+
+# -- targets and inputs ---------------------------------------------------------------------------------
+
+
+def load_target(target: str) -> Flow:
+    """The `Flow` named by `FILE.py:FLOW` (the file is imported as a module of its own)."""
+    path_text, sep, name = target.rpartition(":")
+    if not sep or not path_text or not name:
+        _fail(f"target {target!r}: expected FILE.py:FLOW, such as examples/deploy.py:deploy")
+    path = Path(path_text)
+    if not path.is_file():
+        _fail(f"target {target!r}: no such file {path_text!r}")
+    module_name = f"stoppoint_target_{uuid.uuid4().hex}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        _fail(f"target {target!r}: cannot import {path_text!r} (not a Python file?)")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses and pydantic look their module up while it loads
+    sys.path.insert(0, str(path.resolve().parent))  # so the file can import its neighbours
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        _fail(f"target {target!r}: importing {path_text!r} raised {type(exc).__name__}: {exc}")
+    finally:
+        sys.path.remove(str(path.resolve().parent))
+    flow = getattr(module, name, None)
+    if flow is None:
+        flows = sorted(key for key, value in vars(module).items() if isinstance(value, Flow))
+        _fail(
+            f"target {target!r}: {path_text!r} has no flow named {name!r}"
+            + (f" (its flows: {', '.join(flows)})" if flows else " (it defines no Flow)")
+        )
+    if not isinstance(flow, Flow):
+        _fail(f"target {target!r}: {name!r} is a {type(flow).__name__}, not a stoppoint Flow")
+    return flow
+
+
+def _input_annotations(flow: Flow) -> dict[str, Any]:
+    """Each flow input's annotation, from the first step that takes it (Any if it has none)."""
+    annotations: dict[str, Any] = {}
+    for spec in flow._specs.values():
+        if spec.fn is None:
+            continue
+        try:
+            hints = typing.get_type_hints(spec.fn)
+        except Exception:  # an annotation that cannot be resolved: take the value as given
+            hints = {}
+        for item in spec.inputs:
+            annotations.setdefault(item.param, hints.get(item.param, Any))
+    return annotations
+
+
+def parse_inputs(flow: Flow, pairs: Sequence[str], inputs_json: str | None) -> dict[str, Any]:
+    """`--inputs-json FILE` then `--input k=v` (later wins), each validated against its step
+    parameter's annotation with pydantic (`"5"` becomes 5 for an `int`, JSON for lists and models)."""
+    annotations = _input_annotations(flow)
+    values: dict[str, Any] = {}
+    if inputs_json is not None:
+        try:
+            loaded = json.loads(Path(inputs_json).read_text())
+        except OSError as exc:
+            _fail(f"--inputs-json {inputs_json!r}: cannot read it: {exc.strerror or exc}")
+        except json.JSONDecodeError as exc:
+            _fail(f"--inputs-json {inputs_json!r}: not JSON: {exc}")
+        if not isinstance(loaded, dict):
+            _fail(f"--inputs-json {inputs_json!r}: expected a JSON object of inputs, got {type(loaded).__name__}")
+        for key, value in loaded.items():
+            values[key] = _validated(flow, annotations, key, value, from_text=False)
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            _fail(f"--input {pair!r}: expected NAME=VALUE")
+        values[key] = _validated(flow, annotations, key, text, from_text=True)
+    return values
+
+
+def _validated(flow: Flow, annotations: dict[str, Any], key: str, value: Any, *, from_text: bool) -> Any:
+    if key not in annotations:
+        known = ", ".join(sorted(annotations)) or "none"
+        _fail(f"flow {flow.name!r} has no input {key!r} (its inputs: {known})")
+    annotation = annotations[key]
+    if annotation is Any or annotation is str:
+        return value
+    adapter: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(annotation)
+    try:
+        if not from_text:
+            return adapter.validate_python(value)
+        try:
+            return adapter.validate_strings(value)
+        except pydantic.ValidationError:
+            return adapter.validate_json(value)  # lists, dicts, models given as JSON
+    except pydantic.ValidationError as exc:
+        problem = exc.errors()[0]["msg"] if exc.errors() else str(exc)
+        _fail(f"input {key!r} of flow {flow.name!r}: {value!r} is not a valid {_type_name(annotation)}: {problem}")
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or repr(annotation).replace("typing.", "")
+
+
+def parse_strategy(text: str) -> Strategy:
+    if text == "at-checkpoint":
+        return AtCheckpoint()
+    if text == "finish-current":
+        return FinishCurrent()
+    if text == "ignore":
+        return IgnoreInterruptions()
+    prefix = "poll-next-"
+    if text.startswith(prefix) and text[len(prefix) :].isdigit():
+        return PollNextN(int(text[len(prefix) :]))
+    _fail(f"--strategy {text!r}: expected at-checkpoint, finish-current, poll-next-N (N >= 0) or ignore")
+
+
+# -- the store ------------------------------------------------------------------------------------------
+
+
+def _store(path: str | None) -> SQLiteStore:
+    store_path = Path(path) if path is not None else DEFAULT_STORE
+    if path is None:
+        store_path.parent.mkdir(parents=True, exist_ok=True)
+    elif not store_path.parent.is_dir():
+        _fail(f"--store {path!r}: its directory does not exist")
+    return SQLiteStore(store_path)
+
+
+def _targets(store: SQLiteStore) -> sqlite3.Connection:
+    connection = sqlite3.connect(store.path, timeout=30)
+    connection.execute(_TARGETS_TABLE)
+    connection.commit()
+    return connection
+
+
+def _remember(store: SQLiteStore, run_id: str, flow: str, target: str) -> None:
+    connection = _targets(store)
+    try:
+        with connection:
+            connection.execute(
+                "INSERT OR REPLACE INTO cli_targets (run_id, flow, target) VALUES (?, ?, ?)", (run_id, flow, target)
+            )
+    finally:
+        connection.close()
+
+
+def _target_of(store: SQLiteStore, run_id: str) -> tuple[str, str] | None:
+    connection = _targets(store)
+    try:
+        row = connection.execute("SELECT flow, target FROM cli_targets WHERE run_id = ?", (run_id,)).fetchone()
+    finally:
+        connection.close()
+    return None if row is None else (row[0], row[1])
+
+
+async def _find(store: SQLiteStore, run_id: str) -> Any:
+    for record in await store.list_runs():
+        if record.run_id == run_id:
+            return record
+    return None
+
+
+# -- commands -------------------------------------------------------------------------------------------
+
+
+async def _run_flow(
+    flow: Flow,
+    store: SQLiteStore,
+    run_id: str,
+    *,
+    inputs: dict[str, Any] | None,
+    strategy: Strategy,
+    grace: float | None,
+    store_arg: str | None,
+) -> int:
+    interrupter, receiver = interrupt_channel()
+    with interrupter, receiver:
+        async with interrupt_on_signals(interrupter), anyio.create_task_group() as tg:
+            handle = await flow.start(
+                tg, inputs, interrupts=receiver, strategy=strategy, store=store, run_id=run_id, grace=grace
+            )
+            async with Display(handle, sys.stdout) as display:
+                tg.start_soon(display.follow)
+                try:
+                    outcome: Completed[Any] | Interrupted | None = await handle.outcome()
+                    failure: StepFailed | None = None
+                except StepFailed as exc:
+                    outcome, failure = None, exc
+            report = failure.report if failure is not None else handle.report
+    resume = f"stoppoint resume {run_id}" + (f" --store {store_arg}" if store_arg is not None else "")
+    print(summary(report, resume=resume if failure is not None or isinstance(outcome, Interrupted) else None))
+    if failure is not None:
+        print(f"step {failure.step!r} failed: {type(failure.__cause__).__name__}: {failure.__cause__}")
+        return EXIT_FAILED
+    if isinstance(outcome, Interrupted):
+        return EXIT_INTERRUPTED
+    return EXIT_COMPLETED
+
+
+async def cmd_run(args: argparse.Namespace) -> int:
+    flow = load_target(args.target)
+    inputs = parse_inputs(flow, args.input or [], args.inputs_json)
+    strategy = parse_strategy(args.strategy)
+    if args.grace is not None and args.grace < 0:
+        _fail(f"--grace {args.grace}: expected seconds >= 0")
+    run_id = args.run_id or uuid.uuid4().hex
+    async with _store(args.store) as store:
+        if await _find(store, run_id) is not None:
+            _fail(f"run {run_id!r} is already in the store; use `stoppoint resume {run_id}`")
+        _remember(store, run_id, flow.name, args.target)
+        return await _run_flow(
+            flow, store, run_id, inputs=inputs, strategy=strategy, grace=args.grace, store_arg=args.store
+        )
+
+
+async def cmd_resume(args: argparse.Namespace) -> int:
+    async with _store(args.store) as store:
+        found = _target_of(store, args.run_id)
+        if found is None or await _find(store, args.run_id) is None:
+            _fail(f"no run {args.run_id!r} in {store.path} (`stoppoint runs` lists them)")
+        flow_name, target = found
+        flow = load_target(target)
+        if flow.name != flow_name:
+            _fail(f"run {args.run_id!r} is of flow {flow_name!r}, but {target} is now flow {flow.name!r}")
+        return await _run_flow(
+            flow, store, args.run_id, inputs=None, strategy=AtCheckpoint(), grace=None, store_arg=args.store
+        )
+
+
+async def cmd_runs(args: argparse.Namespace) -> int:
+    async with _store(args.store) as store:
+        records = await store.list_runs(args.flow)
+    if not records:
+        print("no runs" + (f" of flow {args.flow!r}" if args.flow else ""))
+        return EXIT_COMPLETED
+    width = max(len(record.run_id) for record in records)
+    print(f"{'RUN ID':<{width}}  {'FLOW':<16} {'STATUS':<12} UPDATED")
+    for record in records:
+        updated = record.updated_at.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{record.run_id:<{width}}  {record.flow:<16} {record.status.value:<12} {updated}")
+    return EXIT_COMPLETED
+
+
+async def cmd_show(args: argparse.Namespace) -> int:
+    async with _store(args.store) as store:
+        record = await _find(store, args.run_id)
+        if record is None:
+            _fail(f"no run {args.run_id!r} in {store.path} (`stoppoint runs` lists them)")
+        stored = await store.load(record.flow, args.run_id)
+        found = _target_of(store, args.run_id)
+    assert stored is not None
+    report = RunReport.model_validate_json(stored.report_json)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "run_id": record.run_id,
+                    "flow": record.flow,
+                    "status": record.status.value,
+                    "target": found[1] if found else None,
+                    "report": json.loads(report.model_dump_json()),
+                },
+                indent=2,
+            )
+        )
+        return EXIT_COMPLETED
+    unfinished = record.status not in (RunStatus.COMPLETED,)
+    print(f"run {record.run_id} of flow {record.flow}: {record.status.value}")
+    print(summary(report, resume=f"stoppoint resume {record.run_id}" if unfinished else None))
+    return EXIT_COMPLETED
+
+
+# -- entry point ----------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stoppoint",
+        description="Run flows that stop safely at their stopping points: Ctrl-C once stops at the next one, "
+        "twice forces.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    store_help = f"the run store, an SQLite file (default: {DEFAULT_STORE})"
+
+    run = commands.add_parser("run", help="run a flow from a Python file")
+    run.add_argument("target", metavar="FILE.py:FLOW", help="the file and the name of the Flow in it")
+    run.add_argument("--input", action="append", metavar="NAME=VALUE", help="an input of the flow (repeatable)")
+    run.add_argument("--inputs-json", metavar="FILE", help="inputs from a JSON object in FILE")
+    run.add_argument("--run-id", metavar="ID", help="the run's id (default: a new random one)")
+    run.add_argument("--store", metavar="PATH", help=store_help)
+    run.add_argument(
+        "--strategy",
+        default="at-checkpoint",
+        metavar="STRATEGY",
+        help="when an interrupt takes effect: at-checkpoint (default), finish-current, poll-next-N, ignore",
+    )
+    run.add_argument("--grace", type=float, metavar="SECONDS", help="force the stop this long after the first")
+
+    resume = commands.add_parser("resume", help="go on with a stored run that did not complete")
+    resume.add_argument("run_id", metavar="RUN_ID")
+    resume.add_argument("--store", metavar="PATH", help=store_help)
+
+    runs = commands.add_parser("runs", help="list the stored runs")
+    runs.add_argument("--flow", metavar="NAME", help="only the runs of this flow")
+    runs.add_argument("--store", metavar="PATH", help=store_help)
+
+    show = commands.add_parser("show", help="show one stored run")
+    show.add_argument("run_id", metavar="RUN_ID")
+    show.add_argument("--json", action="store_true", help="print it as JSON")
+    show.add_argument("--store", metavar="PATH", help=store_help)
+    return parser
+
+
+_COMMANDS = {"run": cmd_run, "resume": cmd_resume, "runs": cmd_runs, "show": cmd_show}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `stoppoint` command (also `python -m stoppoint`); returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        return anyio.run(_COMMANDS[args.command], args)
+    except BaseExceptionGroup as group:  # raised inside a task group: report the one error in it
+        errors = group.exceptions
+        while len(errors) == 1 and isinstance(errors[0], BaseExceptionGroup):
+            errors = errors[0].exceptions
+        if len(errors) == 1 and isinstance(errors[0], UsageError | StoppointError):
+            return _error(errors[0])
+        raise
+    except (UsageError, StoppointError) as exc:
+        return _error(exc)
+    except KeyboardInterrupt:  # a Ctrl-C outside a run (say, while the file was imported)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader went away (`stoppoint runs | head`)
+        sys.stderr.close()
+        return EXIT_FAILED
+
+
+def _error(exc: BaseException) -> int:
+    """Usage and definition errors, bad inputs, stores that cannot be used: exit code 2."""
+    shown = (
+        str(exc)
+        if isinstance(exc, UsageError | FlowDefinitionError | FlowInputError)
+        else f"{type(exc).__name__}: {exc}"
+    )
+    print(f"stoppoint: error: {shown}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def entry_point() -> NoReturn:
+    """The console script."""
+    sys.exit(main())

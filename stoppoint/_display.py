@@ -1,0 +1,167 @@
+"""What the `stoppoint` command shows: a live table of steps on a terminal, plain lines otherwise,
+and the summary at the end."""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import TYPE_CHECKING, TextIO
+
+import anyio
+
+from ._events import (
+    FlowStartedEvent,
+    InterruptReceivedEvent,
+    RunEvent,
+    StepCompletedEvent,
+    StepFailedEvent,
+    StepStoppedEvent,
+)
+from ._outcome import RunReport, StepReport, StepStatus
+
+if TYPE_CHECKING:
+    from rich.live import Live
+    from rich.table import Table
+
+    from ._handle import FlowRun
+
+__all__ = ["Display", "summary"]
+
+REFRESH_SECONDS = 0.2  # how often the live table reads the run's report (for ctx.progress)
+
+_STYLES = {
+    StepStatus.PENDING: "dim",
+    StepStatus.RUNNING: "bold yellow",
+    StepStatus.COMPLETED: "green",
+    StepStatus.INTERRUPTED: "bold red",
+    StepStatus.CANCELLED: "red",
+    StepStatus.FAILED: "bold red",
+    StepStatus.NOT_STARTED: "dim",
+}
+
+
+def _progress(step: StepReport) -> str:
+    if step.progress is None:
+        return ""
+    done, total, message = step.progress.done, step.progress.total, step.progress.message
+    text = f"{done:g}/{total:g}" if total is not None else f"{done:g}"
+    return f"{text} {message}" if message else text
+
+
+class Display:
+    """Follows one run: `async with Display(handle, out) as display: tg.start_soon(display.follow)`."""
+
+    def __init__(self, handle: FlowRun, out: TextIO) -> None:
+        self._handle = handle
+        self._flow = handle.flow
+        self._run_id = handle.run_id
+        self._out = out
+        self._live: Live | None = None
+        self._signals = 0
+
+    async def __aenter__(self) -> Display:
+        if self._out.isatty():
+            from rich.console import Console
+            from rich.live import Live
+
+            self._live = Live(console=Console(file=self._out), refresh_per_second=10, transient=False)
+            self._live.start()
+        else:
+            self._line(f"run {self._run_id} of flow {self._flow}")
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._live is not None:
+            self._live.update(self._table(self._handle.report))
+            self._live.stop()
+
+    async def follow(self) -> None:
+        """Show the run's events until it ends (and, on a terminal, its progress as it goes)."""
+        async with anyio.create_task_group() as tg:
+            if self._live is not None:
+                tg.start_soon(self._refresh, self._handle)
+            async for event in self._handle.events():
+                self._show(event)
+            tg.cancel_scope.cancel()
+
+    async def _refresh(self, handle: FlowRun) -> None:
+        assert self._live is not None
+        while True:
+            self._live.update(self._table(handle.report))
+            await anyio.sleep(REFRESH_SECONDS)
+
+    def _show(self, event: RunEvent) -> None:
+        if isinstance(event, InterruptReceivedEvent):
+            self._signals += 1
+            if event.signal.force:
+                self._note("forced: cancelling the steps in flight")
+            elif self._signals == 1:
+                press = "; press Ctrl-C again to force" if event.signal.source in ("SIGINT", "SIGTERM") else ""
+                self._note(f"stopping at the next stopping point ({event.signal.reason}){press}")
+            return
+        if self._live is not None:
+            self._live.update(self._table(self._handle.report))
+            return
+        if isinstance(event, FlowStartedEvent):
+            if event.resumed:
+                self._line(f"resumed: {', '.join(event.resumed)} completed before, not run again")
+            return
+        step = getattr(event, "step", None)
+        detail = ""
+        if isinstance(event, StepCompletedEvent):
+            detail = f" ({event.duration_s:.2f} s)"
+        elif isinstance(event, StepStoppedEvent) and event.stopped_at:
+            detail = f" at {event.stopped_at}"
+        elif isinstance(event, StepFailedEvent):
+            detail = f": {event.error}"
+        where = f" {event.flow}.{step}" if step is not None and event.flow != self._flow else f" {step or ''}"
+        self._line(f"{event.at.astimezone().strftime('%H:%M:%S')} {event.event}{where.rstrip()}{detail}")
+
+    def _note(self, text: str) -> None:
+        if self._live is not None:
+            self._live.console.print(f"[bold]{text}[/bold]")
+        else:
+            self._line(text)
+
+    def _line(self, text: str) -> None:
+        print(text, file=self._out, flush=True)
+
+    def _table(self, report: RunReport) -> Table:
+        from rich.table import Table
+
+        table = Table(title=f"{self._flow} - run {self._run_id}", title_justify="left")
+        table.add_column("step")
+        table.add_column("status")
+        table.add_column("progress")
+        table.add_column("time", justify="right")
+        for name, step in report.steps.items():
+            seconds = f"{step.duration_s:.2f} s" if step.duration_s is not None else ""
+            status = step.status.value + (f" at {step.stopped_at}" if step.stopped_at else "")
+            table.add_row(name, f"[{_STYLES[step.status]}]{status}[/]", _progress(step), seconds)
+        return table
+
+
+def summary(report: RunReport, *, resume: str | None) -> str:
+    """The end-of-run summary: what completed, what stopped where, what never started, and how
+    to go on."""
+    groups: dict[str, list[str]] = {}
+    for name, step in report.steps.items():
+        status = step.status
+        if status is StepStatus.INTERRUPTED:
+            label = f"{name} (at {step.stopped_at})" if step.stopped_at else name
+            groups.setdefault("stopped", []).append(label)
+        elif status is StepStatus.FAILED:
+            groups.setdefault("failed", []).append(f"{name} ({step.error})")
+        elif status in (StepStatus.NOT_STARTED, StepStatus.PENDING):
+            groups.setdefault("not started", []).append(name)
+        else:
+            groups.setdefault(status.value, []).append(name + (" (resumed)" if step.resumed else ""))
+    width = max((len(key) for key in groups), default=0)
+    lines = ["", "summary:"]
+    for key in ("completed", "stopped", "failed", "cancelled", "not started", "running"):
+        if key in groups:
+            lines.append(f"  {key + ':':<{width + 1}} {', '.join(groups[key])}")
+    if resume is not None:
+        lines.append(f"to resume: {resume}")
+    return "\n".join(lines)
