@@ -982,10 +982,10 @@ class _Run:
                 now = _perf_counter()
                 record.status = _COMPLETED
                 record.finished = now
-                record.duration = now - started
                 outputs[name] = value
                 if self.store:
                     # Durability: the output is committed before any step that needs it starts.
+                    record.duration = now - started  # (the saved report reads the record)
                     await self.saved()
                 for dependant, alone in dependants:
                     if alone:
@@ -1009,10 +1009,13 @@ class _Run:
                     # A record may outlive its step (the report reads it); its context need not.
                     record.progress = ctx._progress
                     record.ctx = None
-                record.told = True
                 if record.status is _COMPLETED and record.progress is None:
                     del self.records[name]
                     self.finished.append((name, started, now))  # see _Timeline.finished
+                else:
+                    if record.status is _COMPLETED:
+                        record.duration = now - started
+                    record.told = True
                 if control.observer is not None:  # (someone may have begun listening meanwhile)
                     self.step_ended(name, record, now)
         finally:
