@@ -15,8 +15,13 @@ Runs are kept in an embedded SQLite file, `.stoppoint/runs.db` under the current
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import inspect
 import json
+import math
+import re
+import shlex
 import sqlite3
 import sys
 import typing
@@ -75,7 +80,7 @@ def load_target(target: str) -> Flow:
     sys.path.insert(0, str(path.resolve().parent))  # so the file can import its neighbours
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # SystemExit: a file that calls sys.exit() or argparse on import
         _fail(f"target {target!r}: importing {path_text!r} raised {type(exc).__name__}: {exc}")
     finally:
         sys.path.remove(str(path.resolve().parent))
@@ -91,18 +96,44 @@ def load_target(target: str) -> Flow:
     return flow
 
 
+def absolute_target(target: str) -> str:
+    """`FILE.py:FLOW` with FILE made absolute, so that a run resumes from any directory."""
+    path_text, _, name = target.rpartition(":")
+    return f"{Path(path_text).resolve()}:{name}"
+
+
+def _hint(fn: Any, param: str) -> Any:
+    """The annotation of `fn`'s parameter `param`, resolved on its own (another parameter's
+    unresolvable annotation does not lose this one); Any if it has none or it cannot be resolved."""
+    try:
+        return typing.get_type_hints(fn).get(param, Any)
+    except Exception:
+        pass
+    annotation = inspect.signature(fn).parameters[param].annotation
+    if annotation is inspect.Parameter.empty:
+        return Any
+    if isinstance(annotation, str):
+        try:
+            return eval(annotation, getattr(fn, "__globals__", {}))  # the step author's own annotation text
+        except Exception:
+            return Any
+    return annotation
+
+
 def _input_annotations(flow: Flow) -> dict[str, Any]:
-    """Each flow input's annotation, from the first step that takes it (Any if it has none)."""
+    """Each flow input's annotation, from the first step that takes it, looking into included
+    flows (Any if it has none)."""
     annotations: dict[str, Any] = {}
     for spec in flow._specs.values():
         if spec.fn is None:
+            if spec.include is not None:
+                inner = _input_annotations(spec.include)
+                for item in spec.inputs:
+                    annotations.setdefault(item.param, inner.get(item.param, Any))
             continue
-        try:
-            hints = typing.get_type_hints(spec.fn)
-        except Exception:  # an annotation that cannot be resolved: take the value as given
-            hints = {}
         for item in spec.inputs:
-            annotations.setdefault(item.param, hints.get(item.param, Any))
+            if item.param not in annotations:
+                annotations[item.param] = _hint(spec.fn, item.param)
     return annotations
 
 
@@ -113,9 +144,11 @@ def parse_inputs(flow: Flow, pairs: Sequence[str], inputs_json: str | None) -> d
     values: dict[str, Any] = {}
     if inputs_json is not None:
         try:
-            loaded = json.loads(Path(inputs_json).read_text())
+            loaded = json.loads(Path(inputs_json).read_text(encoding="utf-8"))
         except OSError as exc:
             _fail(f"--inputs-json {inputs_json!r}: cannot read it: {exc.strerror or exc}")
+        except UnicodeDecodeError as exc:
+            _fail(f"--inputs-json {inputs_json!r}: not UTF-8 text: {exc}")
         except json.JSONDecodeError as exc:
             _fail(f"--inputs-json {inputs_json!r}: not JSON: {exc}")
         if not isinstance(loaded, dict):
@@ -135,23 +168,28 @@ def _validated(flow: Flow, annotations: dict[str, Any], key: str, value: Any, *,
         known = ", ".join(sorted(annotations)) or "none"
         _fail(f"flow {flow.name!r} has no input {key!r} (its inputs: {known})")
     annotation = annotations[key]
-    if annotation is Any or annotation is str:
+    if annotation is Any:
         return value
-    adapter: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(annotation)
+    where = f"input {key!r} of flow {flow.name!r}"
+    try:
+        adapter: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(annotation)
+    except Exception as exc:  # a type pydantic cannot validate: it cannot come from a command line either
+        _fail(f"{where}: its type {_type_name(annotation)} cannot be given on the command line ({exc})")
     try:
         if not from_text:
             return adapter.validate_python(value)
-        try:
-            return adapter.validate_strings(value)
-        except pydantic.ValidationError:
-            return adapter.validate_json(value)  # lists, dicts, models given as JSON
+        if value.lstrip()[:1] in ("[", "{", '"'):  # lists, dicts and models are given as JSON
+            return adapter.validate_json(value)
+        return adapter.validate_strings(value)
     except pydantic.ValidationError as exc:
         problem = exc.errors()[0]["msg"] if exc.errors() else str(exc)
-        _fail(f"input {key!r} of flow {flow.name!r}: {value!r} is not a valid {_type_name(annotation)}: {problem}")
+        _fail(f"{where}: {value!r} is not a valid {_type_name(annotation)}: {problem}")
 
 
 def _type_name(annotation: Any) -> str:
-    return getattr(annotation, "__name__", None) or repr(annotation).replace("typing.", "")
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return repr(annotation).replace("typing.", "")
 
 
 def parse_strategy(text: str) -> Strategy:
@@ -161,9 +199,9 @@ def parse_strategy(text: str) -> Strategy:
         return FinishCurrent()
     if text == "ignore":
         return IgnoreInterruptions()
-    prefix = "poll-next-"
-    if text.startswith(prefix) and text[len(prefix) :].isdigit():
-        return PollNextN(int(text[len(prefix) :]))
+    match = re.fullmatch(r"poll-next-([0-9]+)", text)
+    if match is not None:
+        return PollNextN(int(match.group(1)))
     _fail(f"--strategy {text!r}: expected at-checkpoint, finish-current, poll-next-N (N >= 0) or ignore")
 
 
@@ -171,12 +209,39 @@ def parse_strategy(text: str) -> Strategy:
 
 
 def _store(path: str | None) -> SQLiteStore:
+    """The store to run in (made, with `.stoppoint/`, if it does not exist yet)."""
     store_path = Path(path) if path is not None else DEFAULT_STORE
     if path is None:
         store_path.parent.mkdir(parents=True, exist_ok=True)
     elif not store_path.parent.is_dir():
         _fail(f"--store {path!r}: its directory does not exist")
     return SQLiteStore(store_path)
+
+
+def _existing_store(path: str | None, run_id: str | None = None) -> SQLiteStore | None:
+    """The store to look into, or None if there is none yet (looking creates nothing)."""
+    store_path = Path(path) if path is not None else DEFAULT_STORE
+    if not store_path.exists():
+        if run_id is not None:
+            _fail(f"no run {run_id!r}: there is no store at {store_path} yet")
+        return None
+    return SQLiteStore(store_path)
+
+
+def _check_run_id(run_id: str) -> str:
+    if not run_id:
+        _fail("--run-id: a run id cannot be empty")
+    try:
+        run_id.encode("utf-8")
+    except UnicodeEncodeError:
+        _fail(f"run id {run_id!r}: not valid UTF-8 text")
+    return run_id
+
+
+def _resume_command(run_id: str, store_arg: str | None) -> str:
+    """The command to resume `run_id`, quoted for a shell."""
+    command = f"stoppoint resume {shlex.quote(run_id)}"
+    return command + (f" --store {shlex.quote(store_arg)}" if store_arg is not None else "")
 
 
 def _targets(store: SQLiteStore) -> sqlite3.Connection:
@@ -226,13 +291,16 @@ async def _run_flow(
     grace: float | None,
     store_arg: str | None,
 ) -> int:
+    if not sys.stdout.isatty():
+        print(f"run {run_id} of flow {flow.name}", flush=True)  # before the steps print anything
     interrupter, receiver = interrupt_channel()
     with interrupter, receiver:
         async with interrupt_on_signals(interrupter), anyio.create_task_group() as tg:
             handle = await flow.start(
                 tg, inputs, interrupts=receiver, strategy=strategy, store=store, run_id=run_id, grace=grace
             )
-            async with Display(handle, sys.stdout) as display:
+            ignoring = isinstance(strategy, IgnoreInterruptions)
+            async with Display(handle, sys.stdout, ignoring=ignoring) as display:
                 tg.start_soon(display.follow)
                 try:
                     outcome: Completed[Any] | Interrupted | None = await handle.outcome()
@@ -240,10 +308,12 @@ async def _run_flow(
                 except StepFailed as exc:
                     outcome, failure = None, exc
             report = failure.report if failure is not None else handle.report
-    resume = f"stoppoint resume {run_id}" + (f" --store {store_arg}" if store_arg is not None else "")
-    print(summary(report, resume=resume if failure is not None or isinstance(outcome, Interrupted) else None))
+    unfinished = failure is not None or isinstance(outcome, Interrupted)
+    with contextlib.suppress(BrokenPipeError):  # the reader went away: the run is over all the same
+        print(summary(report, resume=_resume_command(run_id, store_arg) if unfinished else None))
+        if failure is not None:
+            print(f"step {failure.step!r} failed: {type(failure.__cause__).__name__}: {failure.__cause__}")
     if failure is not None:
-        print(f"step {failure.step!r} failed: {type(failure.__cause__).__name__}: {failure.__cause__}")
         return EXIT_FAILED
     if isinstance(outcome, Interrupted):
         return EXIT_INTERRUPTED
@@ -254,39 +324,56 @@ async def cmd_run(args: argparse.Namespace) -> int:
     flow = load_target(args.target)
     inputs = parse_inputs(flow, args.input or [], args.inputs_json)
     strategy = parse_strategy(args.strategy)
-    if args.grace is not None and args.grace < 0:
-        _fail(f"--grace {args.grace}: expected seconds >= 0")
-    run_id = args.run_id or uuid.uuid4().hex
+    _check_grace(args.grace)
+    run_id = _check_run_id(args.run_id) if args.run_id is not None else uuid.uuid4().hex
     async with _store(args.store) as store:
         if await _find(store, run_id) is not None:
-            _fail(f"run {run_id!r} is already in the store; use `stoppoint resume {run_id}`")
-        _remember(store, run_id, flow.name, args.target)
+            _fail(f"run {run_id!r} is already in the store; use `{_resume_command(run_id, args.store)}`")
+        _remember(store, run_id, flow.name, absolute_target(args.target))
         return await _run_flow(
             flow, store, run_id, inputs=inputs, strategy=strategy, grace=args.grace, store_arg=args.store
         )
 
 
+def _check_grace(grace: float | None) -> None:
+    if grace is not None and not (math.isfinite(grace) and grace >= 0):
+        _fail(f"--grace {grace}: expected a number of seconds >= 0")
+
+
 async def cmd_resume(args: argparse.Namespace) -> int:
-    async with _store(args.store) as store:
-        found = _target_of(store, args.run_id)
-        if found is None or await _find(store, args.run_id) is None:
-            _fail(f"no run {args.run_id!r} in {store.path} (`stoppoint runs` lists them)")
+    run_id = _check_run_id(args.run_id)
+    strategy = parse_strategy(args.strategy)
+    _check_grace(args.grace)
+    existing = _existing_store(args.store, run_id)
+    assert existing is not None
+    async with existing as store:
+        if await _find(store, run_id) is None:
+            _fail(f"no run {run_id!r} in {store.path} (`stoppoint runs` lists them)")
+        found = _target_of(store, run_id)
+        if found is None:
+            _fail(
+                f"run {run_id!r} was not started by the stoppoint command, so its FILE.py:FLOW is unknown; "
+                "resume it from Python with flow.run(store=..., run_id=...)"
+            )
         flow_name, target = found
         flow = load_target(target)
         if flow.name != flow_name:
-            _fail(f"run {args.run_id!r} is of flow {flow_name!r}, but {target} is now flow {flow.name!r}")
+            _fail(f"run {run_id!r} is of flow {flow_name!r}, but {target} is now flow {flow.name!r}")
         return await _run_flow(
-            flow, store, args.run_id, inputs=None, strategy=AtCheckpoint(), grace=None, store_arg=args.store
+            flow, store, run_id, inputs=None, strategy=strategy, grace=args.grace, store_arg=args.store
         )
 
 
 async def cmd_runs(args: argparse.Namespace) -> int:
-    async with _store(args.store) as store:
-        records = await store.list_runs(args.flow)
+    existing = _existing_store(args.store)
+    records = []
+    if existing is not None:
+        async with existing as store:
+            records = await store.list_runs(args.flow)
     if not records:
         print("no runs" + (f" of flow {args.flow!r}" if args.flow else ""))
         return EXIT_COMPLETED
-    width = max(len(record.run_id) for record in records)
+    width = max(len("RUN ID"), *(len(record.run_id) for record in records))
     print(f"{'RUN ID':<{width}}  {'FLOW':<16} {'STATUS':<12} UPDATED")
     for record in records:
         updated = record.updated_at.astimezone().strftime("%Y-%m-%d %H:%M:%S")
@@ -295,12 +382,15 @@ async def cmd_runs(args: argparse.Namespace) -> int:
 
 
 async def cmd_show(args: argparse.Namespace) -> int:
-    async with _store(args.store) as store:
-        record = await _find(store, args.run_id)
+    run_id = _check_run_id(args.run_id)
+    existing = _existing_store(args.store, run_id)
+    assert existing is not None
+    async with existing as store:
+        record = await _find(store, run_id)
         if record is None:
-            _fail(f"no run {args.run_id!r} in {store.path} (`stoppoint runs` lists them)")
-        stored = await store.load(record.flow, args.run_id)
-        found = _target_of(store, args.run_id)
+            _fail(f"no run {run_id!r} in {store.path} (`stoppoint runs` lists them)")
+        stored = await store.load(record.flow, run_id)
+        found = _target_of(store, run_id)
     assert stored is not None
     report = RunReport.model_validate_json(stored.report_json)
     if args.json:
@@ -317,9 +407,9 @@ async def cmd_show(args: argparse.Namespace) -> int:
             )
         )
         return EXIT_COMPLETED
-    unfinished = record.status not in (RunStatus.COMPLETED,)
+    resumable = record.status is not RunStatus.COMPLETED and found is not None
     print(f"run {record.run_id} of flow {record.flow}: {record.status.value}")
-    print(summary(report, resume=f"stoppoint resume {record.run_id}" if unfinished else None))
+    print(summary(report, resume=_resume_command(record.run_id, args.store) if resumable else None))
     return EXIT_COMPLETED
 
 
@@ -352,6 +442,8 @@ def _parser() -> argparse.ArgumentParser:
     resume = commands.add_parser("resume", help="go on with a stored run that did not complete")
     resume.add_argument("run_id", metavar="RUN_ID")
     resume.add_argument("--store", metavar="PATH", help=store_help)
+    resume.add_argument("--strategy", default="at-checkpoint", metavar="STRATEGY", help="as for run")
+    resume.add_argument("--grace", type=float, metavar="SECONDS", help="as for run")
 
     runs = commands.add_parser("runs", help="list the stored runs")
     runs.add_argument("--flow", metavar="NAME", help="only the runs of this flow")

@@ -3,10 +3,12 @@ and the summary at the end."""
 
 from __future__ import annotations
 
+import os
 from types import TracebackType
 from typing import TYPE_CHECKING, TextIO
 
 import anyio
+from rich.text import Text
 
 from ._events import (
     FlowStartedEvent,
@@ -50,8 +52,9 @@ def _progress(step: StepReport) -> str:
 class Display:
     """Follows one run: `async with Display(handle, out) as display: tg.start_soon(display.follow)`."""
 
-    def __init__(self, handle: FlowRun, out: TextIO) -> None:
+    def __init__(self, handle: FlowRun, out: TextIO, *, ignoring: bool = False) -> None:
         self._handle = handle
+        self._ignoring = ignoring  # the strategy ignores interrupts: say so, promise no stop
         self._flow = handle.flow
         self._run_id = handle.run_id
         self._out = out
@@ -65,8 +68,6 @@ class Display:
 
             self._live = Live(console=Console(file=self._out), refresh_per_second=10, transient=False)
             self._live.start()
-        else:
-            self._line(f"run {self._run_id} of flow {self._flow}")
         return self
 
     async def __aexit__(
@@ -94,7 +95,9 @@ class Display:
     def _show(self, event: RunEvent) -> None:
         if isinstance(event, InterruptReceivedEvent):
             self._signals += 1
-            if event.signal.force:
+            if self._ignoring:
+                self._note(f"interrupt ignored ({event.signal.reason}): the strategy is ignore, the run goes on")
+            elif event.signal.force:
                 self._note("forced: cancelling the steps in flight")
             elif self._signals == 1:
                 press = "; press Ctrl-C again to force" if event.signal.source in ("SIGINT", "SIGTERM") else ""
@@ -120,12 +123,16 @@ class Display:
 
     def _note(self, text: str) -> None:
         if self._live is not None:
-            self._live.console.print(f"[bold]{text}[/bold]")
+            self._live.console.print(Text(text, style="bold"))
         else:
             self._line(text)
 
     def _line(self, text: str) -> None:
-        print(text, file=self._out, flush=True)
+        try:
+            print(text, file=self._out, flush=True)
+        except BrokenPipeError:
+            # The reader went away (`stoppoint run ... | head`): the run goes on, unseen.
+            self._out = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
 
     def _table(self, report: RunReport) -> Table:
         from rich.table import Table
@@ -138,7 +145,8 @@ class Display:
         for name, step in report.steps.items():
             seconds = f"{step.duration_s:.2f} s" if step.duration_s is not None else ""
             status = step.status.value + (f" at {step.stopped_at}" if step.stopped_at else "")
-            table.add_row(name, f"[{_STYLES[step.status]}]{status}[/]", _progress(step), seconds)
+            # Text, not markup: names and progress messages are the user's, "[...]" included.
+            table.add_row(Text(name), Text(status, style=_STYLES[step.status]), Text(_progress(step)), seconds)
         return table
 
 
