@@ -37,8 +37,7 @@ stubborn = sp.Flow("stubborn")
 
 @stubborn.step
 async def wait_long(ctx: sp.StepContext) -> None:
-    await anyio.sleep(3600)  # no stopping point: only a forced stop (Ctrl-C twice) ends it
-    await ctx.checkpoint()
+    await anyio.sleep_forever()  # no stopping point: only a forced stop (Ctrl-C twice) ends it
 
 
 not_a_flow = 42

@@ -54,9 +54,9 @@ FAILING_ONCE = """
         return 2
 """
 
-# A step that waits until the test creates the file "gate" next to the flow file.
+# A step that waits until the test writes a line to the command's standard input.
 GATED = """
-    from pathlib import Path
+    import sys
     import anyio
     import stoppoint as sp
 
@@ -64,12 +64,8 @@ GATED = """
 
     @fl.step
     async def a(ctx: sp.StepContext) -> int:
-        gate = Path(__file__).with_name("gate")
-        for _ in range(3000):
-            if gate.exists():
-                return 1
-            await anyio.sleep(0.01)
-        raise TimeoutError("no gate")
+        await anyio.to_thread.run_sync(sys.stdin.readline)
+        return 1
 
     @fl.step
     async def b(a: int) -> int:
@@ -325,19 +321,22 @@ def test_a_reader_that_goes_away_gives_no_traceback(tmp_path: Path) -> None:
     write(tmp_path, "flows.py", GATED)
     process = subprocess.Popen(
         [sys.executable, "-m", "stoppoint", "run", "flows.py:fl"],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=tmp_path,
         env=ENV,
     )
+    assert process.stdin is not None
     assert process.stdout is not None
     assert process.stderr is not None
     for line in process.stdout:
         if "step.started a" in line:
             break
     process.stdout.close()  # `stoppoint run ... | head -2`
-    (tmp_path / "gate").touch()
+    process.stdin.write("go\n")  # releases step a
+    process.stdin.close()
     err = process.stderr.read()
     process.stderr.close()
     process.wait(timeout=60)
@@ -390,6 +389,7 @@ def test_ctrl_c_under_ignore_does_not_promise_a_stop(tmp_path: Path) -> None:
     write(tmp_path, "flows.py", GATED)
     process = subprocess.Popen(
         [sys.executable, "-m", "stoppoint", "run", "flows.py:fl", "--strategy", "ignore"],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -404,8 +404,7 @@ def test_ctrl_c_under_ignore_does_not_promise_a_stop(tmp_path: Path) -> None:
             process.send_signal(signal.SIGINT)
         if "SIGINT" in line:  # the note about the signal
             break
-    (tmp_path / "gate").touch()
-    out, _ = process.communicate(timeout=60)
+    out, _ = process.communicate("go\n", timeout=60)  # releases step a
     text = "".join(lines) + out
     assert process.returncode == 0
     assert re.search(r"\bstep\.completed b\b", text), text
