@@ -38,7 +38,7 @@ from ._errors import FlowDefinitionError, FlowInputError, StepFailed, StoppointE
 from ._flow import Flow
 from ._outcome import Completed, Interrupted, RunReport
 from ._signal import interrupt_channel, interrupt_on_signals
-from ._store import RunStatus, SQLiteStore
+from ._store import RunRecord, RunStatus, SQLiteStore
 from ._strategy import AtCheckpoint, FinishCurrent, IgnoreInterruptions, PollNextN, Strategy
 
 __all__ = ["main"]
@@ -271,7 +271,8 @@ def _target_of(store: SQLiteStore, run_id: str) -> tuple[str, str] | None:
     return None if row is None else (row[0], row[1])
 
 
-async def _find(store: SQLiteStore, run_id: str) -> Any:
+async def _find(store: SQLiteStore, run_id: str) -> RunRecord | None:
+    """The stored record of `run_id`, whatever its flow."""
     for record in await store.list_runs():
         if record.run_id == run_id:
             return record
