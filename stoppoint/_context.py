@@ -12,6 +12,7 @@ from collections.abc import (
     AsyncIterable,
     AsyncIterator,
     Awaitable,
+    Callable,
     Generator,
     Iterable,
     Iterator,
@@ -100,6 +101,7 @@ class StepContext:
         "_last_yield",
         "_log",
         "_open",
+        "_probe",
         "_progress",
         "_run_id",
         "_shielded",
@@ -136,6 +138,7 @@ class StepContext:
         self._shields = 0  # how many `ctx.shield()` blocks are open
         self._shielded = False  # a shield() block was entered (the run checks for cancellation after the step)
         self._progress: tuple[float, float | None, str | None] | None = None  # floats, checked
+        self._probe: Callable[[], None] | None = None  # stoppoint.testing: told of every checkpoint
 
     @property
     def run_id(self) -> str:
@@ -197,6 +200,8 @@ class StepContext:
         return self._slow_checkpoint()
 
     def _slow_checkpoint(self) -> Awaitable[None]:
+        if self._probe is not None:
+            self._probe()  # may interrupt the run, which makes this very checkpoint stop
         if self._stop and not self._shields:
             raise StopRequested(_user_location(sys._getframe(1)))
         if self._forced and not self._shields:
@@ -215,6 +220,8 @@ class StepContext:
                 stride = _MAX_STRIDE
         else:
             stride = int(stride * quarter / elapsed) or 1
+        if self._probe is not None:
+            stride = 1  # a probe is told of every checkpoint
         self._stride = self._countdown = stride
         if now - self._last_yield >= YIELD_INTERVAL:
             self._last_yield = now

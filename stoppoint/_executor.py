@@ -44,6 +44,7 @@ from ._events import (
     log_event,
 )
 from ._outcome import Completed, Interrupted, Progress, RunReport, StepReport, StepStatus
+from ._probe import Probe, probe_of
 from ._signal import InterruptSignal, linked, take_buffered
 from ._store import RunStatus, Store
 from ._strategy import Strategy
@@ -485,6 +486,7 @@ class _Control:
         "grace",
         "observer",
         "polled",
+        "probe",
         "received",
         "run_id",
         "running",
@@ -511,6 +513,7 @@ class _Control:
     ) -> None:
         self.flow = flow
         self.sinks = sinks or []  # who listens to the run's events
+        self.probe: Probe | None = None  # stoppoint.testing's view of the run's stopping points
         # What the run calls with each event, at every level: None while nobody listens, and then
         # no event is built at all.
         self.observer: Callable[[RunEvent], None] | None = self.dispatch if self.sinks else None
@@ -918,6 +921,8 @@ class _Run:
             # The stopping point before the step: its common case (nothing pending, nothing
             # halting) inline, the rest in admit().
             control = self.control
+            if control.probe is not None:
+                control.probe.reached(self.name, name, 0)  # may interrupt: this stopping point sees it
             if control.polled is not None:
                 control.poll()
             if control.first is None and not self.halted and not control.shut:
@@ -940,6 +945,8 @@ class _Run:
             started = _perf_counter()
             if spec.context_param is not None:
                 ctx = _new_context(self.run_id, self.name, name, started)
+                if control.probe is not None:
+                    ctx._probe = control.probe.counter(self.name, name)
                 kwargs[spec.context_param] = ctx
                 running.add(ctx)
             self.records[name] = record = _StepRecord(started, ctx)
@@ -1242,6 +1249,9 @@ class _Run:
         run has begun (its task group is up), before the first step."""
         self.is_top = True
         control = self.control
+        control.probe = probe = probe_of(receiver)
+        if probe is not None:
+            probe.deliver = control.on_signal
         if control.observer is not None:
             control.observer(
                 FlowStartedEvent.model_construct(

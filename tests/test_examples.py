@@ -142,3 +142,34 @@ def test_resume_example_finishes_in_a_second_process() -> None:
     assert second["ran"] == ["render", "publish"]
     assert second["value"] == "4 pages, total 108.00"
     assert second["stored_status"] == ["completed"]
+
+
+ETL = Path(__file__).resolve().parent.parent / "examples" / "etl.py"
+TESTING_MY_FLOW = Path(__file__).resolve().parent.parent / "examples" / "testing_my_flow.py"
+
+
+@pytest.mark.anyio
+async def test_etl_stops_part_way_through_the_batch_and_resumes(anyio_backend: str) -> None:
+    example = load_example(ETL)
+    stopped, resumed = await example.main()
+    step = stopped.report.steps["transform"]
+    assert step.status is sp.StepStatus.INTERRUPTED
+    assert step.progress is not None
+    assert step.progress.done == 30_000  # stopped within `every=1000` records of the stop
+    assert stopped.report.completed == ["extract"]
+    assert isinstance(resumed, sp.Completed)
+    assert resumed.value == sum((i % 97) * 2 for i in range(100_000))
+
+
+def test_the_users_test_file_passes_with_the_plugin() -> None:
+    """examples/testing_my_flow.py, as a user runs it: pytest, with stoppoint's plugin fixtures."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(TESTING_MY_FLOW)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=TESTING_MY_FLOW.parent.parent,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "7 passed" in result.stdout, result.stdout

@@ -1,0 +1,212 @@
+"""Testing your flows: stop them at a chosen stopping point, count their stopping points, and check
+that they resume to the same result from every one of them.
+
+    outcome = await flow.run(inputs, interrupts=interrupt_at("upload", 2))
+    assert isinstance(outcome, sp.Interrupted)
+
+    report = await check_resumable(flow, inputs)   # raises AssertionError naming the failing point
+
+A stopping point is named by its step and its number within the step: 0 is the stopping point before
+the step starts, 1 its first `ctx.checkpoint()` (or `ctx.iterate()` item boundary), 2 the next, and so
+on. They fire deterministically, on asyncio and trio alike: no timing is involved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from ._flow import Flow
+from ._outcome import Completed, Interrupted
+from ._probe import Probe, attach
+from ._signal import InterruptSignal
+
+__all__ = [
+    "ResumabilityReport",
+    "StoppingPoint",
+    "check_resumable",
+    "count_stopping_points",
+    "interrupt_at",
+    "stopping_points",
+]
+
+
+@dataclass(frozen=True, order=True)
+class StoppingPoint:
+    """One stopping point of a run: stopping point `n` of step `step` of flow `flow`."""
+
+    flow: str
+    step: str
+    n: int
+
+    def __str__(self) -> str:
+        return f"{self.flow}.{self.step}#{self.n}"
+
+
+class _Recorder(Probe):
+    """Notes every stopping point passed; interrupts at the chosen ones (each at most once)."""
+
+    def __init__(self, at: tuple[str, int, str | None] | None = None, reason: str = "test") -> None:
+        self.passed: list[StoppingPoint] = []
+        self.at = at
+        self.reason = reason
+        self.fired: StoppingPoint | None = None
+
+    def reached(self, flow: str, step: str, n: int) -> None:
+        point = StoppingPoint(flow, step, n)
+        self.passed.append(point)
+        if self.at is not None and self.fired is None:
+            step_name, number, flow_name = self.at
+            if step == step_name and n == number and flow_name in (None, flow):
+                self.fired = point
+                self.interrupt(InterruptSignal(reason=self.reason, source="test"))
+
+
+def _probing(probe: Probe) -> MemoryObjectReceiveStream[InterruptSignal]:
+    """A receiver to pass as `interrupts=`: already closed (it carries nothing and needs no
+    closing), with `probe` attached to the run that listens on it."""
+    send, receive = anyio.create_memory_object_stream[InterruptSignal](0)
+    send.close()
+    receive.close()
+    attach(receive, probe)
+    return receive
+
+
+def interrupt_at(
+    step: str, checkpoint: int = 0, *, reason: str = "test", flow: str | None = None
+) -> MemoryObjectReceiveStream[InterruptSignal]:
+    """An interrupt source that fires when `step` reaches its stopping point number `checkpoint`.
+
+    Pass it as `flow.run(inputs, interrupts=interrupt_at("upload", 2))`. 0 is the stopping point
+    before the step starts (the step does not start), 1 its first `ctx.checkpoint()`, and so on. It
+    fires at most once, with a signal of `source="test"`; the run's strategy decides what happens
+    then, as for any signal. `flow` picks the flow when an included flow has a step of that name.
+    Use each one for one run.
+
+    Raises:
+        ValueError: `checkpoint` is not an int >= 0, or `step` is empty.
+    """
+    if not isinstance(step, str) or not step:
+        raise ValueError(f"interrupt_at(): step must be a step's name, got {step!r}")
+    if isinstance(checkpoint, bool) or not isinstance(checkpoint, int) or checkpoint < 0:
+        raise ValueError(f"interrupt_at(): checkpoint must be an int >= 0, got {checkpoint!r}")
+    return _probing(_Recorder((step, checkpoint, flow), reason))
+
+
+async def stopping_points(flow: Flow, inputs: Mapping[str, Any] | None = None) -> list[StoppingPoint]:
+    """The stopping points an uninterrupted run of `flow` passes, in the order it passes them.
+
+    Raises:
+        AssertionError: The run did not complete.
+    """
+    recorder = _Recorder()
+    outcome = await flow.run(inputs, interrupts=_probing(recorder))
+    if not isinstance(outcome, Completed):
+        raise AssertionError(f"flow {flow.name!r}: an uninterrupted run did not complete: {outcome!r}")
+    return recorder.passed
+
+
+async def count_stopping_points(flow: Flow, inputs: Mapping[str, Any] | None = None) -> int:
+    """How many stopping points an uninterrupted run of `flow` passes: one before each step, plus
+    each `ctx.checkpoint()` reached."""
+    return len(await stopping_points(flow, inputs))
+
+
+@dataclass
+class _Where:
+    """Names the chain being tried, in a failure's message: "flow 'f', interrupted at a#1, then b#2"."""
+
+    flow: str
+    chain: list[StoppingPoint]
+
+    def __str__(self) -> str:
+        return f"flow {self.flow!r}, interrupted at {', then '.join(map(str, self.chain))}"
+
+
+@dataclass
+class ResumabilityReport:
+    """What `check_resumable` tried.
+
+    Attributes:
+        value: The result of the uninterrupted run, which every resumed chain reproduced.
+        points: The stopping points of the uninterrupted run, each of which was tried.
+        chains: For each tried point, the points the run was interrupted at, in order (the first is
+            the tried point; later ones interrupted the resumed runs, up to `max_chain`).
+    """
+
+    value: Any
+    points: list[StoppingPoint]
+    chains: dict[StoppingPoint, list[StoppingPoint]] = field(default_factory=dict)
+
+    @property
+    def runs(self) -> int:
+        """How many runs it took, the uninterrupted one included."""
+        return 1 + sum(len(chain) + 1 for chain in self.chains.values())
+
+
+async def check_resumable(
+    flow: Flow, inputs: Mapping[str, Any] | None = None, *, max_chain: int = 3
+) -> ResumabilityReport:
+    """Prove that `flow` can be stopped at each of its stopping points and resumed to the same result.
+
+    Runs the flow uninterrupted, then, for every stopping point it passed: runs it again,
+    interrupted there; resumes from the checkpoint (through its JSON, as a store would keep it);
+    interrupts the resumed run again at its next stopping point of the original run, up to
+    `max_chain` interrupts in all; and resumes to the end. Each chain must end `Completed` with a
+    value equal to the uninterrupted one, and no step a checkpoint holds completed may run again.
+
+    Returns:
+        What was tried.
+
+    Raises:
+        AssertionError: A chain failed; the message names the stopping point and what went wrong.
+        ValueError: `max_chain` is not an int >= 1.
+    """
+    if isinstance(max_chain, bool) or not isinstance(max_chain, int) or max_chain < 1:
+        raise ValueError(f"check_resumable(): max_chain must be an int >= 1, got {max_chain!r}")
+    baseline = _Recorder()
+    first = await flow.run(inputs, interrupts=_probing(baseline))
+    if not isinstance(first, Completed):
+        raise AssertionError(f"flow {flow.name!r}: an uninterrupted run did not complete: {first!r}")
+    points = baseline.passed
+    report = ResumabilityReport(first.value, list(points))
+    for index, point in enumerate(points):
+        chain = report.chains[point] = []
+        where = _Where(flow.name, chain)
+        target: StoppingPoint | None = point
+        checkpoint = None
+        later = points[index + 1 :]
+        while True:
+            recorder = _Recorder((target.step, target.n, target.flow) if target is not None else None)
+            if checkpoint is None:
+                outcome = await flow.run(inputs, interrupts=_probing(recorder))
+            else:
+                outcome = await flow.run(resume=checkpoint, interrupts=_probing(recorder))
+                again = {p.step for p in recorder.passed if p.n == 0 and p.flow == flow.name} & set(checkpoint.outputs)
+                if again:
+                    raise AssertionError(f"{where}: resuming ran completed step(s) again: {', '.join(sorted(again))}")
+            if isinstance(outcome, Completed):
+                if outcome.value != first.value:
+                    raise AssertionError(
+                        f"{where}: resumed to {outcome.value!r}, but the uninterrupted run gave {first.value!r}"
+                    )
+                break
+            if not isinstance(outcome, Interrupted):  # pragma: no cover - run() returns one of the two
+                raise AssertionError(f"{where}: unexpected outcome {outcome!r}")
+            if recorder.fired is not None:
+                chain.append(recorder.fired)
+            checkpoint = flow.load_checkpoint(outcome.checkpoint.to_json())
+            # The next interrupt of the chain: the next point of the original run that belongs to a
+            # step the checkpoint does not hold completed (a step resumed runs again from its start).
+            target = None
+            if len(chain) < max_chain:
+                outputs = checkpoint.outputs
+                for position, candidate in enumerate(later):
+                    if candidate.flow != flow.name or candidate.step not in outputs:
+                        target, later = candidate, later[position + 1 :]
+                        break
+    return report
