@@ -149,15 +149,17 @@ class ResumabilityReport:
 
 
 async def check_resumable(
-    flow: Flow, inputs: Mapping[str, Any] | None = None, *, max_chain: int = 3
+    flow: Flow, inputs: Mapping[str, Any] | None = None, *, max_chain: int = 3, through_json: bool = True
 ) -> ResumabilityReport:
     """Prove that `flow` can be stopped at each of its stopping points and resumed to the same result.
 
-    Runs the flow uninterrupted, then, for every stopping point it passed: runs it again,
-    interrupted there; resumes from the checkpoint (through its JSON, as a store would keep it);
-    interrupts the resumed run again at its next stopping point of the original run, up to
-    `max_chain` interrupts in all; and resumes to the end. Each chain must end `Completed` with a
-    value equal to the uninterrupted one, and no step a checkpoint holds completed may run again.
+    Runs the flow uninterrupted, then, for every stopping point it passed: runs it again (with the
+    same run id, which a step may use), interrupted there; resumes from the checkpoint, through its
+    JSON as a store would keep it (unless `through_json=False`, for flows whose inputs are live
+    objects and that only ever resume in the same process); interrupts the resumed run again at its
+    next stopping point of the original run, up to `max_chain` interrupts in all; and resumes to the
+    end. Each chain must end `Completed` with a value equal to the uninterrupted one, and no step a
+    checkpoint holds completed may run again.
 
     Returns:
         What was tried.
@@ -170,6 +172,7 @@ async def check_resumable(
         raise ValueError(f"check_resumable(): max_chain must be an int >= 1, got {max_chain!r}")
     baseline = _Recorder()
     first = await flow.run(inputs, interrupts=_probing(baseline))
+    run_id = first.report.run_id if isinstance(first, Completed) else None  # every chain is this run again
     if not isinstance(first, Completed):
         raise AssertionError(f"flow {flow.name!r}: an uninterrupted run did not complete: {first!r}")
     points = baseline.passed
@@ -183,7 +186,7 @@ async def check_resumable(
         while True:
             recorder = _Recorder((target.step, target.n, target.flow) if target is not None else None)
             if checkpoint is None:
-                outcome = await flow.run(inputs, interrupts=_probing(recorder))
+                outcome = await flow.run(inputs, interrupts=_probing(recorder), run_id=run_id)
             else:
                 outcome = await flow.run(resume=checkpoint, interrupts=_probing(recorder))
                 again = {p.step for p in recorder.passed if p.n == 0 and p.flow == flow.name} & set(checkpoint.outputs)
@@ -199,7 +202,7 @@ async def check_resumable(
                 raise AssertionError(f"{where}: unexpected outcome {outcome!r}")
             if recorder.fired is not None:
                 chain.append(recorder.fired)
-            checkpoint = flow.load_checkpoint(outcome.checkpoint.to_json())
+            checkpoint = flow.load_checkpoint(outcome.checkpoint.to_json()) if through_json else outcome.checkpoint
             # The next interrupt of the chain: the next point of the original run that belongs to a
             # step the checkpoint does not hold completed (a step resumed runs again from its start).
             target = None

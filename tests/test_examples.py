@@ -173,3 +173,38 @@ def test_the_users_test_file_passes_with_the_plugin() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "7 passed" in result.stdout, result.stdout
+
+
+SERVICE = Path(__file__).resolve().parent.parent / "examples" / "service.py"
+
+
+@pytest.mark.anyio
+async def test_every_example_flow_resumes_to_the_same_result_from_every_stopping_point(anyio_backend: str) -> None:
+    """stoppoint.testing.check_resumable on the flow of each example (small inputs)."""
+    from stoppoint.testing import check_resumable
+
+    deploy = load_example(DEPLOY)
+    deploy.PART_SECONDS = 0.0
+    etl = load_example(ETL)
+    invoice = load_example(TESTING_MY_FLOW)
+    nightly = load_example(RESUME)
+    nightly.STOP_AFTER_PAGE = None  # the example's own operator stays out of it
+    service = load_example(SERVICE)
+    cases = [
+        (deploy.deploy, {}, True, 10),
+        (etl.etl, {"records": 5000}, True, 13),
+        (invoice.invoice, {"customer": "acme"}, True, 6),
+        (nightly.flow, {"regions": ["north", "south", "east"]}, True, 7),
+        # Live objects as inputs (an API client, a warehouse): resumable in the same process only.
+        (
+            service.etl,
+            {"api": service.OrdersApi(service.ORDERS), "warehouse": service.Warehouse(), "batch": "north"},
+            False,
+            None,
+        ),
+    ]
+    for flow, inputs, through_json, points in cases:
+        report = await check_resumable(flow, inputs, through_json=through_json)
+        if points is not None:
+            assert len(report.points) == points, flow.name
+        assert all(report.chains.values())
