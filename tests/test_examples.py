@@ -208,3 +208,10 @@ async def test_every_example_flow_resumes_to_the_same_result_from_every_stopping
         if points is not None:
             assert len(report.points) == points, flow.name
         assert all(report.chains.values())
+
+
+def test_every_example_file_is_run_by_this_module() -> None:
+    """The examples gallery stays tested: each file in examples/ is one this module runs."""
+    examples = {path.name for path in (Path(__file__).resolve().parent.parent / "examples").glob("*.py")}
+    run_here = {path.name for path in (DEPLOY, RESUME, ETL, TESTING_MY_FLOW, SERVICE)}
+    assert examples == run_here
