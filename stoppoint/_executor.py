@@ -734,6 +734,7 @@ class _Run:
         "outputs",
         "over",
         "partial",
+        "path",
         "plan",
         "ready",
         "records",
@@ -811,6 +812,9 @@ class _Run:
         self.cancelled_exc = anyio.get_cancelled_exc_class()
         self.task_group: TaskGroup | None = None
         self.is_top = False
+        self.path: tuple[
+            str, ...
+        ] = ()  # the include steps leading to this level (stoppoint.testing names points by it)
         self.told_end: RunEvent | None = None  # the end event, once told (streams opened after it get it too)
         self.over = False  # the run's outcome is being made: it is over
 
@@ -859,6 +863,10 @@ class _Run:
         head = self.head
         while head < len(ready) and self.active < self.limit:
             name = ready[head]
+            if control.probe is not None and self.specs[name].fn is not None:
+                # stoppoint.testing: the stopping point before the step, told as the step is handed
+                # out, in ready order, so that an interrupt there decides the same on every backend.
+                control.probe.reached(self.path, self.name, name, 0)
             if control.first is not None and self.specs[name].fn is not None:
                 # After the interrupt, the steps that may still start (PollNextN) are chosen as
                 # they are handed out, in the order they became ready.
@@ -921,8 +929,6 @@ class _Run:
             # The stopping point before the step: its common case (nothing pending, nothing
             # halting) inline, the rest in admit().
             control = self.control
-            if control.probe is not None:
-                control.probe.reached(self.name, name, 0)  # may interrupt: this stopping point sees it
             if control.polled is not None:
                 control.poll()
             if control.first is None and not self.halted and not control.shut:
@@ -946,7 +952,7 @@ class _Run:
             if spec.context_param is not None:
                 ctx = _new_context(self.run_id, self.name, name, started)
                 if control.probe is not None:
-                    ctx._probe = control.probe.counter(self.name, name)
+                    ctx._probe = control.probe.counter(self.path, self.name, name)
                 kwargs[spec.context_param] = ctx
                 running.add(ctx)
             self.records[name] = record = _StepRecord(started, ctx)
@@ -1046,6 +1052,7 @@ class _Run:
             signals=[],
             resume=self.partial.pop(name, None),
         )
+        inner.path = (*self.path, name)
         self.records[name] = record = _StepRecord(_perf_counter())
         record.nested = inner.timeline
         self.includes[name] = inner

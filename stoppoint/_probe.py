@@ -12,7 +12,8 @@ __all__ = ["Probe", "attach", "probe_of"]
 
 
 class Probe(abc.ABC):
-    """Told of every stopping point a run passes: `reached(flow, step, n)`, with n = 0 for the
+    """Told of every stopping point a run passes: `reached(path, flow, step, n)` (`path`: the include
+    steps leading to the flow, () at the top), with n = 0 for the
     stopping point before the step starts and 1, 2, ... for each `ctx.checkpoint()` it reaches
     (`iterate()`'s included). A probe may interrupt the run right there with `interrupt()`."""
 
@@ -24,17 +25,17 @@ class Probe(abc.ABC):
         self.deliver(signal)
 
     @abc.abstractmethod
-    def reached(self, flow: str, step: str, n: int) -> None:
-        """Step `step` of flow `flow` is at its stopping point `n`."""
+    def reached(self, path: tuple[str, ...], flow: str, step: str, n: int) -> None:
+        """Step `step` of flow `flow` (reached through the include steps `path`) is at its stopping point `n`."""
 
-    def counter(self, flow: str, step: str) -> Callable[[], None]:
+    def counter(self, path: tuple[str, ...], flow: str, step: str) -> Callable[[], None]:
         """What a step's context calls at each of its checkpoints."""
         count = 0
 
         def checkpoint() -> None:
             nonlocal count
             count += 1
-            self.reached(flow, step, count)
+            self.reached(path, flow, step, count)
 
         return checkpoint
 

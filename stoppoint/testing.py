@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import pydantic_core
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ._flow import Flow
@@ -37,31 +38,36 @@ __all__ = [
 
 @dataclass(frozen=True, order=True)
 class StoppingPoint:
-    """One stopping point of a run: stopping point `n` of step `step` of flow `flow`."""
+    """One stopping point of a run: stopping point `n` of step `step` of flow `flow`, reached
+    through the include steps `path` (() for the run's own steps; ("sub",) for the steps of the
+    flow included as step `sub`), so that a flow included twice has distinct points."""
 
     flow: str
     step: str
     n: int
+    path: tuple[str, ...] = ()
 
     def __str__(self) -> str:
-        return f"{self.flow}.{self.step}#{self.n}"
+        return "".join(f"{name}/" for name in self.path) + f"{self.flow}.{self.step}#{self.n}"
 
 
 class _Recorder(Probe):
     """Notes every stopping point passed; interrupts at the chosen ones (each at most once)."""
 
-    def __init__(self, at: tuple[str, int, str | None] | None = None, reason: str = "test") -> None:
+    def __init__(
+        self, at: tuple[str, int, str | None, tuple[str, ...] | None] | None = None, reason: str = "test"
+    ) -> None:
         self.passed: list[StoppingPoint] = []
         self.at = at
         self.reason = reason
         self.fired: StoppingPoint | None = None
 
-    def reached(self, flow: str, step: str, n: int) -> None:
-        point = StoppingPoint(flow, step, n)
+    def reached(self, path: tuple[str, ...], flow: str, step: str, n: int) -> None:
+        point = StoppingPoint(flow, step, n, path)
         self.passed.append(point)
         if self.at is not None and self.fired is None:
-            step_name, number, flow_name = self.at
-            if step == step_name and n == number and flow_name in (None, flow):
+            step_name, number, flow_name, at_path = self.at
+            if step == step_name and n == number and flow_name in (None, flow) and at_path in (None, path):
                 self.fired = point
                 self.interrupt(InterruptSignal(reason=self.reason, source="test"))
 
@@ -77,14 +83,20 @@ def _probing(probe: Probe) -> MemoryObjectReceiveStream[InterruptSignal]:
 
 
 def interrupt_at(
-    step: str, checkpoint: int = 0, *, reason: str = "test", flow: str | None = None
+    step: str,
+    checkpoint: int = 0,
+    *,
+    reason: str = "test",
+    flow: str | None = None,
+    path: tuple[str, ...] | None = None,
 ) -> MemoryObjectReceiveStream[InterruptSignal]:
     """An interrupt source that fires when `step` reaches its stopping point number `checkpoint`.
 
     Pass it as `flow.run(inputs, interrupts=interrupt_at("upload", 2))`. 0 is the stopping point
     before the step starts (the step does not start), 1 its first `ctx.checkpoint()`, and so on. It
     fires at most once, with a signal of `source="test"`; the run's strategy decides what happens
-    then, as for any signal. `flow` picks the flow when an included flow has a step of that name.
+    then, as for any signal. `flow` picks the flow when an included flow has a step of that name,
+    and `path` the include (see `StoppingPoint.path`) when a flow is included more than once.
     Use each one for one run.
 
     Raises:
@@ -94,7 +106,7 @@ def interrupt_at(
         raise ValueError(f"interrupt_at(): step must be a step's name, got {step!r}")
     if isinstance(checkpoint, bool) or not isinstance(checkpoint, int) or checkpoint < 0:
         raise ValueError(f"interrupt_at(): checkpoint must be an int >= 0, got {checkpoint!r}")
-    return _probing(_Recorder((step, checkpoint, flow), reason))
+    return _probing(_Recorder((step, checkpoint, flow, path), reason))
 
 
 async def stopping_points(flow: Flow, inputs: Mapping[str, Any] | None = None) -> list[StoppingPoint]:
@@ -114,6 +126,16 @@ async def count_stopping_points(flow: Flow, inputs: Mapping[str, Any] | None = N
     """How many stopping points an uninterrupted run of `flow` passes: one before each step, plus
     each `ctx.checkpoint()` reached."""
     return len(await stopping_points(flow, inputs))
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal, or the same JSON (a NaN is not equal to itself)."""
+    if a == b:
+        return True
+    try:
+        return bool(pydantic_core.to_json(a) == pydantic_core.to_json(b))
+    except Exception:
+        return False
 
 
 @dataclass
@@ -184,16 +206,20 @@ async def check_resumable(
         checkpoint = None
         later = points[index + 1 :]
         while True:
-            recorder = _Recorder((target.step, target.n, target.flow) if target is not None else None)
-            if checkpoint is None:
-                outcome = await flow.run(inputs, interrupts=_probing(recorder), run_id=run_id)
-            else:
-                outcome = await flow.run(resume=checkpoint, interrupts=_probing(recorder))
-                again = {p.step for p in recorder.passed if p.n == 0 and p.flow == flow.name} & set(checkpoint.outputs)
+            recorder = _Recorder((target.step, target.n, target.flow, target.path) if target is not None else None)
+            try:
+                if checkpoint is None:
+                    outcome = await flow.run(inputs, interrupts=_probing(recorder), run_id=run_id)
+                else:
+                    outcome = await flow.run(resume=checkpoint, interrupts=_probing(recorder))
+            except Exception as exc:  # StepFailed: a step that cannot be run again, say
+                raise AssertionError(f"{where}: the {'resumed ' if checkpoint else ''}run raised {exc!r}") from exc
+            if checkpoint is not None:
+                again = {p.step for p in recorder.passed if p.n == 0 and not p.path} & set(checkpoint.outputs)
                 if again:
                     raise AssertionError(f"{where}: resuming ran completed step(s) again: {', '.join(sorted(again))}")
             if isinstance(outcome, Completed):
-                if outcome.value != first.value:
+                if not _same(outcome.value, first.value):
                     raise AssertionError(
                         f"{where}: resumed to {outcome.value!r}, but the uninterrupted run gave {first.value!r}"
                     )
@@ -202,14 +228,17 @@ async def check_resumable(
                 raise AssertionError(f"{where}: unexpected outcome {outcome!r}")
             if recorder.fired is not None:
                 chain.append(recorder.fired)
-            checkpoint = flow.load_checkpoint(outcome.checkpoint.to_json()) if through_json else outcome.checkpoint
+            try:
+                checkpoint = flow.load_checkpoint(outcome.checkpoint.to_json()) if through_json else outcome.checkpoint
+            except Exception as exc:  # CheckpointError: an output or input JSON cannot hold
+                raise AssertionError(f"{where}: its checkpoint cannot go through JSON: {exc}") from exc
             # The next interrupt of the chain: the next point of the original run that belongs to a
             # step the checkpoint does not hold completed (a step resumed runs again from its start).
             target = None
             if len(chain) < max_chain:
                 outputs = checkpoint.outputs
                 for position, candidate in enumerate(later):
-                    if candidate.flow != flow.name or candidate.step not in outputs:
+                    if candidate.path or candidate.step not in outputs:
                         target, later = candidate, later[position + 1 :]
                         break
     return report

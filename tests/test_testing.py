@@ -152,10 +152,11 @@ async def test_points_inside_included_flows_are_named_by_their_flow() -> None:
 
     points = await stopping_points(outer)
     assert points == [
-        StoppingPoint("inner", "work", 0),
-        StoppingPoint("inner", "work", 1),
+        StoppingPoint("inner", "work", 0, ("sub",)),
+        StoppingPoint("inner", "work", 1, ("sub",)),
         StoppingPoint("outer", "work2", 0),
     ]
+    assert [str(point) for point in points] == ["sub/inner.work#0", "sub/inner.work#1", "outer.work2#0"]
     outcome = await outer.run(interrupts=interrupt_at("work", 1, flow="inner"))
     assert isinstance(outcome, sp.Interrupted)
     assert statuses(outcome.report)["sub"] is sp.StepStatus.INTERRUPTED
