@@ -140,12 +140,15 @@ def _same(a: Any, b: Any) -> bool:
 
 @dataclass
 class _Where:
-    """Names the chain being tried, in a failure's message: "flow 'f', interrupted at a#1, then b#2"."""
+    """Names the chain being tried, in a failure's message: "flow 'f', interrupted at f.a#1, then f.b#2"."""
 
     flow: str
+    tried: StoppingPoint
     chain: list[StoppingPoint]
 
     def __str__(self) -> str:
+        if not self.chain:  # the run failed before the interrupt came
+            return f"flow {self.flow!r}, trying {self.tried}"
         return f"flow {self.flow!r}, interrupted at {', then '.join(map(str, self.chain))}"
 
 
@@ -194,14 +197,14 @@ async def check_resumable(
         raise ValueError(f"check_resumable(): max_chain must be an int >= 1, got {max_chain!r}")
     baseline = _Recorder()
     first = await flow.run(inputs, interrupts=_probing(baseline))
-    run_id = first.report.run_id if isinstance(first, Completed) else None  # every chain is this run again
     if not isinstance(first, Completed):
         raise AssertionError(f"flow {flow.name!r}: an uninterrupted run did not complete: {first!r}")
+    run_id = first.report.run_id  # every chain is this run again
     points = baseline.passed
     report = ResumabilityReport(first.value, list(points))
     for index, point in enumerate(points):
         chain = report.chains[point] = []
-        where = _Where(flow.name, chain)
+        where = _Where(flow.name, point, chain)
         target: StoppingPoint | None = point
         checkpoint = None
         later = points[index + 1 :]
