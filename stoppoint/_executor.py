@@ -1258,6 +1258,7 @@ class _Run:
         control = self.control
         control.probe = probe = probe_of(receiver)
         if probe is not None:
+            probe.attached(self.flow)
             probe.deliver = control.on_signal
         if control.observer is not None:
             control.observer(

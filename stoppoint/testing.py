@@ -13,7 +13,7 @@ on. They fire deterministically, on asyncio and trio alike: no timing is involve
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +62,23 @@ class _Recorder(Probe):
         self.reason = reason
         self.fired: StoppingPoint | None = None
 
+    def attached(self, flow: Any) -> None:
+        """A stopping point that no step of the flow has would never fire: say so, before the run."""
+        if self.at is None:
+            return
+        step, _, flow_name, _ = self.at
+        found = set(_steps(flow))
+        if any(name == step and flow_name in (None, owner) for name, owner in found):
+            return
+        if step in _include_steps(flow):
+            raise ValueError(
+                f"interrupt_at({step!r}): {step!r} is an include step of flow {flow.name!r}, which has no stopping "
+                "point of its own; name a step of the included flow"
+            )
+        known = ", ".join(sorted({name for name, _ in found}))
+        where = f" in flow {flow_name!r}" if flow_name is not None else ""
+        raise ValueError(f"interrupt_at({step!r}): flow {flow.name!r} has no step {step!r}{where} (its steps: {known})")
+
     def reached(self, path: tuple[str, ...], flow: str, step: str, n: int) -> None:
         point = StoppingPoint(flow, step, n, path)
         self.passed.append(point)
@@ -70,6 +87,24 @@ class _Recorder(Probe):
             if step == step_name and n == number and flow_name in (None, flow) and at_path in (None, path):
                 self.fired = point
                 self.interrupt(InterruptSignal(reason=self.reason, source="test"))
+
+
+def _steps(flow: Flow) -> Iterator[tuple[str, str]]:
+    """(step, its flow's name) for every step with stopping points, included flows' too."""
+    for name, spec in flow._specs.items():
+        if spec.include is not None:
+            yield from _steps(spec.include)
+        else:
+            yield name, flow.name
+
+
+def _include_steps(flow: Flow) -> set[str]:
+    names = set()
+    for name, spec in flow._specs.items():
+        if spec.include is not None:
+            names.add(name)
+            names |= _include_steps(spec.include)
+    return names
 
 
 def _probing(probe: Probe) -> MemoryObjectReceiveStream[InterruptSignal]:

@@ -172,3 +172,26 @@ async def test_bad_arguments_are_refused() -> None:
     flow, _ = pipeline()
     with pytest.raises(ValueError, match="max_chain must be an int >= 1, got 0"):
         await check_resumable(flow, {"n": 1}, max_chain=0)
+
+
+async def test_interrupt_at_a_step_the_flow_lacks_is_refused_before_the_run() -> None:
+    """A misspelt step would never be reached: the run refuses it instead of completing unnoticed."""
+    flow, runs = pipeline()
+    with pytest.raises(
+        ValueError, match=r"interrupt_at\('dubble'\): flow 'pipeline' has no step 'dubble' \(its steps: "
+    ):
+        await flow.run({"n": 1}, interrupts=interrupt_at("dubble"))
+    assert runs == {}
+    inner = sp.Flow("inner")
+
+    @inner.step
+    async def work() -> int:
+        return 1
+
+    outer = sp.Flow("outer")
+    outer.include(inner, name="sub")
+    with pytest.raises(ValueError, match="'sub' is an include step of flow 'outer', which has no stopping point"):
+        await outer.run(interrupts=interrupt_at("sub"))
+    with pytest.raises(ValueError, match="has no step 'work' in flow 'outer'"):
+        await outer.run(interrupts=interrupt_at("work", flow="outer"))
+    assert isinstance(await outer.run(interrupts=interrupt_at("work", flow="inner")), sp.Interrupted)
