@@ -3,6 +3,7 @@ from collections.abc import Iterator
 
 import anyio
 import pytest
+import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 import stoppoint as sp
@@ -58,3 +59,23 @@ def fake_sleep(monkeypatch: pytest.MonkeyPatch) -> FakeSleep:
     sleep = FakeSleep()
     monkeypatch.setattr("stoppoint._executor._sleep", sleep)
     return sleep
+
+
+def kinds(events: list[sp.RunEvent]) -> list[tuple[str, str | None]]:
+    """(event name, step) of each event, in order."""
+    return [(event.event, getattr(event, "step", None)) for event in events]
+
+
+@pytest.fixture
+def unconfigured_structlog() -> Iterator[None]:
+    """structlog as an application that never configured it leaves it (then restored)."""
+    config = structlog.get_config()
+    configured = structlog.is_configured()
+    structlog.reset_defaults()
+    try:
+        yield
+    finally:
+        if configured:
+            structlog.configure(**config)
+        else:
+            structlog.reset_defaults()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC
 
 import anyio
@@ -13,29 +12,9 @@ import structlog.testing
 
 import stoppoint as sp
 
-from .conftest import Channel, line_after
+from .conftest import Channel, kinds, line_after
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-def unconfigured_structlog() -> Iterator[None]:
-    """structlog as an application that never configured it leaves it (then restored)."""
-    config = structlog.get_config()
-    configured = structlog.is_configured()
-    structlog.reset_defaults()
-    try:
-        yield
-    finally:
-        if configured:
-            structlog.configure(**config)
-        else:
-            structlog.reset_defaults()
-
-
-def kinds(events: list[sp.RunEvent]) -> list[tuple[str, str | None]]:
-    """(event name, step) of each event, in order."""
-    return [(event.event, getattr(event, "step", None)) for event in events]
 
 
 def chain(name: str = "chain") -> sp.Flow:

@@ -2,37 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import anyio
 import pytest
-import structlog
 
 import stoppoint as sp
 
-from .conftest import Channel
+from .conftest import Channel, kinds
 
 pytestmark = pytest.mark.anyio
-
-
-def kinds(events: list[sp.RunEvent]) -> list[tuple[str, str | None]]:
-    """(event name, step) of each event, in order."""
-    return [(event.event, getattr(event, "step", None)) for event in events]
-
-
-@pytest.fixture
-def unconfigured_structlog() -> Iterator[None]:
-    """structlog as an application that never configured it leaves it (then restored)."""
-    config = structlog.get_config()
-    configured = structlog.is_configured()
-    structlog.reset_defaults()
-    try:
-        yield
-    finally:
-        if configured:
-            structlog.configure(**config)
-        else:
-            structlog.reset_defaults()
 
 
 async def test_replay_of_a_run_whose_task_group_was_cancelled_tells_an_interrupt_never_heard_live() -> None:
