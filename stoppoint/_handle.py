@@ -112,18 +112,13 @@ class FlowRun:
             stream.close()
             return stream
         past = run.past_events()
-        if run.told_end is not None:  # asked by a listener of the end event itself
-            past.append(run.told_end)
-            stream = EventStream(past, max_buffer)
-            stream.close()
-            return stream
-        if self._done.is_set():
-            end: Completed[Any] | Interrupted | BaseException | None = self._error or self._outcome
-            assert end is not None
-            past.append(run.end_event(end))
-            stream = EventStream(past, max_buffer)
-            stream.close()
-            return stream
+        end = run.told_end  # set when asked by a listener of the end event itself
+        if end is None and self._done.is_set():
+            ended: Completed[Any] | Interrupted | BaseException | None = self._error or self._outcome
+            assert ended is not None
+            end = run.end_event(ended)
+        if end is not None:
+            return EventStream([*past, end], max_buffer)  # the end event closes it
         stream = EventStream(past, max_buffer)
         control = run.control
         control.listen(stream._put)
