@@ -8,18 +8,16 @@ or foreign file gives a `CheckpointError`, not code execution.
 from __future__ import annotations
 
 import json
-import typing
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import pydantic_core
 from pydantic import BaseModel, ConfigDict, PydanticSchemaGenerationError, TypeAdapter, ValidationError
 
 from ._errors import CheckpointError, CheckpointMismatch
+from ._plan import Plan
+from ._types import Unresolved, input_type, output_type, type_name
 
-if TYPE_CHECKING:
-    from ._flow import Flow
-
-__all__ = ["FORMAT", "FORMAT_VERSION", "Checkpoint", "CheckpointFile", "check_belongs", "typed"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "Checkpoint", "CheckpointFile", "check_belongs", "same_value", "typed"]
 
 FORMAT = "stoppoint.checkpoint"
 FORMAT_VERSION = 1
@@ -135,33 +133,33 @@ class CheckpointFile(BaseModel):
             raise CheckpointError(f"not a valid stoppoint checkpoint: {exc}") from exc
 
 
-def check_belongs(flow: Flow, checkpoint: Checkpoint | CheckpointFile) -> None:
-    """Raise `CheckpointMismatch` unless `checkpoint` is one of `flow` (name, version, step names),
-    at every level of nesting.
+def check_belongs(plan: Plan, checkpoint: Checkpoint | CheckpointFile) -> None:
+    """Raise `CheckpointMismatch` unless `checkpoint` is one of the flow of `plan` (name, version,
+    step names), at every level of nesting.
 
     Raises:
         CheckpointMismatch: Another flow, another version, or steps the flow does not have.
     """
     where = f"checkpoint of run {checkpoint.run_id!r}"
-    if checkpoint.flow != flow.name:
-        raise CheckpointMismatch(f"{where} belongs to flow {checkpoint.flow!r}, not {flow.name!r}")
-    if checkpoint.flow_version != flow.version:
+    if checkpoint.flow != plan.flow:
+        raise CheckpointMismatch(f"{where} belongs to flow {checkpoint.flow!r}, not {plan.flow!r}")
+    if checkpoint.flow_version != plan.version:
         raise CheckpointMismatch(
-            f"{where} of flow {flow.name!r} was taken at version {checkpoint.flow_version!r}; the flow is now "
-            f"version {flow.version!r}"
+            f"{where} of flow {plan.flow!r} was taken at version {checkpoint.flow_version!r}; the flow is now "
+            f"version {plan.version!r}"
         )
-    specs = flow._specs
+    specs = plan.specs
     unknown = [name for name in checkpoint.outputs if name not in specs]
     unknown += [name for name in checkpoint.nested if name not in specs or specs[name].include is None]
     if unknown:
         raise CheckpointMismatch(
-            f"{where} of flow {flow.name!r} has outputs for {', '.join(map(repr, unknown))}, which the flow "
+            f"{where} of flow {plan.flow!r} has outputs for {', '.join(map(repr, unknown))}, which the flow "
             f"has no such (include) step for (steps: {', '.join(specs)})"
         )
-    strangers = [name for name in checkpoint.inputs if name not in flow._input_users]
+    strangers = [name for name in checkpoint.inputs if name not in plan.input_users]
     if strangers:
         raise CheckpointMismatch(
-            f"{where} of flow {flow.name!r} has inputs {', '.join(map(repr, strangers))} the flow does not take"
+            f"{where} of flow {plan.flow!r} has inputs {', '.join(map(repr, strangers))} the flow does not take"
         )
     for name, inner in checkpoint.nested.items():
         include = specs[name].include
@@ -169,26 +167,26 @@ def check_belongs(flow: Flow, checkpoint: Checkpoint | CheckpointFile) -> None:
         check_belongs(include, inner)
 
 
-def typed(flow: Flow, file: CheckpointFile) -> Checkpoint:
-    """Turn a parsed checkpoint file into a `Checkpoint` of `flow`, each value validated back into
-    its type: an output into its step's return annotation, an input into its parameter's.
+def typed(plan: Plan, file: CheckpointFile) -> Checkpoint:
+    """Turn a parsed checkpoint file into a `Checkpoint` of the flow of `plan`, each value validated
+    back into its type: an output into its step's return annotation, an input into its parameter's.
 
     Raises:
-        CheckpointMismatch: The checkpoint is not one of `flow`.
+        CheckpointMismatch: The checkpoint is not one of that flow.
         CheckpointError: A value does not validate (with pydantic's detail).
     """
-    check_belongs(flow, file)
-    where = f"checkpoint of flow {flow.name!r}, run {file.run_id!r}"
+    check_belongs(plan, file)
+    where = f"checkpoint of flow {plan.flow!r}, run {file.run_id!r}"
     outputs = {
-        name: _validate(where, f"the output of step {name!r}", _output_type(flow, name), value)
+        name: _validate(where, f"the output of step {name!r}", output_type(plan, name), value)
         for name, value in file.outputs.items()
     }
     inputs = {
-        name: _validate(where, f"input {name!r}", _input_type(flow, name), value) for name, value in file.inputs.items()
+        name: _validate(where, f"input {name!r}", input_type(plan, name), value) for name, value in file.inputs.items()
     }
     nested = {}
     for name, inner in file.nested.items():
-        include = flow._specs[name].include
+        include = plan.specs[name].include
         assert include is not None  # check_belongs made sure (at every level: checking again is cheap)
         nested[name] = typed(include, inner)
     return Checkpoint(
@@ -201,18 +199,10 @@ def typed(flow: Flow, file: CheckpointFile) -> Checkpoint:
     )
 
 
-class _Unresolved:
-    """An annotation that names something not reachable from the step's module."""
-
-    def __init__(self, text: str, error: Exception) -> None:
-        self.text = text
-        self.error = error
-
-
 def _validate(where: str, what: str, annotation: Any, value: Any) -> Any:
     if annotation is Any:
         return value
-    if isinstance(annotation, _Unresolved):
+    if isinstance(annotation, Unresolved):
         raise CheckpointError(
             f"{where}: cannot type {what} back: its annotation {annotation.text!r} does not resolve "
             f"({annotation.error!r}); define the type at module level, where the step's module can see it"
@@ -220,50 +210,21 @@ def _validate(where: str, what: str, annotation: Any, value: Any) -> Any:
     try:
         return TypeAdapter(annotation).validate_python(value)
     except ValidationError as exc:
-        raise CheckpointError(f"{where}: {what} does not validate as {_name(annotation)}: {exc}") from exc
+        raise CheckpointError(f"{where}: {what} does not validate as {type_name(annotation)}: {exc}") from exc
     except PydanticSchemaGenerationError:  # an annotation pydantic cannot check: keep the JSON value
         return value
     except Exception as exc:  # a user validator raising TypeError, a model not fully defined, ...
-        raise CheckpointError(f"{where}: {what} cannot be validated as {_name(annotation)}: {exc!r}") from exc
+        raise CheckpointError(f"{where}: {what} cannot be validated as {type_name(annotation)}: {exc!r}") from exc
 
 
-def _name(annotation: Any) -> str:
-    return getattr(annotation, "__name__", None) or repr(annotation)
-
-
-class _Annotations:
-    """Holds one annotation, so `typing.get_type_hints` resolves it alone."""
-
-    def __init__(self, annotations: dict[str, Any]) -> None:
-        self.__annotations__ = annotations
-
-
-def _hint(fn: Any, name: str) -> Any:
-    """The resolved annotation `name` of `fn` (`"return"` for its result), or Any.
-
-    Each annotation is resolved alone: a parameter annotated with a name imported only under
-    TYPE_CHECKING (often `StepContext`) must not cost the return annotation its type.
-    """
-    annotation = getattr(fn, "__annotations__", {}).get(name, Any)
-    if not isinstance(annotation, str):
-        return annotation
+def same_value(given: Any, other: Any) -> bool:
+    """Equal, or equal as JSON: an unannotated tuple comes back from a checkpoint as a list, and a
+    NaN is not equal to itself but is the same JSON."""
+    if given == other:
+        return True
     try:
-        return typing.get_type_hints(_Annotations({name: annotation}), globalns=getattr(fn, "__globals__", None))[name]
-    except Exception as exc:
-        # Typically a class defined inside a function, under `from __future__ import annotations`.
-        # Handing back the raw JSON instead would fail later, far from the cause.
-        return _Unresolved(annotation, exc)
-
-
-def _output_type(flow: Flow, step: str) -> Any:
-    spec = flow._specs[step]
-    if spec.include is not None:
-        return _output_type(spec.include, spec.include.result)
-    return _hint(spec.fn, "return")
-
-
-def _input_type(flow: Flow, name: str) -> Any:
-    spec = flow._specs[flow._input_users[name]]
-    if spec.include is not None:
-        return _input_type(spec.include, name)
-    return _hint(spec.fn, name)
+        given_json = pydantic_core.to_jsonable_python(given)
+        other_json = pydantic_core.to_jsonable_python(other)
+        return bool(given_json == other_json or pydantic_core.to_json(given_json) == pydantic_core.to_json(other_json))
+    except Exception:  # a value that cannot be turned into JSON is the same only if it is equal
+        return False

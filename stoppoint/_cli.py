@@ -17,14 +17,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
-import inspect
 import json
 import math
 import re
 import shlex
 import sqlite3
 import sys
-import typing
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,11 +33,12 @@ import pydantic
 
 from ._display import Display, summary
 from ._errors import FlowDefinitionError, FlowInputError, StepFailed, StoppointError
-from ._flow import Flow
+from ._flow import Flow, plan_of
 from ._outcome import Completed, Interrupted, RunReport
 from ._signal import interrupt_channel, interrupt_on_signals
 from ._store import RunRecord, RunStatus, SQLiteStore
 from ._strategy import AtCheckpoint, FinishCurrent, IgnoreInterruptions, PollNextN, Strategy
+from ._types import Unresolved, input_type, type_name
 
 __all__ = ["main"]
 
@@ -102,38 +101,14 @@ def absolute_target(target: str) -> str:
     return f"{Path(path_text).resolve()}:{name}"
 
 
-def _hint(fn: Any, param: str) -> Any:
-    """The annotation of `fn`'s parameter `param`, resolved on its own (another parameter's
-    unresolvable annotation does not lose this one); Any if it has none or it cannot be resolved."""
-    try:
-        return typing.get_type_hints(fn).get(param, Any)
-    except Exception:
-        pass
-    annotation = inspect.signature(fn).parameters[param].annotation
-    if annotation is inspect.Parameter.empty:
-        return Any
-    if isinstance(annotation, str):
-        try:
-            return eval(annotation, getattr(fn, "__globals__", {}))  # the step author's own annotation text
-        except Exception:
-            return Any
-    return annotation
-
-
 def _input_annotations(flow: Flow) -> dict[str, Any]:
     """Each flow input's annotation, from the first step that takes it, looking into included
-    flows (Any if it has none)."""
+    flows (Any if it has none or it cannot be resolved)."""
+    plan = plan_of(flow)
     annotations: dict[str, Any] = {}
-    for spec in flow._specs.values():
-        if spec.fn is None:
-            if spec.include is not None:
-                inner = _input_annotations(spec.include)
-                for item in spec.inputs:
-                    annotations.setdefault(item.param, inner.get(item.param, Any))
-            continue
-        for item in spec.inputs:
-            if item.param not in annotations:
-                annotations[item.param] = _hint(spec.fn, item.param)
+    for name in plan.input_users:
+        annotation = input_type(plan, name)
+        annotations[name] = Any if isinstance(annotation, Unresolved) else annotation
     return annotations
 
 
@@ -174,7 +149,7 @@ def _validated(flow: Flow, annotations: dict[str, Any], key: str, value: Any, *,
     try:
         adapter: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(annotation)
     except Exception as exc:  # a type pydantic cannot validate: it cannot come from a command line either
-        _fail(f"{where}: its type {_type_name(annotation)} cannot be given on the command line ({exc})")
+        _fail(f"{where}: its type {type_name(annotation)} cannot be given on the command line ({exc})")
     try:
         if not from_text:
             return adapter.validate_python(value)
@@ -183,13 +158,7 @@ def _validated(flow: Flow, annotations: dict[str, Any], key: str, value: Any, *,
         return adapter.validate_strings(value)
     except pydantic.ValidationError as exc:
         problem = exc.errors()[0]["msg"] if exc.errors() else str(exc)
-        _fail(f"{where}: {value!r} is not a valid {_type_name(annotation)}: {problem}")
-
-
-def _type_name(annotation: Any) -> str:
-    if isinstance(annotation, type):
-        return annotation.__name__
-    return repr(annotation).replace("typing.", "")
+        _fail(f"{where}: {value!r} is not a valid {type_name(annotation)}: {problem}")
 
 
 def parse_strategy(text: str) -> Strategy:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import typing
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import anyio
@@ -16,9 +15,10 @@ from ._checkpoint import Checkpoint, CheckpointFile, typed
 from ._context import StepContext
 from ._errors import FlowDefinitionError
 from ._events import EventCallback
-from ._executor import open_run
 from ._handle import FlowRun
+from ._launch import RunOptions, open_run
 from ._outcome import Completed
+from ._plan import Input, Plan, StepSpec, compile_plan
 from ._signal import InterruptSignal
 from ._strategy import AtCheckpoint, Strategy
 
@@ -26,48 +26,13 @@ if TYPE_CHECKING:
     from ._outcome import Interrupted
     from ._store import Store
 
-__all__ = ["Flow"]
+__all__ = ["Flow", "plan_of"]
 
 StepFn = TypeVar("StepFn", bound=Callable[..., Awaitable[Any]])
 
 _CONTEXT_NAME = "ctx"
 _DEFAULT_STRATEGY = AtCheckpoint()
 _NO_DEFAULT = inspect.Parameter.empty
-
-
-@dataclass(frozen=True, slots=True)
-class _Input:
-    param: str
-    required: bool
-
-
-@dataclass(frozen=True, slots=True)
-class StepSpec:
-    """One declared step: how to call it and what it waits for."""
-
-    name: str
-    fn: Callable[..., Awaitable[Any]] | None  # None for an include step
-    include: Flow | None  # the included flow of an include step
-    context_param: str | None
-    dependencies: tuple[str, ...]  # steps whose outputs are parameters (parameter name == step name)
-    after: tuple[str, ...]  # ordering-only edges
-    inputs: tuple[_Input, ...]
-    waits_for: tuple[str, ...]  # every step that must complete first: data edges, then `after=`
-
-
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """What every run of a frozen flow needs, derived once from its steps."""
-
-    # step -> (its spec, ((dependant, whether it waits for this step alone), ...)): what running
-    # and finishing a step need, in one lookup. A dependant that waits for nothing else is ready
-    # at once, with no count to keep, so a chain touches no count: past the CPU caches (100,000
-    # steps) every operation on a dict that size is a cache miss.
-    entries: dict[str, tuple[StepSpec, tuple[tuple[str, bool], ...]]]
-    counted: dict[str, int]  # step -> how many steps it waits for, if more than one (each run counts down a copy)
-    roots: tuple[str, ...]  # steps that wait for nothing, in declaration order
-    result: str
-    all_inputs: frozenset[str]
 
 
 def _is_context_annotation(annotation: Any) -> bool:
@@ -242,7 +207,7 @@ class Flow:
 
         context_param: str | None = None
         dependencies: list[str] = []
-        inputs: list[_Input] = []
+        inputs: list[Input] = []
         for param in signature.parameters.values():
             if param.kind is inspect.Parameter.VAR_POSITIONAL or param.kind is inspect.Parameter.VAR_KEYWORD:
                 star = "*" if param.kind is inspect.Parameter.VAR_POSITIONAL else "**"
@@ -265,7 +230,7 @@ class Flow:
             elif param.name in self._specs:
                 dependencies.append(param.name)
             else:
-                inputs.append(_Input(param.name, param.default is _NO_DEFAULT))
+                inputs.append(Input(param.name, param.default is _NO_DEFAULT))
 
         self._register(step_name, fn, None, context_param, dependencies, after_names, inputs)
 
@@ -309,7 +274,7 @@ class Flow:
         self._check_new_name(where, step_name)
         after_names = self._check_after(where, after)
         dependencies: list[str] = []
-        inputs: list[_Input] = []
+        inputs: list[Input] = []
         for input_name in other._input_users:
             if input_name == step_name:
                 raise FlowDefinitionError(
@@ -319,12 +284,12 @@ class Flow:
             if input_name in self._specs:
                 dependencies.append(input_name)
             else:
-                inputs.append(_Input(input_name, input_name in other._required_inputs))
+                inputs.append(Input(input_name, input_name in other._required_inputs))
         try:
-            other._freeze()  # last: a refused include leaves `other` open to more steps
+            plan = other._freeze()  # last: a refused include leaves `other` open to more steps
         except FlowDefinitionError as exc:
             raise FlowDefinitionError(f"{where}: cannot include flow {other._name!r}: {exc}") from exc
-        self._register(step_name, None, other, None, dependencies, after_names, inputs)
+        self._register(step_name, None, plan, None, dependencies, after_names, inputs)
 
     def _check_new_name(self, where: str, step_name: str) -> None:
         if step_name in self._specs:
@@ -351,11 +316,11 @@ class Flow:
         self,
         step_name: str,
         fn: Callable[..., Awaitable[Any]] | None,
-        include: Flow | None,
+        include: Plan | None,
         context_param: str | None,
         dependencies: list[str],
         after: tuple[str, ...],
-        inputs: list[_Input],
+        inputs: list[Input],
     ) -> None:
         self._specs[step_name] = StepSpec(
             name=step_name,
@@ -378,21 +343,14 @@ class Flow:
         """Check what can only be checked once all steps exist, forbid further declarations, and
         return the plan every run of this flow shares."""
         if self._plan is None:
-            result = self.result  # raises on an empty flow or a bad result=
-            dependants: dict[str, list[str]] = {name: [] for name in self._specs}
-            for name, spec in self._specs.items():
-                for other in spec.waits_for:
-                    dependants[other].append(name)
-            waiting = {name: len(spec.waits_for) for name, spec in self._specs.items()}
-            self._plan = Plan(
-                entries={
-                    name: (spec, tuple((other, waiting[other] == 1) for other in dependants[name]))
-                    for name, spec in self._specs.items()
-                },
-                counted={name: left for name, left in waiting.items() if left > 1},
-                roots=tuple(name for name, spec in self._specs.items() if not spec.waits_for),
-                result=result,
-                all_inputs=frozenset(self._input_users),
+            self._plan = compile_plan(
+                self._name,
+                self._version,
+                self._max_concurrency,
+                self._specs,
+                self.result,  # raises on an empty flow or a bad result=
+                self._input_users,
+                self.inputs,
             )
         return self._plan
 
@@ -417,8 +375,7 @@ class Flow:
                 does not have.
             FlowDefinitionError: The flow has no steps.
         """
-        self._freeze()
-        return typed(self, CheckpointFile.parse(text))
+        return typed(self._freeze(), CheckpointFile.parse(text))
 
     async def run(
         self,
@@ -481,9 +438,8 @@ class Flow:
             TypeError: A bad `interrupts`, `strategy`, `resume`, `store` or `run_id`.
             ValueError: A bad `grace` or `deadline`.
         """
-        run = await open_run(
-            self,
-            inputs,
+        options = RunOptions(
+            inputs=inputs,
             interrupts=interrupts,
             strategy=strategy,
             resume=resume,
@@ -493,6 +449,7 @@ class Flow:
             deadline=deadline,
             on_event=on_event,
         )
+        run = await open_run(self._freeze(), options)
         if isinstance(run, Completed):
             return run
         try:
@@ -550,9 +507,8 @@ class Flow:
                 f"flow {self._name!r}: start() needs an anyio task group (async with anyio.create_task_group() "
                 f"as tg), got {type(task_group).__name__}"
             )
-        run = await open_run(
-            self,
-            inputs,
+        options = RunOptions(
+            inputs=inputs,
             interrupts=interrupts,
             strategy=strategy,
             resume=resume,
@@ -562,8 +518,18 @@ class Flow:
             deadline=deadline,
             on_event=on_event,
         )
+        run = await open_run(self._freeze(), options)
         if isinstance(run, Completed):
             return FlowRun._finished(self._name, run)
         handle = FlowRun(run)
         await task_group.start(handle._drive, interrupts, name=f"stoppoint {self._name} run {run.run_id}")
         return handle
+
+
+def plan_of(flow: Flow) -> Plan:
+    """The plan of `flow`, freezing it (what the runtime reads instead of the flow's attributes).
+
+    Raises:
+        FlowDefinitionError: The flow has no steps or a bad `result=`.
+    """
+    return flow._freeze()

@@ -14,7 +14,7 @@ from ._outcome import Completed, Interrupted, RunReport
 from ._signal import InterruptSignal
 
 if TYPE_CHECKING:
-    from ._executor import _Run
+    from ._attempt import Attempt
 
 __all__ = ["FlowRun"]
 
@@ -34,9 +34,9 @@ class FlowRun:
 
     __slots__ = ("_done", "_error", "_error_tb", "_flow", "_outcome", "_run", "_run_id", "_streams")
 
-    def __init__(self, run: _Run | None, flow: str = "", run_id: str = "") -> None:
+    def __init__(self, run: Attempt | None, flow: str = "", run_id: str = "") -> None:
         self._run = run
-        self._flow = run.name if run is not None else flow
+        self._flow = run.flow if run is not None else flow
         self._run_id = run.run_id if run is not None else run_id
         self._done = anyio.Event()
         self._outcome: Completed[Any] | Interrupted | None = None
@@ -86,10 +86,9 @@ class FlowRun:
         Returns:
             True if the run received it; False if the run had already ended.
         """
-        if self._done.is_set() or self._run is None or self._run.over:
+        if self._done.is_set() or self._run is None:
             return False
-        self._run.control.on_signal(InterruptSignal(reason=reason, force=force, source=source))
-        return True
+        return self._run.interrupt(InterruptSignal(reason=reason, force=force, source=source))
 
     def events(self, max_buffer: int = 10_000) -> EventStream:
         """The run's events, from its start, as an async iterator: `async for event in handle.events()`.
@@ -120,9 +119,9 @@ class FlowRun:
         if end is not None:
             return EventStream([*past, end], max_buffer)  # the end event closes it
         stream = EventStream(past, max_buffer)
-        control = run.control
-        control.listen(stream._put)
-        stream._detach = lambda: control.unlisten(stream._put)
+        observers = run.control.observers
+        observers.add(stream._put)
+        stream._detach = lambda: observers.remove(stream._put)
         self._streams.append(stream)
         return stream
 

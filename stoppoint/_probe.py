@@ -28,8 +28,8 @@ class Probe(abc.ABC):
     def reached(self, path: tuple[str, ...], flow: str, step: str, n: int) -> None:
         """Step `step` of flow `flow` (reached through the include steps `path`) is at its stopping point `n`."""
 
-    def attached(self, flow: Any) -> None:  # noqa: B027 - a hook a probe may leave alone
-        """The run of `flow` (a `Flow`) is about to listen: check what the probe waits for exists."""
+    def attached(self, plan: Any) -> None:  # noqa: B027 - a hook a probe may leave alone
+        """The run of the flow of `plan` (a `Plan`) is about to listen: check what the probe waits for exists."""
 
     def counter(self, path: tuple[str, ...], flow: str, step: str) -> Callable[[], None]:
         """What a step's context calls at each of its checkpoints."""

@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import pydantic_core
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from ._checkpoint import same_value
 from ._flow import Flow
 from ._outcome import Completed, Interrupted
+from ._plan import Plan
 from ._probe import Probe, attach
 from ._signal import InterruptSignal
 
@@ -62,22 +63,22 @@ class _Recorder(Probe):
         self.reason = reason
         self.fired: StoppingPoint | None = None
 
-    def attached(self, flow: Any) -> None:
+    def attached(self, plan: Plan) -> None:
         """A stopping point that no step of the flow has would never fire: say so, before the run."""
         if self.at is None:
             return
         step, _, flow_name, _ = self.at
-        found = set(_steps(flow))
+        found = set(_steps(plan))
         if any(name == step and flow_name in (None, owner) for name, owner in found):
             return
-        if step in _include_steps(flow):
+        if step in _include_steps(plan):
             raise ValueError(
-                f"interrupt_at({step!r}): {step!r} is an include step of flow {flow.name!r}, which has no stopping "
+                f"interrupt_at({step!r}): {step!r} is an include step of flow {plan.flow!r}, which has no stopping "
                 "point of its own; name a step of the included flow"
             )
         known = ", ".join(sorted({name for name, _ in found}))
         where = f" in flow {flow_name!r}" if flow_name is not None else ""
-        raise ValueError(f"interrupt_at({step!r}): flow {flow.name!r} has no step {step!r}{where} (its steps: {known})")
+        raise ValueError(f"interrupt_at({step!r}): flow {plan.flow!r} has no step {step!r}{where} (its steps: {known})")
 
     def reached(self, path: tuple[str, ...], flow: str, step: str, n: int) -> None:
         point = StoppingPoint(flow, step, n, path)
@@ -89,18 +90,18 @@ class _Recorder(Probe):
                 self.interrupt(InterruptSignal(reason=self.reason, source="test"))
 
 
-def _steps(flow: Flow) -> Iterator[tuple[str, str]]:
+def _steps(plan: Plan) -> Iterator[tuple[str, str]]:
     """(step, its flow's name) for every step with stopping points, included flows' too."""
-    for name, spec in flow._specs.items():
+    for name, spec in plan.specs.items():
         if spec.include is not None:
             yield from _steps(spec.include)
         else:
-            yield name, flow.name
+            yield name, plan.flow
 
 
-def _include_steps(flow: Flow) -> set[str]:
+def _include_steps(plan: Plan) -> set[str]:
     names = set()
-    for name, spec in flow._specs.items():
+    for name, spec in plan.specs.items():
         if spec.include is not None:
             names.add(name)
             names |= _include_steps(spec.include)
@@ -161,16 +162,6 @@ async def count_stopping_points(flow: Flow, inputs: Mapping[str, Any] | None = N
     """How many stopping points an uninterrupted run of `flow` passes: one before each step, plus
     each `ctx.checkpoint()` reached."""
     return len(await stopping_points(flow, inputs))
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Equal, or the same JSON (a NaN is not equal to itself)."""
-    if a == b:
-        return True
-    try:
-        return bool(pydantic_core.to_json(a) == pydantic_core.to_json(b))
-    except Exception:
-        return False
 
 
 @dataclass
@@ -257,7 +248,7 @@ async def check_resumable(
                 if again:
                     raise AssertionError(f"{where}: resuming ran completed step(s) again: {', '.join(sorted(again))}")
             if isinstance(outcome, Completed):
-                if not _same(outcome.value, first.value):
+                if not same_value(outcome.value, first.value):
                     raise AssertionError(
                         f"{where}: resumed to {outcome.value!r}, but the uninterrupted run gave {first.value!r}"
                     )

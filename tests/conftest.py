@@ -39,7 +39,7 @@ def statuses(report: sp.RunReport) -> dict[str, sp.StepStatus]:
 
 
 class FakeSleep:
-    """Stands in for the timers' sleep (`stoppoint._executor._sleep`): records the seconds asked
+    """Stands in for the timers' sleep (`stoppoint._control._sleep`): records the seconds asked
     for, sets `entered`, and returns once the test sets `released`. Grace and deadline tests drive
     time with it instead of waiting."""
 
@@ -57,7 +57,7 @@ class FakeSleep:
 @pytest.fixture
 def fake_sleep(monkeypatch: pytest.MonkeyPatch) -> FakeSleep:
     sleep = FakeSleep()
-    monkeypatch.setattr("stoppoint._executor._sleep", sleep)
+    monkeypatch.setattr("stoppoint._control._sleep", sleep)
     return sleep
 
 

@@ -1,6 +1,6 @@
 """Every way a run is stopped: strategies, escalation (force, grace), deadlines, shields, progress.
 
-Time is never waited for: grace and deadline timers sleep through `stoppoint._executor._sleep`,
+Time is never waited for: grace and deadline timers sleep through `stoppoint._control._sleep`,
 which these tests replace with a `FakeSleep` they release by hand (one test also runs trio's
 MockClock, which jumps time forward whenever every task is blocked).
 """

@@ -279,7 +279,7 @@ async def test_a_checkpoint_in_a_generators_finally_does_not_leak(channel: Chann
 async def test_cleanup_of_a_cancelled_step_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     """A sibling fails, the step is cancelled, and its generator's finally never returns: the
     shielded cleanup gives up after CLEANUP_TIMEOUT instead of holding the run for ever."""
-    monkeypatch.setattr("stoppoint._executor.CLEANUP_TIMEOUT", 0.01)
+    monkeypatch.setattr("stoppoint._endings.CLEANUP_TIMEOUT", 0.01)
     flow = sp.Flow("stuck")
     looping = anyio.Event()
     log: list[str] = []

@@ -1,0 +1,166 @@
+"""Launching a run: check `run()`'s options, look up a stored run, and set up its first attempt.
+
+Everything here happens before any step starts, so a bad option raises before anything runs.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from anyio.streams.memory import MemoryObjectReceiveStream
+from pydantic import ValidationError
+
+from ._attempt import Attempt
+from ._checkpoint import Checkpoint, CheckpointFile, check_belongs, same_value, typed
+from ._control import Control
+from ._errors import CheckpointMismatch, FlowInputError, StoreError
+from ._events import EventCallback
+from ._executor import Run
+from ._observers import Observers
+from ._outcome import Completed, RunReport
+from ._plan import Plan
+from ._signal import InterruptSignal
+from ._store import RunStatus, Store
+from ._strategy import AtCheckpoint, Strategy
+
+__all__ = ["RunOptions", "open_run", "prepare"]
+
+_DEFAULT_STRATEGY = AtCheckpoint()  # strategies are frozen: one instance serves every run
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunOptions:
+    """The options of one run, as `Flow.run` and `Flow.start` take them (see `Flow.run`), unchecked."""
+
+    inputs: Mapping[str, Any] | None = None
+    interrupts: MemoryObjectReceiveStream[InterruptSignal] | None = None
+    strategy: Strategy = _DEFAULT_STRATEGY
+    resume: Checkpoint | None = None
+    store: Store | None = None
+    run_id: str | None = None
+    grace: float | None = None
+    deadline: float | None = None
+    on_event: EventCallback | None = None
+
+
+async def open_run(plan: Plan, options: RunOptions) -> Attempt | Completed[Any]:
+    """Check the options of one run of the flow of `plan` and set it up, not started; or, when
+    the store holds that run completed, its stored outcome."""
+    flow, store, run_id, resume = plan.flow, options.store, options.run_id, options.resume
+    if store is not None and (isinstance(store, type) or not isinstance(store, Store)):
+        raise TypeError(
+            f"flow {flow!r}: store must implement the Store protocol (save, load, list_runs, delete), "
+            f"such as SQLiteStore(path); got {type(store).__name__}"
+        )
+    if store is not None and resume is not None and isinstance(resume, Checkpoint):
+        # Resuming a checkpoint into a store: refuse to overwrite a stored run that got further.
+        stored = await store.load(flow, run_id if isinstance(run_id, str) and run_id else resume.run_id)
+        if stored is not None:
+            ahead = set(_load(plan, stored.checkpoint_json).outputs) - set(resume.outputs)
+            if ahead or stored.record.status is RunStatus.COMPLETED:
+                raise CheckpointMismatch(
+                    f"flow {flow!r}, run {stored.record.run_id!r}: the store holds this run "
+                    f"{stored.record.status.value}"
+                    + (f", with steps the checkpoint lacks ({', '.join(sorted(ahead))})" if ahead else "")
+                    + "; run it with store= and run_id= alone to go on from there"
+                )
+    elif store is not None and isinstance(run_id, str) and run_id:
+        stored = await store.load(flow, run_id)
+        if stored is not None:
+            checkpoint = _load(plan, stored.checkpoint_json)
+            # A flow that gained steps at the same version: the stored run is not complete for it.
+            if stored.record.status is RunStatus.COMPLETED and set(checkpoint.outputs) == set(plan.specs):
+                _check_resume_inputs(plan, options.inputs, checkpoint)
+                try:
+                    report = RunReport.model_validate_json(stored.report_json)
+                except ValidationError as exc:
+                    raise StoreError(
+                        f"flow {flow!r}, run {run_id!r}: the stored report does not validate: {exc}"
+                    ) from exc
+                return Completed(checkpoint.outputs[plan.result], report)
+            options = replace(options, resume=checkpoint)
+    return prepare(plan, options)
+
+
+def _load(plan: Plan, text: str) -> Checkpoint:
+    return typed(plan, CheckpointFile.parse(text))
+
+
+def prepare(plan: Plan, options: RunOptions) -> Attempt:
+    """Check the options of one run of the flow of `plan` and set it up, not started."""
+    flow, strategy, interrupts = plan.flow, options.strategy, options.interrupts
+    inputs, resume, run_id, on_event = options.inputs, options.resume, options.run_id, options.on_event
+    if not isinstance(strategy, Strategy) or type(strategy) is Strategy:
+        raise TypeError(
+            f"flow {flow!r}: strategy must be one of AtCheckpoint(), FinishCurrent(), PollNextN(n), "
+            f"IgnoreInterruptions(); got {strategy!r}"
+        )
+    if interrupts is not None and not isinstance(interrupts, MemoryObjectReceiveStream):
+        raise TypeError(
+            f"flow {flow!r}: interrupts must be an anyio MemoryObjectReceiveStream[InterruptSignal], "
+            f"got {type(interrupts).__name__}"
+        )
+    if resume is not None:
+        if not isinstance(resume, Checkpoint):
+            raise TypeError(f"flow {flow!r}: resume must be a Checkpoint, got {type(resume).__name__}")
+        check_belongs(plan, resume)
+        _check_resume_inputs(plan, inputs, resume)
+        if inputs is None:
+            inputs = resume.inputs
+        if run_id is None:
+            run_id = resume.run_id
+    if run_id is None:
+        run_id = uuid.uuid4().hex
+    elif not isinstance(run_id, str) or not run_id:
+        raise TypeError(f"flow {flow!r}: run_id must be a non-empty str, got {run_id!r}")
+    if on_event is not None and not callable(on_event):
+        raise TypeError(f"flow {flow!r}: on_event must be a callable taking an event, got {on_event!r}")
+    grace = _seconds(flow, "grace", options.grace)
+    deadline = _seconds(flow, "deadline", options.deadline)
+    control = Control(flow, run_id, strategy, grace, options.store, Observers(on_event))
+    level = Run(plan, _check_inputs(plan, inputs), control, run_id, signals=control.signals, resume=resume)
+    return Attempt(level, control, deadline)
+
+
+def _check_resume_inputs(plan: Plan, inputs: Mapping[str, Any] | None, checkpoint: Checkpoint) -> None:
+    if inputs is None:
+        return
+    if not isinstance(inputs, Mapping):
+        return  # _check_inputs says what is wrong
+    differing = sorted(
+        str(name)
+        for name in set(inputs) | set(checkpoint.inputs)
+        if name not in inputs or name not in checkpoint.inputs or not same_value(inputs[name], checkpoint.inputs[name])
+    )
+    if differing:
+        raise CheckpointMismatch(
+            f"flow {plan.flow!r}, run {checkpoint.run_id!r}: the inputs differ from the checkpoint's "
+            f"({', '.join(map(repr, differing))}); omit inputs to use the checkpoint's"
+        )
+
+
+def _seconds(flow: str, option: str, value: float | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:  # `not >=` catches NaN
+        raise ValueError(f"flow {flow!r}: {option} must be None or a number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
+def _check_inputs(plan: Plan, inputs: Mapping[str, Any] | None) -> dict[str, Any]:
+    if inputs is None:
+        given: dict[str, Any] = {}
+    elif isinstance(inputs, Mapping):
+        given = dict(inputs)
+    else:
+        raise TypeError(
+            f"flow {plan.flow!r}: inputs must be a mapping of input names to values, got {type(inputs).__name__}"
+        )
+    missing = tuple(name for name in plan.required_inputs if name not in given)
+    unknown = tuple(sorted(str(name) for name in given if name not in plan.all_inputs))
+    if missing or unknown:
+        raise FlowInputError(plan.flow, missing, unknown)
+    return given

@@ -1,0 +1,72 @@
+"""The types a flow's values are validated into: its steps' annotations, each resolved alone.
+
+One lookup serves every reader (checkpoints typing stored values back, the command validating its
+inputs). Annotation text is resolved with `typing.get_type_hints` in the step's module, never `eval`.
+"""
+
+from __future__ import annotations
+
+import typing
+from typing import Any
+
+from ._plan import Plan
+
+__all__ = ["Unresolved", "hint", "input_type", "output_type", "type_name"]
+
+
+class Unresolved:
+    """An annotation that names something not reachable from the step's module."""
+
+    def __init__(self, text: str, error: Exception) -> None:
+        self.text = text
+        self.error = error
+
+
+class _Annotations:
+    """Holds one annotation, so `typing.get_type_hints` resolves it alone."""
+
+    def __init__(self, annotations: dict[str, Any]) -> None:
+        self.__annotations__ = annotations
+
+
+def hint(fn: Any, name: str) -> Any:
+    """The resolved annotation `name` of `fn` (`"return"` for its result): Any when it has none,
+    `Unresolved` when its text names something the step's module cannot see.
+
+    Each annotation is resolved alone: a parameter annotated with a name imported only under
+    TYPE_CHECKING (often `StepContext`) must not cost another parameter its type.
+    """
+    annotation = getattr(fn, "__annotations__", {}).get(name, Any)
+    if not isinstance(annotation, str):
+        return annotation
+    try:
+        return typing.get_type_hints(_Annotations({name: annotation}), globalns=getattr(fn, "__globals__", None))[name]
+    except Exception as exc:
+        # Typically a class defined inside a function, under `from __future__ import annotations`.
+        # Handing back the raw JSON instead would fail later, far from the cause.
+        return Unresolved(annotation, exc)
+
+
+def output_type(plan: Plan, step: str) -> Any:
+    """The type of step `step`'s output: its return annotation (an include step's: the included
+    flow's result's)."""
+    spec = plan.specs[step]
+    if spec.include is not None:
+        return output_type(spec.include, spec.include.result)
+    return hint(spec.fn, "return")
+
+
+def input_type(plan: Plan, name: str) -> Any:
+    """The type of flow input `name`: the annotation of the first step parameter that takes it,
+    looking into included flows."""
+    spec = plan.specs[plan.input_users[name]]
+    if spec.include is not None:
+        return input_type(spec.include, name)
+    return hint(spec.fn, name)
+
+
+def type_name(annotation: Any) -> str:
+    """A type as a message shows it: `int`, `list[str]`, `Optional[int]`."""
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return repr(annotation).replace("typing.", "")
