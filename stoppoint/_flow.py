@@ -438,17 +438,7 @@ class Flow:
             TypeError: A bad `interrupts`, `strategy`, `resume`, `store` or `run_id`.
             ValueError: A bad `grace` or `deadline`.
         """
-        options = RunOptions(
-            inputs=inputs,
-            interrupts=interrupts,
-            strategy=strategy,
-            resume=resume,
-            store=store,
-            run_id=run_id,
-            grace=grace,
-            deadline=deadline,
-            on_event=on_event,
-        )
+        options = RunOptions(inputs, interrupts, strategy, resume, store, run_id, grace, deadline, on_event)
         run = await open_run(self._freeze(), options)
         if isinstance(run, Completed):
             return run
@@ -507,17 +497,7 @@ class Flow:
                 f"flow {self._name!r}: start() needs an anyio task group (async with anyio.create_task_group() "
                 f"as tg), got {type(task_group).__name__}"
             )
-        options = RunOptions(
-            inputs=inputs,
-            interrupts=interrupts,
-            strategy=strategy,
-            resume=resume,
-            store=store,
-            run_id=run_id,
-            grace=grace,
-            deadline=deadline,
-            on_event=on_event,
-        )
+        options = RunOptions(inputs, interrupts, strategy, resume, store, run_id, grace, deadline, on_event)
         run = await open_run(self._freeze(), options)
         if isinstance(run, Completed):
             return FlowRun._finished(self._name, run)

@@ -31,9 +31,12 @@ __all__ = ["RunOptions", "open_run", "prepare"]
 _DEFAULT_STRATEGY = AtCheckpoint()  # strategies are frozen: one instance serves every run
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True)
 class RunOptions:
-    """The options of one run, as `Flow.run` and `Flow.start` take them (see `Flow.run`), unchecked."""
+    """The options of one run, as `Flow.run` and `Flow.start` take them (see `Flow.run`), unchecked.
+
+    The fields are in the order of `run()`'s parameters, so that both build it positionally.
+    """
 
     inputs: Mapping[str, Any] | None = None
     interrupts: MemoryObjectReceiveStream[InterruptSignal] | None = None
