@@ -44,6 +44,7 @@ from ._signal import InterruptSignal as InterruptSignal
 from ._signal import OnSignals as OnSignals
 from ._signal import interrupt_channel as interrupt_channel
 from ._signal import interrupt_on_signals as interrupt_on_signals
+from ._store import LabelStore as LabelStore
 from ._store import MemoryStore as MemoryStore
 from ._store import RunRecord as RunRecord
 from ._store import RunStatus as RunStatus
@@ -81,6 +82,7 @@ __all__ = [
     "Interrupted",
     "Interrupter",
     "Interruptible",
+    "LabelStore",
     "MemoryStore",
     "OnSignals",
     "PollNextN",

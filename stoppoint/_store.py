@@ -1,13 +1,15 @@
-"""Stores: where runs are persisted so they survive the process (the `Store` protocol and records).
+"""Stores: where runs are persisted so they survive the process (the `Store` and `LabelStore` protocols
+and records).
 
-A store keeps, per `(flow, run_id)`, the run's latest checkpoint and report as JSON text. It never
+A store keeps, per `(flow, run_id)`, the run's latest checkpoint and report as JSON text, and (a
+`LabelStore`) the run's labels, str key/value pairs for the tools that run it. It never
 unpickles or evaluates anything: what comes back is validated by pydantic (the flow turns the
 checkpoint's outputs back into each step's return type), so a tampered file yields an error, not
 code execution.
 
 Two stores come with stoppoint: `MemoryStore` (a dict, for tests and runs that need not outlive the
 process) and `SQLiteStore` (one SQLite file, shared safely by several processes). Both keep the same
-rows, as text, so a value that cannot be serialised fails the same way in both.
+rows, as text, so a value that cannot be serialised fails the same way in both; both are `LabelStore`s.
 
 The on-disk schema of `SQLiteStore` (schema version 1), in SQLite's WAL journal mode::
 
@@ -30,6 +32,21 @@ The on-disk schema of `SQLiteStore` (schema version 1), in SQLite's WAL journal 
     );
     CREATE INDEX runs_by_start ON runs (started_at);
 
+    CREATE TABLE labels (
+        flow   TEXT NOT NULL,  -- the run's flow
+        run_id TEXT NOT NULL,  -- and id; a run may have labels before its first save (no foreign key)
+        key    TEXT NOT NULL,  -- a label's key, not empty
+        value  TEXT NOT NULL,  -- and its value
+        PRIMARY KEY (flow, run_id, key)
+    );
+
+A new file gets all three tables in one transaction. The labels table came after the first files
+were written: a stoppoint that opens a schema-1 file without it creates it (`CREATE TABLE IF NOT
+EXISTS`, in a write transaction), and the file stays schema version 1, since a stoppoint that does
+not know the table reads the file as before and never looks at it. This happens only after the file
+has passed the checks that every opening makes (a SQLite file, stoppoint's, a schema version this
+stoppoint knows, not damaged), so a file that is refused is never modified.
+
 Times are ISO 8601 text in UTC with microseconds, `2026-01-31T12:00:00.000000+00:00` (a naive time in
 a report is taken as UTC), so text order is time order. `list_runs()` orders by `started_at`, then
 by `rowid` (the order of the runs' first saves). A later schema gets a higher `schema_version`; a
@@ -42,7 +59,7 @@ import contextlib
 import os
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -59,7 +76,16 @@ from ._checkpoint import Checkpoint, CheckpointFile
 from ._errors import CheckpointError, StoreError
 from ._outcome import RunReport
 
-__all__ = ["MemoryStore", "RunRecord", "RunStatus", "SQLiteStore", "Store", "StoredRun", "run_status"]
+__all__ = [
+    "LabelStore",
+    "MemoryStore",
+    "RunRecord",
+    "RunStatus",
+    "SQLiteStore",
+    "Store",
+    "StoredRun",
+    "run_status",
+]
 
 T = TypeVar("T")
 
@@ -196,6 +222,57 @@ class Store(Protocol):
         ...
 
 
+@runtime_checkable
+class LabelStore(Store, Protocol):
+    """A `Store` that also keeps **labels** beside each run: str key/value pairs for the tools that run it.
+
+    Keys that start with `stoppoint.` are stoppoint's own. Labels are not part of the run's checkpoint
+    or report: `save()` leaves them as they are, and a run may be labelled before its first save.
+    `delete(flow, run_id)` forgets them with the run.
+
+    `MemoryStore` and `SQLiteStore` are label stores. A store with only the `Store` methods is still a
+    `Store` (`flow.run(store=...)` needs nothing more); `isinstance(store, LabelStore)` tells the two apart.
+    """
+
+    async def set_labels(self, flow: str, run_id: str, labels: Mapping[str, str]) -> None:
+        """Merge `labels` into the run's: a key given again gets the new value, the others stay.
+
+        All or nothing: the labels are checked before anything is written, and a bad one leaves the
+        run's labels as they were.
+
+        Args:
+            flow: The flow's name.
+            run_id: The run's id (the run need not be stored yet).
+            labels: Keys (non-empty str) and their values (str), both encodable as UTF-8.
+
+        Raises:
+            TypeError: `flow` or `run_id` is not a str, `labels` is not a mapping, or a key or a value
+                is not a str (the message names the flow, the run and the key).
+            ValueError: A key is empty.
+            StoreError: The flow name, the run id, a key or a value holds text that UTF-8 cannot encode
+                (a lone surrogate, as `os.fsdecode()` makes of bytes that are not UTF-8): no store can
+                keep it, as `save()` refuses a checkpoint that holds such text. Or the store cannot be
+                written.
+        """
+        ...
+
+    async def labels(self, flow: str, run_id: str) -> dict[str, str]:
+        """The run's labels, in key order (by code point); `{}` if it has none (or there is no such run).
+
+        Args:
+            flow: The flow's name.
+            run_id: The run's id.
+
+        Returns:
+            A new dict of the run's labels.
+
+        Raises:
+            TypeError: `flow` or `run_id` is not a str.
+            StoreError: The store cannot be read, or a stored label is not text.
+        """
+        ...
+
+
 # -- rows: what both stores keep, as text ----------------------------------------------------------
 
 
@@ -234,6 +311,51 @@ def _check_names(method: str, flow: str | None, run_id: str = "") -> None:
         raise TypeError(f"{method}(): flow must be a str, got {type(flow).__name__}")
     if not isinstance(run_id, str):
         raise TypeError(f"{method}(): run_id must be a str, got {type(run_id).__name__}")
+
+
+def _utf8(*texts: str) -> bool:
+    """Whether SQLite can take every one of `texts` (a str with a lone surrogate cannot be UTF-8)."""
+    try:
+        for text in texts:
+            if isinstance(text, str) and not text.isascii():
+                text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _checked_labels(flow: str, run_id: str, labels: Mapping[str, str]) -> dict[str, str]:
+    """The labels `set_labels(flow, run_id, labels)` stores, as plain str, all checked before anything is written.
+
+    Raises:
+        TypeError: A name, the mapping, a key or a value is not of its type (see `LabelStore.set_labels`).
+        ValueError: A key is empty.
+        StoreError: A name, a key or a value holds text UTF-8 cannot encode.
+    """
+    _check_names("set_labels", flow, run_id)
+    what = f"set_labels(): flow {flow!r}, run {run_id!r}"
+    if not isinstance(labels, Mapping):
+        raise TypeError(f"{what}: labels must be a mapping of str keys to str values, got {type(labels).__name__}")
+    checked: dict[str, str] = {}
+    for key, value in labels.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{what}: a label key must be a str, got {type(key).__name__} {key!r}")
+        if not key:
+            raise ValueError(f"{what}: a label key cannot be empty")
+        if not isinstance(value, str):
+            raise TypeError(f"{what}: the value of label {key!r} must be a str, got {type(value).__name__}")
+        checked[str.__str__(key)] = str.__str__(value)  # a str subclass (an enum member) is kept as its text
+    texts = [("the flow name", flow), ("the run id", run_id)]
+    for key, value in checked.items():
+        texts += [(f"label key {key!r}", key), (f"the value of label {key!r}", value)]
+    for part, text in texts:
+        if not _utf8(text):  # no store could keep it: SQLite and files take UTF-8
+            raise StoreError(
+                f"{what}: {part} holds a lone surrogate, which UTF-8 cannot encode (a str decoded with "
+                "surrogateescape, as os.fsdecode does?), so no store can keep it; escape it first, e.g. "
+                "text.encode('utf-8', 'backslashreplace').decode()"
+            )
+    return checked
 
 
 def _row(checkpoint: Checkpoint, report: RunReport) -> _Row:
@@ -359,11 +481,12 @@ class MemoryStore:
     It keeps the same JSON text as `SQLiteStore` (`checkpoint.to_json()`, `report.model_dump_json()`),
     so it behaves like a persistent store: an output that cannot be serialised fails here too, and
     what `load()` returns is validated the same way. One store may be shared by runs in several
-    threads and event loops.
+    threads and event loops. It is a `LabelStore`: it keeps labels beside the runs.
     """
 
     def __init__(self) -> None:
         self._runs: dict[tuple[str, str], _Row] = {}  # in the order of the runs' first saves
+        self._run_labels: dict[tuple[str, str], dict[str, str]] = {}  # never holds an empty dict
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -407,6 +530,31 @@ class MemoryStore:
         await anyio.lowlevel.checkpoint()
         with self._lock:
             self._runs.pop((flow, run_id), None)
+            self._run_labels.pop((flow, run_id), None)
+
+    # -- the LabelStore protocol -------------------------------------------------------------------
+
+    async def set_labels(self, flow: str, run_id: str, labels: Mapping[str, str]) -> None:
+        """Merge `labels` into the run's (see `LabelStore.set_labels`).
+
+        Raises:
+            TypeError: A name, the mapping, a key or a value is not of its type; nothing is written.
+            ValueError: A key is empty; nothing is written.
+            StoreError: A name, a key or a value holds text UTF-8 cannot encode; nothing is written.
+        """
+        checked = _checked_labels(flow, run_id, labels)
+        await anyio.lowlevel.checkpoint()
+        if checked:
+            with self._lock:
+                self._run_labels.setdefault((flow, run_id), {}).update(checked)
+
+    async def labels(self, flow: str, run_id: str) -> dict[str, str]:
+        """The run's labels, in key order; `{}` if it has none (see `LabelStore.labels`)."""
+        _check_names("labels", flow, run_id)
+        await anyio.lowlevel.checkpoint()
+        with self._lock:
+            labels = self._run_labels.get((flow, run_id), {})
+            return dict(sorted(labels.items()))  # code point order: SQLite's order of UTF-8 text
 
 
 # -- SQLiteStore -------------------------------------------------------------------------------------
@@ -428,6 +576,11 @@ save: measured on ext4 on a virtual disk (500 saves of a 5-step checkpoint, medi
 per save against 0.32 ms with NORMAL (MemoryStore: 0.06 ms); small next to a step worth persisting. On
 slow disks fsync costs more; NORMAL would then be the trade to make, for kill -9 safety only."""
 
+_LABELS_TABLE = (  # IF NOT EXISTS: also how a file written before labels gets the table
+    "CREATE TABLE IF NOT EXISTS labels (flow TEXT NOT NULL, run_id TEXT NOT NULL, key TEXT NOT NULL,"
+    " value TEXT NOT NULL, PRIMARY KEY (flow, run_id, key))"
+)
+
 _SCHEMA = (
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE runs ("
@@ -435,18 +588,8 @@ _SCHEMA = (
     " started_at TEXT NOT NULL, updated_at TEXT NOT NULL, finished_at TEXT,"
     " checkpoint TEXT NOT NULL, report TEXT NOT NULL, PRIMARY KEY (flow, run_id))",
     "CREATE INDEX runs_by_start ON runs (started_at)",
+    _LABELS_TABLE,
 )
-
-
-def _utf8(*texts: str) -> bool:
-    """Whether SQLite can take every one of `texts` (a str with a lone surrogate cannot be UTF-8)."""
-    try:
-        for text in texts:
-            if isinstance(text, str) and not text.isascii():
-                text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _version_number(value: object) -> int | None:
@@ -465,7 +608,9 @@ class SQLiteStore:
     from synchronous code, when done). Constructing it touches nothing: the file is opened, and
     checked, on entering `async with` or on first use. A path that does not exist (or an empty file)
     becomes a new store; an existing file is used only if it is a stoppoint store of a schema version
-    this stoppoint knows, and is never modified otherwise. The schema is in this module's docstring.
+    this stoppoint knows, and is never modified otherwise. The schema is in this module's docstring;
+    a file written before the labels table gets it the first time it is opened. It is a `LabelStore`:
+    it keeps labels beside the runs.
 
     Each `save()` is one transaction, committed (and, with `synchronous=FULL`, flushed to disk) when it
     returns. All file I/O runs in a worker thread (`anyio.to_thread.run_sync`), so the event loop never
@@ -556,6 +701,31 @@ class SQLiteStore:
         _check_names("delete", flow, run_id)
         if _utf8(flow, run_id):
             await self._call(self._delete, flow, run_id)
+
+    # -- the LabelStore protocol -------------------------------------------------------------------
+
+    async def set_labels(self, flow: str, run_id: str, labels: Mapping[str, str]) -> None:
+        """Merge `labels` into the run's, in one transaction (see `LabelStore.set_labels`).
+
+        Raises:
+            TypeError: A name, the mapping, a key or a value is not of its type; nothing is written.
+            ValueError: A key is empty; nothing is written.
+            StoreError: A name, a key or a value holds text UTF-8 cannot encode (nothing is written), or
+                the file cannot be opened or written.
+        """
+        checked = _checked_labels(flow, run_id, labels)
+        await self._call(self._set_labels, flow, run_id, checked)
+
+    async def labels(self, flow: str, run_id: str) -> dict[str, str]:
+        """The run's labels, in key order; `{}` if it has none (see `LabelStore.labels`).
+
+        Raises:
+            StoreError: The file cannot be opened or read, or a stored label is not text.
+        """
+        _check_names("labels", flow, run_id)
+        if not _utf8(flow, run_id):  # as in load(): no run of that name is stored
+            return {}
+        return await self._call(self._labels, flow, run_id)
 
     # -- opening and closing -----------------------------------------------------------------------
 
@@ -649,9 +819,36 @@ class SQLiteStore:
         return [_record(row, self._where) for row in rows]
 
     def _delete(self, connection: sqlite3.Connection, flow: str, run_id: str) -> None:
-        self._write(
-            connection, lambda: connection.execute("DELETE FROM runs WHERE flow = ? AND run_id = ?", (flow, run_id))
-        )
+        def statements() -> None:
+            connection.execute("DELETE FROM runs WHERE flow = ? AND run_id = ?", (flow, run_id))
+            connection.execute("DELETE FROM labels WHERE flow = ? AND run_id = ?", (flow, run_id))
+
+        self._write(connection, statements)
+
+    def _set_labels(self, connection: sqlite3.Connection, flow: str, run_id: str, labels: dict[str, str]) -> None:
+        if labels:
+            rows = [(flow, run_id, key, value) for key, value in labels.items()]
+            self._write(
+                connection,
+                lambda: connection.executemany(
+                    "INSERT OR REPLACE INTO labels (flow, run_id, key, value) VALUES (?, ?, ?, ?)", rows
+                ),
+            )
+
+    def _labels(self, connection: sqlite3.Connection, flow: str, run_id: str) -> dict[str, str]:
+        rows = connection.execute(
+            "SELECT key, value FROM labels WHERE flow = ? AND run_id = ? ORDER BY key", (flow, run_id)
+        ).fetchall()
+        labels: dict[str, str] = {}
+        for key, value in rows:
+            for what, text in (("key", key), ("value", value)):
+                if not isinstance(text, str):
+                    raise StoreError(
+                        f"{self._where}: run {run_id!r} of flow {flow!r}: the {what} of a stored label "
+                        f"({key!r}) holds {type(text).__name__}, not text"
+                    )
+            labels[key] = value
+        return labels
 
     def _open(self) -> sqlite3.Connection:
         """Open the file and check it is a stoppoint store (or make it one, if it is new).
@@ -720,6 +917,9 @@ class SQLiteStore:
                 raise StoreError(f"{path!r} is a damaged SQLite file (truncated or corrupt): {'; '.join(problems[:5])}")
         else:
             self._write(connection, lambda: self._initialise(connection))
+            tables = self._tables(connection)  # another process's, if it got there first
+        if "labels" not in tables:
+            self._write(connection, lambda: self._upgrade(connection))
         (mode,) = connection.execute("PRAGMA journal_mode = WAL").fetchone()
         if str(mode).lower() != "wal":
             raise StoreError(f"cannot use {path!r}: SQLite cannot put it in WAL mode (journal mode {mode!r})")
@@ -741,6 +941,11 @@ class SQLiteStore:
         connection.executemany(
             "INSERT INTO meta (key, value) VALUES (?, ?)", [("app", _APP), ("schema_version", str(_SCHEMA_VERSION))]
         )
+
+    def _upgrade(self, connection: sqlite3.Connection) -> None:
+        """Bring a schema-1 file written before labels up to date (see the module docstring); in a write
+        transaction, as another process may be doing the same."""
+        connection.execute(_LABELS_TABLE)
 
     def _check_schema(self, connection: sqlite3.Connection, tables: set[str]) -> None:
         path = self._path

@@ -1,8 +1,9 @@
-"""The stores: `MemoryStore` and `SQLiteStore` against the `Store` contract, and SQLite's file handling.
+"""The stores: `MemoryStore` and `SQLiteStore` against the `Store` and `LabelStore` contracts, and SQLite's
+file handling.
 
 The contract tests run on both stores (the `store` fixture); the rest is SQLite's: reopening, WAL mode, the
-worker thread, files it must refuse (and leave untouched), rows that do not validate, and two processes
-sharing one file.
+worker thread, files it must refuse (and leave untouched), rows that do not validate, files written before
+labels, and two processes sharing one file.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import anyio
 import pytest
 
 from stoppoint import Checkpoint, CheckpointError, RunReport, StepReport, StepStatus, StoreError
-from stoppoint._store import MemoryStore, RunRecord, RunStatus, SQLiteStore, Store, StoredRun
+from stoppoint._store import LabelStore, MemoryStore, RunRecord, RunStatus, SQLiteStore, Store, StoredRun
 
 pytestmark = pytest.mark.anyio
 
@@ -242,6 +243,130 @@ async def test_save_refuses_what_is_not_a_checkpoint_and_its_report(store: Store
     with pytest.raises(ValueError, match="does not go with the checkpoint"):
         await store.save(checkpoint, make_report(run_id="r2"))
     assert await store.list_runs() == []
+
+
+# -- labels, on both stores ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def label_store(store: Store) -> LabelStore:
+    assert isinstance(store, LabelStore)
+    return store
+
+
+class OnlyAStore:
+    """A third-party store with the `Store` methods alone."""
+
+    async def save(self, checkpoint: Checkpoint, report: RunReport) -> None: ...
+
+    async def load(self, flow: str, run_id: str) -> StoredRun | None: ...
+
+    async def list_runs(self, flow: str | None = None) -> list[RunRecord]: ...
+
+    async def delete(self, flow: str, run_id: str) -> None: ...
+
+
+async def test_both_stores_keep_labels_and_a_store_need_not(store: Store) -> None:
+    assert isinstance(store, LabelStore)
+    assert isinstance(OnlyAStore(), Store)
+    assert not isinstance(OnlyAStore(), LabelStore)
+
+
+async def test_labels_are_merged_and_read_back(label_store: LabelStore) -> None:
+    await label_store.save(*completed())
+    await label_store.set_labels("f", "r1", {"b": "2", "a": "1"})
+    assert await label_store.labels("f", "r1") == {"a": "1", "b": "2"}
+    await label_store.set_labels("f", "r1", {"b": "3", "c": ""})  # b is replaced, a stays
+    labels = await label_store.labels("f", "r1")
+    assert labels == {"a": "1", "b": "3", "c": ""}
+    assert list(labels) == ["a", "b", "c"]  # in key order
+    labels["a"] = "changed"  # a copy: the store's labels stay
+    assert (await label_store.labels("f", "r1"))["a"] == "1"
+    await label_store.set_labels("f", "r1", {})
+    assert await label_store.labels("f", "r1") == {"a": "1", "b": "3", "c": ""}
+    assert await label_store.labels("g", "r1") == {}  # labels are the run's: flow and id
+    assert await label_store.labels("f", "r2") == {}
+
+
+async def test_label_text_round_trips(label_store: LabelStore) -> None:
+    labels = {
+        "stoppoint.target": "/srv/caf\u00e9/flows.py:deploy",
+        "z": "a\x00b\nc",
+        "\u00e9t\u00e9 \U0001f600": "x" * 10_000,
+    }
+    await label_store.set_labels("f", "r1", labels)
+    assert await label_store.labels("f", "r1") == labels
+    assert list(await label_store.labels("f", "r1")) == sorted(labels)
+
+
+async def test_a_run_without_labels_has_none(label_store: LabelStore) -> None:
+    await label_store.save(*completed())
+    assert await label_store.labels("f", "r1") == {}
+    assert await label_store.labels("f", "never saved") == {}
+    assert await label_store.labels("f", "r\udce9") == {}  # as load(): a name no run can have
+    with pytest.raises(TypeError, match=r"labels\(\): run_id must be a str, got int"):
+        await label_store.labels("f", 1)  # type: ignore[arg-type]
+
+
+async def test_labels_set_before_the_first_save_stay_through_the_saves(label_store: LabelStore) -> None:
+    await label_store.set_labels("f", "r1", {"target": "flows.py:f"})
+    assert await label_store.list_runs() == []  # labels alone are no run
+    assert await label_store.load("f", "r1") is None
+    await label_store.save(make_checkpoint(), make_report(a=StepStatus.RUNNING))
+    await label_store.save(*completed())
+    assert await label_store.labels("f", "r1") == {"target": "flows.py:f"}
+    stored = await label_store.load("f", "r1")
+    assert stored is not None
+    assert stored.record.status is RunStatus.COMPLETED
+
+
+async def test_deleting_a_run_forgets_its_labels(label_store: LabelStore) -> None:
+    for run_id in ("r1", "r2"):
+        await label_store.save(*completed(run_id))
+        await label_store.set_labels("f", run_id, {"k": run_id})
+    await label_store.set_labels("f", "unsaved", {"k": "v"})
+    await label_store.delete("f", "r1")
+    await label_store.delete("f", "unsaved")
+    assert await label_store.labels("f", "r1") == {}
+    assert await label_store.labels("f", "unsaved") == {}
+    assert await label_store.labels("f", "r2") == {"k": "r2"}
+    await label_store.save(*completed("r1"))  # saved again: a new run, without the old labels
+    assert await label_store.labels("f", "r1") == {}
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "message"),
+    [
+        ({1: "x"}, TypeError, "a label key must be a str, got int 1"),
+        ({"": "x"}, ValueError, "a label key cannot be empty"),
+        ({"k": 1}, TypeError, "the value of label 'k' must be a str, got int"),
+        ({"k": None}, TypeError, "the value of label 'k' must be a str, got NoneType"),
+        ({"k\udce9": "x"}, StoreError, r"label key 'k\\udce9' holds a lone surrogate, which UTF-8 cannot encode"),
+        ({"k": "caf\udce9"}, StoreError, r"the value of label 'k' holds a lone surrogate, which UTF-8 cannot encode"),
+    ],
+)
+async def test_bad_labels_are_refused_naming_the_run_and_none_is_written(
+    label_store: LabelStore, bad: dict[object, object], error: type[Exception], message: str
+) -> None:
+    await label_store.set_labels("f", "r1", {"a": "1"})
+    labels = {"a": "changed", "new": "x", **bad}  # good labels first: all or nothing
+    with pytest.raises(error, match=rf"^set_labels\(\): flow 'f', run 'r1': {message}"):
+        await label_store.set_labels("f", "r1", labels)  # type: ignore[arg-type]
+    assert await label_store.labels("f", "r1") == {"a": "1"}
+
+
+async def test_labels_of_bad_names_or_not_a_mapping_are_refused(label_store: LabelStore) -> None:
+    with pytest.raises(TypeError, match=r"set_labels\(\): flow must be a str, got int"):
+        await label_store.set_labels(1, "r1", {"a": "1"})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"set_labels\(\): run_id must be a str, got NoneType"):
+        await label_store.set_labels("f", None, {"a": "1"})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"flow 'f', run 'r1': labels must be a mapping .*, got list"):
+        await label_store.set_labels("f", "r1", [("a", "1")])  # type: ignore[arg-type]
+    with pytest.raises(StoreError, match=r"flow 'f', run 'r\\udce9': the run id holds a lone surrogate"):
+        await label_store.set_labels("f", "r\udce9", {"a": "1"})
+    with pytest.raises(StoreError, match=r"flow 'f\\udce9', run 'r1': the flow name holds a lone surrogate"):
+        await label_store.set_labels("f\udce9", "r1", {"a": "1"})
+    assert await label_store.labels("f", "r1") == {}
 
 
 # -- SQLite ------------------------------------------------------------------------------------------
@@ -547,6 +672,89 @@ async def test_sqlite_refuses_an_invalid_stored_run(tmp_path: Path, sql: str, me
         with pytest.raises(StoreError, match=f"run 'r1' of flow 'f': {message}"):
             await store.load("f", "r1")
         assert [r.run_id for r in await store.list_runs()] == ["r1"]  # the record alone is fine
+
+
+# -- SQLite: labels and the files written before them ----------------------------------------------
+
+
+def tables_of(path: Path) -> set[str]:
+    with sqlite3.connect(path) as db:
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    db.close()
+    return tables
+
+
+def label_rows(path: Path) -> list[tuple[str, ...]]:
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT flow, run_id, key, value FROM labels ORDER BY flow, run_id, key").fetchall()
+    db.close()
+    return rows
+
+
+async def write_before_labels(path: Path, *runs: tuple[str, str]) -> None:
+    """A store as a stoppoint without labels left it: runs, no labels table."""
+    async with SQLiteStore(path) as store:
+        for flow, run_id in runs:
+            await store.save(*completed(run_id, flow))
+    with sqlite3.connect(path) as db:
+        db.execute("DROP TABLE IF EXISTS labels")
+    db.close()
+
+
+async def test_sqlite_labels_survive_closing_and_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "runs.db"
+    async with SQLiteStore(path) as store:
+        await store.set_labels("f", "r1", {"a": "1", "b": "2"})
+        await store.save(*completed())
+        await store.set_labels("f", "r1", {"b": "3"})
+    async with SQLiteStore(path) as store:
+        assert await store.labels("f", "r1") == {"a": "1", "b": "3"}
+    assert label_rows(path) == [("f", "r1", "a", "1"), ("f", "r1", "b", "3")]
+
+
+async def test_sqlite_a_new_file_has_the_labels_table(tmp_path: Path) -> None:
+    path = tmp_path / "runs.db"
+    async with SQLiteStore(path):
+        pass
+    assert tables_of(path) == {"meta", "runs", "labels"}
+    with sqlite3.connect(path) as db:
+        columns = [
+            (name, kind, notnull, pk) for _, name, kind, notnull, _, pk in db.execute("PRAGMA table_info(labels)")
+        ]
+        meta = dict(db.execute("SELECT key, value FROM meta"))
+    db.close()
+    assert columns == [("flow", "TEXT", 1, 1), ("run_id", "TEXT", 1, 2), ("key", "TEXT", 1, 3), ("value", "TEXT", 1, 0)]
+    assert meta == {"app": "stoppoint", "schema_version": "1"}
+
+
+async def test_sqlite_a_file_written_before_labels_gets_the_table(tmp_path: Path) -> None:
+    path = tmp_path / "runs.db"
+    await write_before_labels(path, ("f", "r1"))
+    assert tables_of(path) == {"meta", "runs"}
+    async with SQLiteStore(path) as store:
+        assert tables_of(path) == {"meta", "runs", "labels"}  # on opening, not on the first set_labels
+        assert await store.labels("f", "r1") == {}
+        await store.set_labels("f", "r1", {"a": "1"})
+        assert [r.run_id for r in await store.list_runs()] == ["r1"]
+    async with SQLiteStore(path) as store:
+        assert await store.labels("f", "r1") == {"a": "1"}
+    with sqlite3.connect(path) as db:
+        assert dict(db.execute("SELECT key, value FROM meta")) == {"app": "stoppoint", "schema_version": "1"}
+    db.close()
+
+
+async def test_sqlite_refuses_a_stored_label_that_is_not_text(tmp_path: Path) -> None:
+    path = tmp_path / "runs.db"
+    async with SQLiteStore(path) as store:
+        await store.set_labels("f", "r1", {"k": "v"})
+        with sqlite3.connect(path) as other:
+            other.execute("UPDATE labels SET value = X'00'")
+        other.close()
+        with pytest.raises(
+            StoreError, match=r"run 'r1' of flow 'f': the value of a stored label \('k'\) holds bytes"
+        ) as caught:
+            await store.labels("f", "r1")
+        assert str(path) in str(caught.value)
 
 
 CHILD = textwrap.dedent(
