@@ -21,7 +21,6 @@ import json
 import math
 import re
 import shlex
-import sqlite3
 import sys
 import uuid
 from collections.abc import Sequence
@@ -36,7 +35,7 @@ from ._errors import FlowDefinitionError, FlowInputError, StepFailed, StoppointE
 from ._flow import Flow, plan_of
 from ._outcome import Completed, Interrupted, RunReport
 from ._signal import interrupt_channel, interrupt_on_signals
-from ._store import RunRecord, RunStatus, SQLiteStore
+from ._store import CLI_TARGET_LABEL, LabelStore, RunRecord, RunStatus, SQLiteStore, Store
 from ._strategy import AtCheckpoint, FinishCurrent, IgnoreInterruptions, PollNextN, Strategy
 from ._types import Unresolved, input_type, type_name
 
@@ -44,11 +43,6 @@ __all__ = ["main"]
 
 DEFAULT_STORE = Path(".stoppoint") / "runs.db"
 EXIT_COMPLETED, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-# Next to the store's own tables, in the same file: which target each run was started from.
-_TARGETS_TABLE = (
-    "CREATE TABLE IF NOT EXISTS cli_targets (run_id TEXT PRIMARY KEY, flow TEXT NOT NULL, target TEXT NOT NULL)"
-)
 
 
 class UsageError(Exception):
@@ -213,34 +207,13 @@ def _resume_command(run_id: str, store_arg: str | None) -> str:
     return command + (f" --store {shlex.quote(store_arg)}" if store_arg is not None else "")
 
 
-def _targets(store: SQLiteStore) -> sqlite3.Connection:
-    connection = sqlite3.connect(store.path, timeout=30)
-    connection.execute(_TARGETS_TABLE)
-    connection.commit()
-    return connection
+async def _target_of(store: LabelStore, record: RunRecord) -> str | None:
+    """The `FILE.py:FLOW` the run was started from (the run's `stoppoint.target` label, which `run`
+    sets); None for a run stored from Python."""
+    return (await store.labels(record.flow, record.run_id)).get(CLI_TARGET_LABEL)
 
 
-def _remember(store: SQLiteStore, run_id: str, flow: str, target: str) -> None:
-    connection = _targets(store)
-    try:
-        with connection:
-            connection.execute(
-                "INSERT OR REPLACE INTO cli_targets (run_id, flow, target) VALUES (?, ?, ?)", (run_id, flow, target)
-            )
-    finally:
-        connection.close()
-
-
-def _target_of(store: SQLiteStore, run_id: str) -> tuple[str, str] | None:
-    connection = _targets(store)
-    try:
-        row = connection.execute("SELECT flow, target FROM cli_targets WHERE run_id = ?", (run_id,)).fetchone()
-    finally:
-        connection.close()
-    return None if row is None else (row[0], row[1])
-
-
-async def _find(store: SQLiteStore, run_id: str) -> RunRecord | None:
+async def _find(store: Store, run_id: str) -> RunRecord | None:
     """The stored record of `run_id`, whatever its flow."""
     for record in await store.list_runs():
         if record.run_id == run_id:
@@ -253,7 +226,7 @@ async def _find(store: SQLiteStore, run_id: str) -> RunRecord | None:
 
 async def _run_flow(
     flow: Flow,
-    store: SQLiteStore,
+    store: Store,
     run_id: str,
     *,
     inputs: dict[str, Any] | None,
@@ -299,7 +272,7 @@ async def cmd_run(args: argparse.Namespace) -> int:
     async with _store(args.store) as store:
         if await _find(store, run_id) is not None:
             _fail(f"run {run_id!r} is already in the store; use `{_resume_command(run_id, args.store)}`")
-        _remember(store, run_id, flow.name, absolute_target(args.target))
+        await store.set_labels(flow.name, run_id, {CLI_TARGET_LABEL: absolute_target(args.target)})
         return await _run_flow(
             flow, store, run_id, inputs=inputs, strategy=strategy, grace=args.grace, store_arg=args.store
         )
@@ -317,18 +290,18 @@ async def cmd_resume(args: argparse.Namespace) -> int:
     existing = _existing_store(args.store, run_id)
     assert existing is not None
     async with existing as store:
-        if await _find(store, run_id) is None:
+        record = await _find(store, run_id)
+        if record is None:
             _fail(f"no run {run_id!r} in {store.path} (`stoppoint runs` lists them)")
-        found = _target_of(store, run_id)
-        if found is None:
+        target = await _target_of(store, record)
+        if target is None:
             _fail(
                 f"run {run_id!r} was not started by the stoppoint command, so its FILE.py:FLOW is unknown; "
                 "resume it from Python with flow.run(store=..., run_id=...)"
             )
-        flow_name, target = found
         flow = load_target(target)
-        if flow.name != flow_name:
-            _fail(f"run {run_id!r} is of flow {flow_name!r}, but {target} is now flow {flow.name!r}")
+        if flow.name != record.flow:
+            _fail(f"run {run_id!r} is of flow {record.flow!r}, but {target} is now flow {flow.name!r}")
         return await _run_flow(
             flow, store, run_id, inputs=None, strategy=strategy, grace=args.grace, store_arg=args.store
         )
@@ -360,7 +333,7 @@ async def cmd_show(args: argparse.Namespace) -> int:
         if record is None:
             _fail(f"no run {run_id!r} in {store.path} (`stoppoint runs` lists them)")
         stored = await store.load(record.flow, run_id)
-        found = _target_of(store, run_id)
+        target = await _target_of(store, record)
     assert stored is not None
     report = RunReport.model_validate_json(stored.report_json)
     if args.json:
@@ -370,14 +343,14 @@ async def cmd_show(args: argparse.Namespace) -> int:
                     "run_id": record.run_id,
                     "flow": record.flow,
                     "status": record.status.value,
-                    "target": found[1] if found else None,
+                    "target": target,
                     "report": json.loads(report.model_dump_json()),
                 },
                 indent=2,
             )
         )
         return EXIT_COMPLETED
-    resumable = record.status is not RunStatus.COMPLETED and found is not None
+    resumable = record.status is not RunStatus.COMPLETED and target is not None
     print(f"run {record.run_id} of flow {record.flow}: {record.status.value}")
     print(summary(report, resume=_resume_command(record.run_id, args.store) if resumable else None))
     return EXIT_COMPLETED

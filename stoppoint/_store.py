@@ -222,13 +222,19 @@ class Store(Protocol):
         ...
 
 
+CLI_TARGET_LABEL = "stoppoint.target"
+"""The label under which the `stoppoint` command keeps the `FILE.py:FLOW` a run was started from (the
+file's absolute path), so that `stoppoint resume RUN_ID` needs nothing else."""
+
+
 @runtime_checkable
 class LabelStore(Store, Protocol):
     """A `Store` that also keeps **labels** beside each run: str key/value pairs for the tools that run it.
 
-    Keys that start with `stoppoint.` are stoppoint's own. Labels are not part of the run's checkpoint
-    or report: `save()` leaves them as they are, and a run may be labelled before its first save.
-    `delete(flow, run_id)` forgets them with the run.
+    The `stoppoint` command keeps the `FILE.py:FLOW` a run was started from under `"stoppoint.target"`
+    (`CLI_TARGET_LABEL`); keys that start with `stoppoint.` are stoppoint's own. Labels are not part
+    of the run's checkpoint or report: `save()` leaves them as they are, and a run may be labelled
+    before its first save. `delete(flow, run_id)` forgets them with the run.
 
     `MemoryStore` and `SQLiteStore` are label stores. A store with only the `Store` methods is still a
     `Store` (`flow.run(store=...)` needs nothing more); `isinstance(store, LabelStore)` tells the two apart.

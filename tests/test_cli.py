@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -183,6 +184,21 @@ def test_a_run_id_in_use_is_refused(tmp_path: Path) -> None:
     again = stoppoint("run", f"{FLOWS}:failing", "--run-id", "dup", cwd=tmp_path)
     assert again.returncode == 2
     assert "run 'dup' is already in the store; use `stoppoint resume dup`" in again.stderr
+
+
+def test_the_target_is_kept_as_a_run_label(tmp_path: Path) -> None:
+    store = tmp_path / "runs.db"
+    assert stoppoint("run", f"{FLOWS}:failing", "--run-id", "f1", "--store", str(store), cwd=tmp_path).returncode == 1
+
+    async def labels() -> dict[str, str]:
+        async with sp.SQLiteStore(store) as opened:
+            return await opened.labels("failing", "f1")
+
+    assert anyio.run(labels) == {"stoppoint.target": f"{FLOWS}:failing"}
+    with sqlite3.connect(store) as db:  # through the store's API: no table of the command's own beside it
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    db.close()
+    assert tables == {"meta", "runs", "labels"}
 
 
 class _Terminal(io.StringIO):
