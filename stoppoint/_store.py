@@ -43,9 +43,13 @@ The on-disk schema of `SQLiteStore` (schema version 1), in SQLite's WAL journal 
 A new file gets all three tables in one transaction. The labels table came after the first files
 were written: a stoppoint that opens a schema-1 file without it creates it (`CREATE TABLE IF NOT
 EXISTS`, in a write transaction), and the file stays schema version 1, since a stoppoint that does
-not know the table reads the file as before and never looks at it. This happens only after the file
-has passed the checks that every opening makes (a SQLite file, stoppoint's, a schema version this
-stoppoint knows, not damaged), so a file that is refused is never modified.
+not know the table reads the file as before and never looks at it. In the same transaction, a file
+that still has the table in which the `stoppoint` command used to keep each run's target beside the
+store's own (`cli_targets (run_id TEXT PRIMARY KEY, flow TEXT NOT NULL, target TEXT NOT NULL)`) has
+its rows moved into `labels`, under the key `stoppoint.target` (`CLI_TARGET_LABEL`), and that table
+dropped. Both happen only after the file has passed the checks that every opening makes (a SQLite
+file, stoppoint's, a schema version this stoppoint knows, not damaged), so a file that is refused is
+never modified.
 
 Times are ISO 8601 text in UTC with microseconds, `2026-01-31T12:00:00.000000+00:00` (a naive time in
 a report is taken as UTC), so text order is time order. `list_runs()` orders by `started_at`, then
@@ -597,6 +601,10 @@ _SCHEMA = (
     _LABELS_TABLE,
 )
 
+_OLD_TARGETS_TABLE = "cli_targets"
+"""The table in which the `stoppoint` command kept each run's target before labels (see the module docstring)."""
+_OLD_TARGETS_COLUMNS = ("run_id", "flow", "target")
+
 
 def _version_number(value: object) -> int | None:
     """The schema version in the meta table as a number (text of decimal digits, or an integer), else None."""
@@ -615,8 +623,8 @@ class SQLiteStore:
     checked, on entering `async with` or on first use. A path that does not exist (or an empty file)
     becomes a new store; an existing file is used only if it is a stoppoint store of a schema version
     this stoppoint knows, and is never modified otherwise. The schema is in this module's docstring;
-    a file written before the labels table gets it the first time it is opened. It is a `LabelStore`:
-    it keeps labels beside the runs.
+    a file written before the labels table gets it (and the `stoppoint` command's old targets moved
+    into it) the first time it is opened. It is a `LabelStore`: it keeps labels beside the runs.
 
     Each `save()` is one transaction, committed (and, with `synchronous=FULL`, flushed to disk) when it
     returns. All file I/O runs in a worker thread (`anyio.to_thread.run_sync`), so the event loop never
@@ -924,7 +932,7 @@ class SQLiteStore:
         else:
             self._write(connection, lambda: self._initialise(connection))
             tables = self._tables(connection)  # another process's, if it got there first
-        if "labels" not in tables:
+        if "labels" not in tables or _OLD_TARGETS_TABLE in tables:
             self._write(connection, lambda: self._upgrade(connection))
         (mode,) = connection.execute("PRAGMA journal_mode = WAL").fetchone()
         if str(mode).lower() != "wal":
@@ -949,9 +957,32 @@ class SQLiteStore:
         )
 
     def _upgrade(self, connection: sqlite3.Connection) -> None:
-        """Bring a schema-1 file written before labels up to date (see the module docstring); in a write
-        transaction, as another process may be doing the same."""
+        """Bring a schema-1 file written before labels up to date (see the module docstring); in the
+        write transaction, so that what another process did meanwhile is seen, and a refusal writes nothing.
+
+        Raises:
+            StoreError: The file's `cli_targets` table is not the one the `stoppoint` command made.
+        """
+        tables = self._tables(connection)
+        if _OLD_TARGETS_TABLE in tables:
+            columns = [row[1] for row in connection.execute(f"PRAGMA table_info({_OLD_TARGETS_TABLE})")]
+            if not set(_OLD_TARGETS_COLUMNS) <= set(columns):
+                raise StoreError(
+                    f"{self._path!r} is a stoppoint store with a {_OLD_TARGETS_TABLE} table that is not the one the "
+                    f"stoppoint command made (its columns: {', '.join(map(str, columns))}; expected "
+                    f"{', '.join(_OLD_TARGETS_COLUMNS)}), so its rows cannot be moved into the labels table"
+                )
         connection.execute(_LABELS_TABLE)
+        if _OLD_TARGETS_TABLE in tables:
+            # A row without a run id, flow or target was never found by the command: there is nothing to keep.
+            # OR REPLACE: an older stoppoint command wrote the row after an earlier move, so it is the newer one.
+            connection.execute(
+                "INSERT OR REPLACE INTO labels (flow, run_id, key, value)"
+                f" SELECT flow, run_id, ?, target FROM {_OLD_TARGETS_TABLE}"
+                " WHERE flow IS NOT NULL AND run_id IS NOT NULL AND target IS NOT NULL",
+                (CLI_TARGET_LABEL,),
+            )
+            connection.execute(f"DROP TABLE {_OLD_TARGETS_TABLE}")
 
     def _check_schema(self, connection: sqlite3.Connection, tables: set[str]) -> None:
         path = self._path

@@ -201,6 +201,57 @@ def test_the_target_is_kept_as_a_run_label(tmp_path: Path) -> None:
     assert tables == {"meta", "runs", "labels"}
 
 
+ONCE = """\
+from pathlib import Path
+
+import stoppoint as sp
+
+fl = sp.Flow("fl")
+
+
+@fl.step
+async def a() -> int:
+    return 1
+
+
+@fl.step
+async def b(a: int) -> int:
+    if not Path(__file__).with_name("ok").exists():
+        raise ValueError("not yet")
+    return a + 1
+"""
+
+
+def test_a_store_of_the_command_before_run_labels_still_resumes(tmp_path: Path) -> None:
+    """The command used to keep each run's target in a cli_targets table of its own, beside the store's."""
+    flows = tmp_path / "flows.py"
+    flows.write_text(ONCE)
+    store = tmp_path / "runs.db"
+    assert stoppoint("run", "flows.py:fl", "--run-id", "r1", "--store", str(store), cwd=tmp_path).returncode == 1
+    target = f"{flows.resolve()}:fl"
+    with sqlite3.connect(store) as db:  # the file as that command left it
+        db.execute("DROP TABLE IF EXISTS labels")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS cli_targets (run_id TEXT PRIMARY KEY, flow TEXT NOT NULL, target TEXT NOT NULL)"
+        )
+        db.execute("INSERT OR REPLACE INTO cli_targets VALUES ('r1', 'fl', ?)", (target,))
+    db.close()
+    (tmp_path / "ok").touch()
+
+    resumed = stoppoint("resume", "r1", "--store", str(store), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed: a completed before, not run again" in resumed.stdout
+    assert re.search(r"^  completed: a \(resumed\), b$", resumed.stdout, re.MULTILINE), resumed.stdout
+    shown = json.loads(stoppoint("show", "r1", "--json", "--store", str(store), cwd=tmp_path).stdout)
+    assert (shown["status"], shown["target"]) == ("completed", target)
+    with sqlite3.connect(store) as db:  # the target is a label now, and the old table is gone
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        labels = db.execute("SELECT flow, run_id, key, value FROM labels").fetchall()
+    db.close()
+    assert "cli_targets" not in tables
+    assert labels == [("fl", "r1", "stoppoint.target", target)]
+
+
 class _Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True

@@ -701,6 +701,11 @@ async def write_before_labels(path: Path, *runs: tuple[str, str]) -> None:
     db.close()
 
 
+OLD_TARGETS = (
+    "CREATE TABLE IF NOT EXISTS cli_targets (run_id TEXT PRIMARY KEY, flow TEXT NOT NULL, target TEXT NOT NULL)"
+)
+
+
 async def test_sqlite_labels_survive_closing_and_reopening(tmp_path: Path) -> None:
     path = tmp_path / "runs.db"
     async with SQLiteStore(path) as store:
@@ -741,6 +746,63 @@ async def test_sqlite_a_file_written_before_labels_gets_the_table(tmp_path: Path
     with sqlite3.connect(path) as db:
         assert dict(db.execute("SELECT key, value FROM meta")) == {"app": "stoppoint", "schema_version": "1"}
     db.close()
+
+
+async def test_sqlite_the_old_commands_targets_are_moved_into_labels(tmp_path: Path) -> None:
+    """The `stoppoint` command used to keep each run's target in a `cli_targets` table of its own."""
+    path = tmp_path / "runs.db"
+    await write_before_labels(path, ("f", "r1"), ("g", "r2"))
+    with sqlite3.connect(path) as db:
+        db.execute(OLD_TARGETS)
+        db.executemany(
+            "INSERT INTO cli_targets VALUES (?, ?, ?)",
+            [("r1", "f", "/srv/flows.py:f"), ("r2", "g", "/srv/other.py:g"), ("started", "f", "/srv/flows.py:f")],
+        )
+        db.execute("INSERT INTO cli_targets VALUES (NULL, 'f', '/srv/flows.py:f')")  # SQLite allows it; never found
+    db.close()
+    async with SQLiteStore(path) as store:
+        assert tables_of(path) == {"meta", "runs", "labels"}  # the old table is gone
+        assert await store.labels("f", "r1") == {"stoppoint.target": "/srv/flows.py:f"}
+        assert await store.labels("g", "r2") == {"stoppoint.target": "/srv/other.py:g"}
+        assert await store.labels("f", "started") == {"stoppoint.target": "/srv/flows.py:f"}  # never saved
+        assert await store.labels("g", "r1") == {}
+        assert len(await store.list_runs()) == 2
+    assert label_rows(path) == [
+        ("f", "r1", "stoppoint.target", "/srv/flows.py:f"),
+        ("f", "started", "stoppoint.target", "/srv/flows.py:f"),
+        ("g", "r2", "stoppoint.target", "/srv/other.py:g"),
+    ]
+
+
+async def test_sqlite_targets_an_older_command_wrote_after_the_move_are_moved_too(tmp_path: Path) -> None:
+    """An older `stoppoint` sharing the file makes its table again: its row is the newer one."""
+    path = tmp_path / "runs.db"
+    async with SQLiteStore(path) as store:
+        await store.save(*completed())
+        await store.set_labels("f", "r1", {"stoppoint.target": "/old.py:f", "other": "kept"})
+    with sqlite3.connect(path) as db:
+        db.execute(OLD_TARGETS)
+        db.execute("INSERT INTO cli_targets VALUES ('r1', 'f', '/new.py:f')")
+    db.close()
+    async with SQLiteStore(path) as store:
+        assert await store.labels("f", "r1") == {"other": "kept", "stoppoint.target": "/new.py:f"}
+    assert "cli_targets" not in tables_of(path)
+
+
+async def test_sqlite_refuses_a_cli_targets_table_the_command_did_not_make_and_leaves_it_alone(tmp_path: Path) -> None:
+    path = tmp_path / "runs.db"
+    await write_before_labels(path, ("f", "r1"))
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE cli_targets (name TEXT, address TEXT)")
+        db.execute("INSERT INTO cli_targets VALUES ('r1', 'somewhere')")
+    db.close()
+    before = snapshot(path)
+    with pytest.raises(StoreError, match=r"stoppoint store with a cli_targets table that is not the one") as caught:
+        await SQLiteStore(path).list_runs()
+    assert str(path) in str(caught.value)
+    assert "its columns: name, address" in str(caught.value)
+    assert snapshot(path) == before
+    assert tables_of(path) == {"meta", "runs", "cli_targets"}
 
 
 async def test_sqlite_refuses_a_stored_label_that_is_not_text(tmp_path: Path) -> None:
