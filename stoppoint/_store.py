@@ -168,6 +168,9 @@ class Store(Protocol):
     every completed step (before any step that depends on it starts), and once more when the run
     ends; a store must have committed the checkpoint when `save()` returns. Calls for one run never
     overlap.
+
+    A store that also keeps labels beside its runs (as both stores of stoppoint do, for the `stoppoint`
+    command among others) is a `LabelStore`; a store need not be one.
     """
 
     async def save(self, checkpoint: Checkpoint, report: RunReport) -> None:
@@ -920,7 +923,8 @@ class SQLiteStore:
         return connection
 
     def _prepare(self, connection: sqlite3.Connection) -> None:
-        """Check (or initialise) the schema, then turn on WAL mode. SQLite errors go to `_open`."""
+        """Check (or initialise) the schema, add what a file written before labels lacks (`_upgrade`), then
+        turn on WAL mode. SQLite errors go to `_open`."""
         path = self._path
         tables = self._tables(connection)
         if tables:
