@@ -33,6 +33,7 @@ from ._flow import Flow as Flow
 from ._handle import FlowRun as FlowRun
 from ._interruptible import Interruptible as Interruptible
 from ._interruptible import interruptible as interruptible
+from ._memory import MemoryStore as MemoryStore
 from ._outcome import Completed as Completed
 from ._outcome import Interrupted as Interrupted
 from ._outcome import Progress as Progress
@@ -44,11 +45,10 @@ from ._signal import InterruptSignal as InterruptSignal
 from ._signal import OnSignals as OnSignals
 from ._signal import interrupt_channel as interrupt_channel
 from ._signal import interrupt_on_signals as interrupt_on_signals
+from ._sqlite import SQLiteStore as SQLiteStore
 from ._store import LabelStore as LabelStore
-from ._store import MemoryStore as MemoryStore
 from ._store import RunRecord as RunRecord
 from ._store import RunStatus as RunStatus
-from ._store import SQLiteStore as SQLiteStore
 from ._store import Store as Store
 from ._store import StoredRun as StoredRun
 from ._strategy import AtCheckpoint as AtCheckpoint

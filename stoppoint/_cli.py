@@ -35,7 +35,8 @@ from ._errors import FlowDefinitionError, FlowInputError, StepFailed, StoppointE
 from ._flow import Flow, plan_of
 from ._outcome import Completed, Interrupted, RunReport
 from ._signal import interrupt_channel, interrupt_on_signals
-from ._store import CLI_TARGET_LABEL, LabelStore, RunRecord, RunStatus, SQLiteStore, Store
+from ._sqlite import SQLiteStore
+from ._store import CLI_TARGET_LABEL, LabelStore, RunRecord, RunStatus, Store
 from ._strategy import AtCheckpoint, FinishCurrent, IgnoreInterruptions, PollNextN, Strategy
 from ._types import Unresolved, input_type, type_name
 

@@ -23,7 +23,9 @@ import anyio
 import pytest
 
 from stoppoint import Checkpoint, CheckpointError, RunReport, StepReport, StepStatus, StoreError
-from stoppoint._store import LabelStore, MemoryStore, RunRecord, RunStatus, SQLiteStore, Store, StoredRun
+from stoppoint._memory import MemoryStore
+from stoppoint._sqlite import SQLiteStore
+from stoppoint._store import LabelStore, RunRecord, RunStatus, Store, StoredRun
 
 pytestmark = pytest.mark.anyio
 
@@ -73,7 +75,7 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> list[datetime]:
         given.append(at(3600 + 60 * len(given)))
         return given[-1]
 
-    monkeypatch.setattr("stoppoint._store._now", now)
+    monkeypatch.setattr("stoppoint._rows._now", now)
     return given
 
 
@@ -827,7 +829,7 @@ CHILD = textwrap.dedent(
     import anyio
 
     from stoppoint import Checkpoint, RunReport, StepReport, StepStatus
-    from stoppoint._store import SQLiteStore
+    from stoppoint._sqlite import SQLiteStore
 
     path, name = sys.argv[1], sys.argv[2]
     STEPS = [f"s{k}" for k in range(5)]

@@ -1,0 +1,228 @@
+"""Rows: what both stores keep of a run, as text, and how it is checked on the way in and out.
+
+`MemoryStore` and `SQLiteStore` keep the same text (`checkpoint.to_json()`, the report's JSON, times
+as fixed-width ISO 8601 UTC), so a value that cannot be serialised fails the same way in both, and
+what either gives back is validated the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError
+
+from ._checkpoint import Checkpoint, CheckpointFile
+from ._errors import CheckpointError, StoreError
+from ._outcome import RunReport
+from ._store import RunRecord, StoredRun, run_status
+
+__all__ = [
+    "RECORD_COLUMNS",
+    "ROW_COLUMNS",
+    "Row",
+    "check_names",
+    "checked_labels",
+    "to_record",
+    "to_row",
+    "to_stored",
+    "utf8",
+]
+
+
+def _now() -> datetime:
+    """The time of a save (`updated_at`); tests replace it to control time."""
+    return datetime.now(UTC)
+
+
+def _utc_text(moment: datetime) -> str:
+    """`moment` as fixed-width ISO 8601 UTC text (a naive time is taken as UTC), so text order is time order."""
+    moment = moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    return moment.isoformat(timespec="microseconds")
+
+
+class Row(NamedTuple):
+    """One stored run, column by column (see the schema in the module docstring)."""
+
+    flow: str
+    run_id: str
+    flow_version: str
+    status: str
+    started_at: str
+    updated_at: str
+    finished_at: str | None
+    checkpoint: str
+    report: str
+
+
+RECORD_COLUMNS = "flow, run_id, flow_version, status, started_at, updated_at, finished_at"
+ROW_COLUMNS = f"{RECORD_COLUMNS}, checkpoint, report"
+
+
+def check_names(method: str, flow: str | None, run_id: str = "") -> None:
+    """Flow names and run ids are str: anything else is a programming error, not "no such run"."""
+    if not (flow is None and method == "list_runs") and not isinstance(flow, str):
+        raise TypeError(f"{method}(): flow must be a str, got {type(flow).__name__}")
+    if not isinstance(run_id, str):
+        raise TypeError(f"{method}(): run_id must be a str, got {type(run_id).__name__}")
+
+
+def utf8(*texts: str) -> bool:
+    """Whether SQLite can take every one of `texts` (a str with a lone surrogate cannot be UTF-8)."""
+    try:
+        for text in texts:
+            if isinstance(text, str) and not text.isascii():
+                text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def checked_labels(flow: str, run_id: str, labels: Mapping[str, str]) -> dict[str, str]:
+    """The labels `set_labels(flow, run_id, labels)` stores, as plain str, all checked before anything is written.
+
+    Raises:
+        TypeError: A name, the mapping, a key or a value is not of its type (see `LabelStore.set_labels`).
+        ValueError: A key is empty.
+        StoreError: A name, a key or a value holds text UTF-8 cannot encode.
+    """
+    check_names("set_labels", flow, run_id)
+    what = f"set_labels(): flow {flow!r}, run {run_id!r}"
+    if not isinstance(labels, Mapping):
+        raise TypeError(f"{what}: labels must be a mapping of str keys to str values, got {type(labels).__name__}")
+    checked: dict[str, str] = {}
+    for key, value in labels.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{what}: a label key must be a str, got {type(key).__name__} {key!r}")
+        if not key:
+            raise ValueError(f"{what}: a label key cannot be empty")
+        if not isinstance(value, str):
+            raise TypeError(f"{what}: the value of label {key!r} must be a str, got {type(value).__name__}")
+        checked[str.__str__(key)] = str.__str__(value)  # a str subclass (an enum member) is kept as its text
+    texts = [("the flow name", flow), ("the run id", run_id)]
+    for key, value in checked.items():
+        texts += [(f"label key {key!r}", key), (f"the value of label {key!r}", value)]
+    for part, text in texts:
+        if not utf8(text):  # no store could keep it: SQLite and files take UTF-8
+            raise StoreError(
+                f"{what}: {part} holds a lone surrogate, which UTF-8 cannot encode (a str decoded with "
+                "surrogateescape, as os.fsdecode does?), so no store can keep it; escape it first, e.g. "
+                "text.encode('utf-8', 'backslashreplace').decode()"
+            )
+    return checked
+
+
+def to_row(checkpoint: Checkpoint, report: RunReport) -> Row:
+    """The row `save(checkpoint, report)` stores (`started_at` is the report's; a store keeps the first one).
+
+    Raises:
+        CheckpointError: An output cannot be serialised (from `checkpoint.to_json()`, unchanged).
+    """
+    if not isinstance(checkpoint, Checkpoint):
+        raise TypeError(f"save() takes a Checkpoint, got {type(checkpoint).__name__}")
+    if not isinstance(report, RunReport):
+        raise TypeError(f"save() takes a RunReport, got {type(report).__name__}")
+    if (report.flow, report.run_id) != (checkpoint.flow, checkpoint.run_id):
+        raise ValueError(
+            f"save(): the report of run {report.run_id!r} of flow {report.flow!r} does not go with the checkpoint "
+            f"of run {checkpoint.run_id!r} of flow {checkpoint.flow!r}"
+        )
+    checkpoint_json = checkpoint.to_json()  # first: a CheckpointError leaves the store as it was
+    if not checkpoint_json.isascii():
+        try:
+            checkpoint_json.encode()
+        except UnicodeEncodeError as exc:  # no store could keep it: SQLite and files take UTF-8
+            raise CheckpointError(
+                f"checkpoint of flow {checkpoint.flow!r}, run {checkpoint.run_id!r}: its JSON holds a lone surrogate, "
+                f"which UTF-8 cannot encode, here: ...{checkpoint_json[max(0, exc.start - 60) : exc.start + 1]!r} (a "
+                "str decoded with surrogateescape, as os.fsdecode does?); escape it first, e.g. "
+                "text.encode('utf-8', 'backslashreplace').decode()"
+            ) from exc
+    return Row(
+        flow=checkpoint.flow,
+        run_id=checkpoint.run_id,
+        flow_version=checkpoint.flow_version,
+        status=run_status(report).value,
+        started_at=_utc_text(report.started_at),
+        updated_at=_utc_text(_now()),
+        finished_at=None if report.finished_at is None else _utc_text(report.finished_at),
+        checkpoint=checkpoint_json,
+        report=_report_json(report),
+    )
+
+
+def _report_json(report: RunReport) -> str:
+    """`report.model_dump_json()`, or, when a str in it cannot be encoded as UTF-8 (a lone surrogate, as in
+    an OSError's message about a file name from os.fsdecode), the report with those characters
+    backslash-escaped: a report is for people, and a failed step's message must not stop the run's save."""
+    try:
+        return report.model_dump_json()
+    except PydanticSerializationError:
+        return RunReport.model_validate(_escape_surrogates(report.model_dump(mode="json"))).model_dump_json()
+
+
+def _escape_surrogates(value: Any) -> Any:
+    """`value` (JSON-like data) with every character UTF-8 cannot encode in its strings backslash-escaped."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_escape_surrogates(key): _escape_surrogates(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_escape_surrogates(item) for item in value]
+    return value
+
+
+def to_record(columns: tuple[Any, ...] | Row, where: str) -> RunRecord:
+    """The validated record of a row's first seven columns (see `RECORD_COLUMNS`).
+
+    Raises:
+        StoreError: The columns are not a valid record (naming the run).
+    """
+    flow, run_id, flow_version, status, started_at, updated_at, finished_at = columns[:7]
+    try:
+        return RunRecord.model_validate(
+            {
+                "flow": flow,
+                "run_id": run_id,
+                "flow_version": flow_version,
+                "status": status,
+                "started_at": started_at,
+                "updated_at": updated_at,
+                "finished_at": finished_at,
+            }
+        )
+    except ValidationError as exc:
+        raise StoreError(f"{where}: the stored record of run {run_id!r} of flow {flow!r} is invalid: {exc}") from exc
+
+
+def to_stored(columns: tuple[Any, ...] | Row, where: str) -> StoredRun:
+    """The validated `StoredRun` of a row (its columns in `ROW_COLUMNS` order).
+
+    The checkpoint must be a stoppoint checkpoint and the report a `RunReport`, both of this run.
+
+    Raises:
+        StoreError: The row is not a valid stored run (naming the run).
+    """
+    record = to_record(columns, where)
+    checkpoint_json, report_json = columns[7], columns[8]
+    what = f"{where}: run {record.run_id!r} of flow {record.flow!r}"
+    for column, text in (("checkpoint", checkpoint_json), ("report", report_json)):
+        if not isinstance(text, str):
+            raise StoreError(f"{what}: the {column} column holds {type(text).__name__}, not JSON text")
+    try:
+        checkpoint = CheckpointFile.parse(checkpoint_json)
+    except CheckpointError as exc:
+        raise StoreError(f"{what}: the stored checkpoint is invalid: {exc}") from exc
+    try:
+        report = RunReport.model_validate_json(report_json)
+    except ValidationError as exc:
+        raise StoreError(f"{what}: the stored report is invalid: {exc}") from exc
+    for column, flow, run_id in (
+        ("checkpoint", checkpoint.flow, checkpoint.run_id),
+        ("report", report.flow, report.run_id),
+    ):
+        if (flow, run_id) != (record.flow, record.run_id):
+            raise StoreError(f"{what}: the stored {column} is that of run {run_id!r} of flow {flow!r}")
+    return StoredRun(record=record, checkpoint_json=checkpoint_json, report_json=report_json)
