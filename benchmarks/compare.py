@@ -16,7 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -62,12 +62,35 @@ def checkpoints(sp: Any, n: int) -> Callable[[], Awaitable[None]]:
     return loop
 
 
+async def numbers(n: int) -> AsyncIterator[int]:
+    for i in range(n):
+        yield i
+
+
+def iterations(sp: Any, n: int, source: Callable[[int], Any], through: str) -> Callable[[], Awaitable[None]]:
+    """A loop over `source(n)` through `ctx.iterate()` (every=1) or `sp.interruptible()` (no interrupts)."""
+
+    async def loop() -> None:
+        if through == "iterate":
+            items = sp.StepContext(run_id="r", flow="f", step="s").iterate(source(n))
+        else:
+            items = sp.interruptible(source(n), None)
+        async for _ in items:
+            pass
+
+    return loop
+
+
 async def compare(old: ModuleType, rounds: int) -> None:
     steps, points = 5_000, 200_000
     cases: dict[str, tuple[float, Callable[[Any], Callable[[], Awaitable[Any]]]]] = {
         "chain step, steps take ctx": (steps, lambda sp: chain(sp, steps, True).run),
         "chain step, steps take nothing": (steps, lambda sp: chain(sp, steps, False).run),
         "await ctx.checkpoint()": (points, lambda sp: checkpoints(sp, points)),
+        "ctx.iterate(range), per item": (points, lambda sp: iterations(sp, points, range, "iterate")),
+        "ctx.iterate(async gen), per item": (points, lambda sp: iterations(sp, points, numbers, "iterate")),
+        "interruptible(range), per item": (points, lambda sp: iterations(sp, points, range, "interruptible")),
+        "interruptible(async gen), per item": (points, lambda sp: iterations(sp, points, numbers, "interruptible")),
     }
     for label, (count, make) in cases.items():
         runs = {"rev": make(old), "tree": make(stoppoint)}
