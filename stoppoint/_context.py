@@ -16,7 +16,6 @@ from collections.abc import (
     Generator,
     Iterable,
     Iterator,
-    Sized,
 )
 from time import perf_counter as _perf_counter
 from types import FrameType, TracebackType
@@ -27,6 +26,7 @@ import anyio.lowlevel
 import structlog
 
 from ._errors import StopRequested
+from ._sources import open_source
 
 __all__ = ["Shield", "StepContext"]
 
@@ -306,15 +306,12 @@ class StepContext:
         """
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"step {self._step!r}: iterate(every=) must be an int >= 1, got {every!r}")
-        size = len(source) if isinstance(source, Sized) else -1
-        if isinstance(source, AsyncIterable):
-            iteration: _Iteration[T] = _Iteration(self, source.__aiter__(), True, every, size)
-        elif isinstance(source, Iterable):
-            iteration = _Iteration(self, iter(source), False, every, size)
-        else:
+        opened = open_source(source)
+        if opened is None:
             raise TypeError(
                 f"step {self._step!r}: iterate() needs an iterable or async iterable, got {type(source).__name__}"
             )
+        iteration = _Iteration(self, *opened, every)
         if isinstance(iteration._source, Generator | AsyncGenerator):
             if self._open is None:
                 self._open = []
@@ -385,12 +382,12 @@ class _Iteration(AsyncIterator[T]):
 
     __slots__ = ("_ctx", "_every", "_index", "_is_async", "_size", "_source")
 
-    def __init__(self, ctx: StepContext, source: Iterator[T] | AsyncIterator[T], is_async: bool, every: int, size: int):
+    def __init__(self, ctx: StepContext, source: Iterator[T] | AsyncIterator[T], is_async: bool, size: int, every: int):
         self._ctx = ctx
         self._source = source
         self._is_async = is_async
-        self._every = every
         self._size = size  # -1: unknown
+        self._every = every
         self._index = 0
 
     def __aiter__(self) -> _Iteration[T]:

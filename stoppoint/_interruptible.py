@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Generator, Iterable, Iterator, Sized
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Generator, Iterable, Iterator
 from time import perf_counter as _perf_counter
 from types import TracebackType
 from typing import Any, NoReturn, TypeVar, overload
@@ -20,6 +20,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ._context import YIELD_INTERVAL
 from ._signal import InterruptSignal, Listener, _LinkedReceiver, linked, take_buffered
+from ._sources import open_source
 from ._strategy import FinishCurrent, IgnoreInterruptions, PollNextN, Strategy
 
 __all__ = ["Interruptible", "interruptible"]
@@ -384,9 +385,7 @@ def interruptible(
         allowance = strategy.n
     else:
         allowance = 0  # AtCheckpoint, FinishCurrent: there is no step to stop, only the next item
-    size = len(source) if isinstance(source, Sized) else -1
-    if isinstance(source, AsyncIterable):
-        return Interruptible(source.__aiter__(), True, size, interrupts, allowance)
-    if isinstance(source, Iterable):
-        return Interruptible(iter(source), False, size, interrupts, allowance)
-    raise TypeError(f"interruptible(): source must be an iterable or async iterable, got {type(source).__name__}")
+    opened = open_source(source)
+    if opened is None:
+        raise TypeError(f"interruptible(): source must be an iterable or async iterable, got {type(source).__name__}")
+    return Interruptible(*opened, interrupts, allowance)
