@@ -8,7 +8,6 @@ import numbers
 import os
 import sys
 from collections.abc import (
-    AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
     Awaitable,
@@ -26,7 +25,7 @@ import anyio.lowlevel
 import structlog
 
 from ._errors import StopRequested
-from ._sources import open_source
+from ._sources import close_generator, is_generator, open_source
 
 __all__ = ["Shield", "StepContext"]
 
@@ -312,7 +311,7 @@ class StepContext:
                 f"step {self._step!r}: iterate() needs an iterable or async iterable, got {type(source).__name__}"
             )
         iteration = _Iteration(self, *opened, every)
-        if isinstance(iteration._source, Generator | AsyncGenerator):
+        if is_generator(iteration._source):
             if self._open is None:
                 self._open = []
             self._open.append(iteration)
@@ -327,12 +326,11 @@ class StepContext:
         open_iterations, self._open = self._open or [], None
         error: Exception | None = None
         for iteration in reversed(open_iterations):
-            source = iteration._source
+            # Not shielded here: the executor shields this whole call, with a time limit. Unlike
+            # interruptible(), which has one source and lets its error through, several sources
+            # are closed after the step ended, so errors are collected.
             try:
-                if isinstance(source, AsyncGenerator):
-                    await source.aclose()
-                elif isinstance(source, Generator):
-                    source.close()
+                await close_generator(iteration._source)
             except StopRequested:
                 pass  # a checkpoint in the generator's finally: the step is stopping already
             except Exception as exc:

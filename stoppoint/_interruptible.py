@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Generator, Iterable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from time import perf_counter as _perf_counter
 from types import TracebackType
 from typing import Any, NoReturn, TypeVar, overload
@@ -20,7 +20,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ._context import YIELD_INTERVAL
 from ._signal import InterruptSignal, Listener, _LinkedReceiver, linked, take_buffered
-from ._sources import open_source
+from ._sources import close_generator, open_source
 from ._strategy import FinishCurrent, IgnoreInterruptions, PollNextN, Strategy
 
 __all__ = ["Interruptible", "interruptible"]
@@ -269,13 +269,10 @@ class Interruptible(AsyncIterator[T]):
         if self._state == _DONE:
             return
         self._finish()
-        source = self._source
-        if isinstance(source, AsyncGenerator):
-            # Cleanup must complete even when we got here by being cancelled.
-            with anyio.CancelScope(shield=True):
-                await source.aclose()
-        elif isinstance(source, Generator):
-            source.close()
+        # Cleanup must complete even when we got here by being cancelled. Its error, StopRequested
+        # included, goes to whoever iterates: this runs inside the loop, whereas ctx.iterate()'s
+        # cleanup runs after the step ended and collects errors instead (_close_iterations).
+        await close_generator(self._source, shield=True)
 
     async def aclose(self) -> None:
         """End the iteration now; a generator source is closed (its `finally` blocks run).

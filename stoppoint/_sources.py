@@ -7,8 +7,10 @@ if, it is a generator.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sized
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Generator, Iterable, Iterator, Sized
 from typing import TypeVar
+
+import anyio
 
 T = TypeVar("T")
 
@@ -26,3 +28,29 @@ def open_source(source: AsyncIterable[T] | Iterable[T]) -> tuple[Iterator[T] | A
     if isinstance(source, Iterable):
         return iter(source), False, size
     return None
+
+
+def is_generator(iterator: object) -> bool:
+    """Whether `iterator` is a generator, sync or async: the only sources closed when a loop is cut short.
+
+    A generator left unfinished runs its `finally` blocks only when closed (or collected, which trio
+    reports as a warning for an async one); other iterators, such as streams or `iter(list)`, keep
+    what was not taken and stay open for their owner.
+    """
+    return isinstance(iterator, Generator | AsyncGenerator)
+
+
+async def close_generator(iterator: object, *, shield: bool = False) -> None:
+    """Close `iterator` if it is a generator (`aclose()` or `close()`), so its `finally` blocks run now.
+
+    `shield=True` lets an async generator's cleanup complete even when the caller is being
+    cancelled. An error its cleanup raises propagates: what to do with it is the caller's call.
+    """
+    if isinstance(iterator, AsyncGenerator):
+        if shield:
+            with anyio.CancelScope(shield=True):
+                await iterator.aclose()
+        else:
+            await iterator.aclose()
+    elif isinstance(iterator, Generator):
+        iterator.close()
