@@ -25,7 +25,7 @@ import anyio.lowlevel
 import structlog
 
 from ._errors import StopRequested
-from ._sources import close_generator, is_generator, open_source
+from ._sources import END_OF_SOURCE, close_generator, is_generator, open_source
 
 __all__ = ["Shield", "StepContext"]
 
@@ -396,11 +396,9 @@ class _Iteration(AsyncIterator[T]):
         if not index % self._every and index != self._size:
             await self._ctx.checkpoint()
         try:
-            if self._is_async:
-                item: T = await self._source.__anext__()  # type: ignore[union-attr]
-            else:
-                item = next(self._source)  # type: ignore[arg-type]
-        except (StopIteration, StopAsyncIteration):
+            # One step of the source, inline on this per-item path (see _sources).
+            item: T = await self._source.__anext__() if self._is_async else next(self._source)  # type: ignore[union-attr, arg-type]
+        except END_OF_SOURCE:
             self._finished()
             raise StopAsyncIteration from None
         self._index = index + 1

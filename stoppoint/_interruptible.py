@@ -20,7 +20,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ._context import YIELD_INTERVAL
 from ._signal import InterruptSignal, Listener, _LinkedReceiver, linked, take_buffered
-from ._sources import close_generator, open_source
+from ._sources import END_OF_SOURCE, close_generator, open_source
 from ._strategy import FinishCurrent, IgnoreInterruptions, PollNextN, Strategy
 
 __all__ = ["Interruptible", "interruptible"]
@@ -141,11 +141,9 @@ class Interruptible(AsyncIterator[T]):
                 await self._stop()
             self._left = left - 1
         try:
-            if self._is_async:
-                item: T = await self._source.__anext__()  # type: ignore[union-attr]
-            else:
-                item = next(self._source)  # type: ignore[arg-type]
-        except (StopIteration, StopAsyncIteration):
+            # One step of the source, inline on this per-item path (see _sources).
+            item: T = await self._source.__anext__() if self._is_async else next(self._source)  # type: ignore[union-attr, arg-type]
+        except END_OF_SOURCE:
             self._finish()
             raise StopAsyncIteration from None
         except BaseException:
