@@ -23,7 +23,7 @@ import re
 import shlex
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -222,6 +222,18 @@ async def _find(store: Store, run_id: str) -> RunRecord | None:
     return None
 
 
+@contextlib.asynccontextmanager
+async def _stored_run(store_arg: str | None, run_id: str) -> AsyncIterator[tuple[SQLiteStore, RunRecord]]:
+    """The store `--store` names (it must exist) and the record of `run_id` in it (it must be there)."""
+    existing = _existing_store(store_arg, run_id)
+    assert existing is not None
+    async with existing as store:
+        record = await _find(store, run_id)
+        if record is None:
+            _fail(f"no run {run_id!r} in {store.path} (`stoppoint runs` lists them)")
+        yield store, record
+
+
 # -- commands -------------------------------------------------------------------------------------------
 
 
@@ -288,12 +300,7 @@ async def cmd_resume(args: argparse.Namespace) -> int:
     run_id = _check_run_id(args.run_id)
     strategy = parse_strategy(args.strategy)
     _check_grace(args.grace)
-    existing = _existing_store(args.store, run_id)
-    assert existing is not None
-    async with existing as store:
-        record = await _find(store, run_id)
-        if record is None:
-            _fail(f"no run {run_id!r} in {store.path} (`stoppoint runs` lists them)")
+    async with _stored_run(args.store, run_id) as (store, record):
         target = await _target_of(store, record)
         if target is None:
             _fail(
@@ -327,12 +334,7 @@ async def cmd_runs(args: argparse.Namespace) -> int:
 
 async def cmd_show(args: argparse.Namespace) -> int:
     run_id = _check_run_id(args.run_id)
-    existing = _existing_store(args.store, run_id)
-    assert existing is not None
-    async with existing as store:
-        record = await _find(store, run_id)
-        if record is None:
-            _fail(f"no run {run_id!r} in {store.path} (`stoppoint runs` lists them)")
+    async with _stored_run(args.store, run_id) as (store, record):
         stored = await store.load(record.flow, run_id)
         target = await _target_of(store, record)
     assert stored is not None
