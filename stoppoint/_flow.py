@@ -46,6 +46,48 @@ def _is_context_annotation(annotation: Any) -> bool:
     return any(arg is StepContext for arg in typing.get_args(annotation))
 
 
+def _parameters(
+    where: str, fn: Callable[..., Awaitable[Any]], step_name: str, earlier: Mapping[str, object]
+) -> tuple[str | None, list[str], list[Input]]:
+    """Sort a step function's parameters: (its context parameter, the earlier steps whose outputs
+    it takes, the flow inputs it takes).
+
+    Raises:
+        FlowDefinitionError: A parameter no step may have (`where` names the flow and step).
+    """
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError) as exc:
+        raise FlowDefinitionError(f"{where}: cannot read the signature: {exc}") from exc
+    context_param: str | None = None
+    dependencies: list[str] = []
+    inputs: list[Input] = []
+    for param in signature.parameters.values():
+        if param.kind is inspect.Parameter.VAR_POSITIONAL or param.kind is inspect.Parameter.VAR_KEYWORD:
+            star = "*" if param.kind is inspect.Parameter.VAR_POSITIONAL else "**"
+            raise FlowDefinitionError(
+                f"{where}: parameter {star}{param.name} is not allowed; steps take named parameters only"
+            )
+        if param.kind is inspect.Parameter.POSITIONAL_ONLY:
+            raise FlowDefinitionError(
+                f"{where}: parameter {param.name!r} is positional-only; steps are called by parameter name"
+            )
+        if _is_context_annotation(param.annotation) or param.name == _CONTEXT_NAME:
+            if context_param is not None:
+                raise FlowDefinitionError(f"{where}: two context parameters ({context_param!r} and {param.name!r})")
+            context_param = param.name
+        elif param.name == step_name:
+            raise FlowDefinitionError(
+                f"{where}: parameter {param.name!r} has the step's own name; a step cannot take its own "
+                "output, and an input of that name would be shadowed by the step"
+            )
+        elif param.name in earlier:
+            dependencies.append(param.name)
+        else:
+            inputs.append(Input(param.name, param.default is _NO_DEFAULT))
+    return context_param, dependencies, inputs
+
+
 class Flow:
     """A named set of async steps; each step's parameters say what it needs.
 
@@ -200,38 +242,7 @@ class Flow:
         self._check_new_name(where, step_name)
         after_names = self._check_after(where, after)
 
-        try:
-            signature = inspect.signature(fn)
-        except (TypeError, ValueError) as exc:
-            raise FlowDefinitionError(f"{where}: cannot read the signature: {exc}") from exc
-
-        context_param: str | None = None
-        dependencies: list[str] = []
-        inputs: list[Input] = []
-        for param in signature.parameters.values():
-            if param.kind is inspect.Parameter.VAR_POSITIONAL or param.kind is inspect.Parameter.VAR_KEYWORD:
-                star = "*" if param.kind is inspect.Parameter.VAR_POSITIONAL else "**"
-                raise FlowDefinitionError(
-                    f"{where}: parameter {star}{param.name} is not allowed; steps take named parameters only"
-                )
-            if param.kind is inspect.Parameter.POSITIONAL_ONLY:
-                raise FlowDefinitionError(
-                    f"{where}: parameter {param.name!r} is positional-only; steps are called by parameter name"
-                )
-            if _is_context_annotation(param.annotation) or param.name == _CONTEXT_NAME:
-                if context_param is not None:
-                    raise FlowDefinitionError(f"{where}: two context parameters ({context_param!r} and {param.name!r})")
-                context_param = param.name
-            elif param.name == step_name:
-                raise FlowDefinitionError(
-                    f"{where}: parameter {param.name!r} has the step's own name; a step cannot take its own "
-                    "output, and an input of that name would be shadowed by the step"
-                )
-            elif param.name in self._specs:
-                dependencies.append(param.name)
-            else:
-                inputs.append(Input(param.name, param.default is _NO_DEFAULT))
-
+        context_param, dependencies, inputs = _parameters(where, fn, step_name, self._specs)
         self._register(step_name, fn, None, context_param, dependencies, after_names, inputs)
 
     def include(self, other: Flow, name: str | None = None, *, after: str | Iterable[str] = ()) -> None:
