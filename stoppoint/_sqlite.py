@@ -116,6 +116,28 @@ def _version_number(value: object) -> int | None:
     return None
 
 
+def _primary_code(exc: sqlite3.Error) -> int | None:
+    """The primary result code of SQLite's error (of an extended one too), or None for an error Python's `sqlite3`
+    raises itself, such as a column it could not decode."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF
+
+
+def _not_utf8(exc: sqlite3.Error | UnicodeDecodeError) -> str | None:
+    """What an error says about text in the file that is not UTF-8, or None if it is about something else.
+
+    Python's `sqlite3` decodes every text it hands over as UTF-8: a column value or name that is not UTF-8 becomes
+    an `OperationalError` of its own ("Could not decode to UTF-8 column ..."), and a message of SQLite's that is
+    not (one naming a table or an index whose name is not UTF-8) a bare `UnicodeDecodeError`, whose `object` is
+    the message (shown with the bytes that are not UTF-8 escaped).
+    """
+    if isinstance(exc, UnicodeDecodeError):
+        return bytes(exc.object).decode("utf-8", "backslashreplace")
+    if _primary_code(exc) is None and str(exc).startswith("Could not decode to UTF-8"):
+        return str(exc)
+    return None
+
+
 class SQLiteStore:
     """A store in one SQLite file (stdlib `sqlite3`), which several processes may share.
 
@@ -268,8 +290,8 @@ class SQLiteStore:
             if connection is not None:
                 try:
                     connection.close()
-                except sqlite3.Error as exc:
-                    raise StoreError(f"{self._where}: cannot close: {exc}") from exc
+                except (sqlite3.Error, UnicodeDecodeError) as exc:
+                    raise self._error(exc, f"{self._where}: cannot close") from exc
 
     # -- in the worker thread ----------------------------------------------------------------------
 
@@ -289,8 +311,18 @@ class SQLiteStore:
                 self._connection = self._open()
             try:
                 return operation(self._connection, *args)
-            except sqlite3.Error as exc:
-                raise StoreError(f"{self._where}: {exc}") from exc
+            except (sqlite3.Error, UnicodeDecodeError) as exc:
+                raise self._error(exc, self._where) from exc
+
+    def _error(self, exc: sqlite3.Error | UnicodeDecodeError, where: str) -> StoreError:
+        """The `StoreError` for what SQLite, or Python's `sqlite3`, raised (`where`: what was being done)."""
+        text = _not_utf8(exc)
+        if text is not None:
+            return StoreError(
+                f"{where}: the file holds text that is not UTF-8, which no stoppoint store writes (a damaged file, or "
+                f"not a stoppoint store): {text}"
+            )
+        return StoreError(f"{where}: {exc}")
 
     @staticmethod
     def _write(connection: sqlite3.Connection, statements: Callable[[], object]) -> None:
@@ -302,7 +334,7 @@ class SQLiteStore:
             connection.execute("COMMIT")
         except BaseException:
             if connection.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
+                with contextlib.suppress(sqlite3.Error, UnicodeDecodeError):
                     connection.execute("ROLLBACK")
             raise
 
@@ -409,12 +441,12 @@ class SQLiteStore:
             raise StoreError(f"cannot open {path!r}: {exc}") from exc
         try:
             self._prepare(connection)
-        except sqlite3.Error as exc:
-            connection.close()
-            code = exc.sqlite_errorcode & 0xFF  # the primary code of an extended one
-            if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        except (sqlite3.Error, UnicodeDecodeError) as exc:
+            with contextlib.suppress(sqlite3.Error, UnicodeDecodeError):  # the error to report is the first
+                connection.close()
+            if isinstance(exc, sqlite3.Error) and _primary_code(exc) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
                 raise StoreError(f"{path!r} is a damaged SQLite file (truncated or corrupt): {exc}") from exc
-            raise StoreError(f"cannot open {path!r}: {exc}") from exc
+            raise self._error(exc, f"cannot open {path!r}") from exc
         except BaseException:
             connection.close()
             raise
@@ -494,7 +526,7 @@ class SQLiteStore:
         try:
             meta = dict(connection.execute("SELECT key, value FROM meta").fetchall())
         except sqlite3.Error as exc:
-            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_ERROR:  # not "no such column": locked, corrupt...
+            if _primary_code(exc) != sqlite3.SQLITE_ERROR:  # not "no such column": locked, corrupt, not UTF-8...
                 raise
             raise StoreError(f"{foreign} (its meta table is not stoppoint's: {exc})") from exc
         if meta.get("app") != _APP:
