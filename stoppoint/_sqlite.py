@@ -37,8 +37,8 @@ that still has the table in which the `stoppoint` command used to keep each run'
 store's own (`cli_targets (run_id TEXT PRIMARY KEY, flow TEXT NOT NULL, target TEXT NOT NULL)`) has
 its rows moved into `labels`, under the key `stoppoint.target` (`CLI_TARGET_LABEL`), and that table
 dropped. Both happen only after the file has passed the checks that every opening makes (a SQLite
-file, stoppoint's, a schema version this stoppoint knows, not damaged), so a file that is refused is
-never modified.
+file, stoppoint's, a schema version this stoppoint knows, not damaged: `PRAGMA integrity_check`, which
+also checks every index against its table), so a file that is refused is never modified.
 
 Times are ISO 8601 text in UTC with microseconds, `2026-01-31T12:00:00.000000+00:00` (a naive time in
 a report is taken as UTC), so text order is time order. `list_runs()` orders by `started_at`, then
@@ -86,6 +86,15 @@ durability rule promises ("committed before any dependent step starts"). It cost
 save: measured on ext4 on a virtual disk (500 saves of a 5-step checkpoint, median of 5 runs), 0.70 ms
 per save against 0.32 ms with NORMAL (MemoryStore: 0.06 ms); small next to a step worth persisting. On
 slow disks fsync costs more; NORMAL would then be the trade to make, for kill -9 safety only."""
+
+_INTEGRITY_CHECK = "PRAGMA integrity_check"
+"""The check every opening makes (every opening may write). `quick_check` reads every page and checks each
+b-tree's structure, but not that an index holds what its table does: one flipped byte inside a key of the
+primary key's index passes it, and then hides the run from `load()` (its steps would all run again) and from
+the UNIQUE check (a second row would be inserted for the same `(flow, run_id)`). `integrity_check` also looks
+every row up in every index. Measured on a 64 MB store (CPython 3.11, SQLite 3.40, ext4 on a virtual disk, median
+of 15): 2,000 runs of 30 KB, 21 ms against 22 ms; 16,500 runs of 4 KB, 49 ms against 66 ms; from a cold page
+cache both cost the reads, 395 against 410 ms and 724 against 770 ms."""
 
 _LABELS_TABLE = (  # IF NOT EXISTS: also how a file written before labels gets the table
     "CREATE TABLE IF NOT EXISTS labels (flow TEXT NOT NULL, run_id TEXT NOT NULL, key TEXT NOT NULL,"
@@ -459,8 +468,8 @@ class SQLiteStore:
         tables = self._tables(connection)
         if tables:
             self._check_schema(connection, tables)
-            # Reads every page (about 30 ms for a 64 MB store): a truncated file fails here, not mid-run.
-            problems = [line for (line,) in connection.execute("PRAGMA quick_check")]
+            # A truncated or damaged file fails here, not mid-run (see _INTEGRITY_CHECK).
+            problems = [line for (line,) in connection.execute(_INTEGRITY_CHECK)]
             if problems != ["ok"]:
                 raise StoreError(f"{path!r} is a damaged SQLite file (truncated or corrupt): {'; '.join(problems[:5])}")
         else:

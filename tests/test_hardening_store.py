@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
+import stoppoint as sp
 from stoppoint import StoreError
 from stoppoint._sqlite import SQLiteStore
 
-from .test_store import completed, snapshot
+from .test_store import completed, names, snapshot
 
 pytestmark = pytest.mark.anyio
 
@@ -105,3 +106,76 @@ async def test_a_schema_made_not_utf8_while_the_store_is_open_is_a_store_error(t
         assert repr(str(path)) in str(caught.value)
         with pytest.raises(StoreError, match="not UTF-8"):
             await store.save(*completed("r2"))
+
+
+# -- 2. an index that no longer matches its table ------------------------------------------------------------
+
+
+def counting_flow(calls: list[str]) -> sp.Flow:
+    flow = sp.Flow("nightly")
+
+    @flow.step
+    async def fetch() -> int:
+        calls.append("fetch")
+        return 20
+
+    @flow.step
+    async def total(fetch: int) -> int:
+        calls.append("total")
+        return fetch + 1
+
+    return flow
+
+
+def flip_a_key_byte(path: Path, index: str, key: bytes) -> None:
+    """Flip one bit of `key` where `index`'s root page (a leaf, in a store this small) holds it: the page stays a
+    well-formed b-tree page, so only a check of the index against its table can tell."""
+    db = sqlite3.connect(path)
+    try:
+        (root,) = db.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (index,)).fetchone()
+        (page_size,) = db.execute("PRAGMA page_size").fetchone()
+    finally:
+        db.close()
+    data = bytearray(path.read_bytes())
+    page = bytes(data[(root - 1) * page_size : root * page_size])
+    assert page[0] == 0x0A  # a leaf page of an index b-tree
+    assert page.count(key) == 1
+    data[(root - 1) * page_size + page.index(key) + 1] ^= 0x01  # "nightly-1" becomes "nhghtly-1"
+    path.write_bytes(bytes(data))
+
+
+def pragma(path: Path, name: str) -> list[str]:
+    db = sqlite3.connect(path)
+    try:
+        return [line for (line,) in db.execute(f"PRAGMA {name}")]
+    finally:
+        db.close()
+
+
+async def test_an_index_that_disagrees_with_its_table_is_refused_and_nothing_runs_again(tmp_path: Path) -> None:
+    """A flipped byte in the primary key's index would hide the completed run from load(): run() would run every
+    step again and insert a second row for the same (flow, run_id)."""
+    path = tmp_path / "runs.db"
+    calls: list[str] = []
+    flow = counting_flow(calls)
+    async with SQLiteStore(path) as store:
+        outcome = await flow.run(store=store, run_id="nightly-1")
+    assert isinstance(outcome, sp.Completed)
+    assert calls == ["fetch", "total"]
+    assert names(tmp_path) == ["runs.db"]  # the last close checkpointed the log into the file
+
+    flip_a_key_byte(path, "sqlite_autoindex_runs_1", b"nightly-1")
+    assert pragma(path, "quick_check") == ["ok"]  # the damage quick_check cannot see
+    assert pragma(path, "integrity_check") != ["ok"]
+    before = snapshot(path)
+
+    with pytest.raises(StoreError, match=r"is a damaged SQLite file \(truncated or corrupt\)") as caught:
+        await flow.run(store=SQLiteStore(path), run_id="nightly-1")
+    assert repr(str(path)) in str(caught.value)
+    assert "sqlite_autoindex_runs_1" in str(caught.value)  # SQLite's finding, as it said it
+    with pytest.raises(StoreError, match="is a damaged SQLite file"):
+        async with SQLiteStore(path):
+            pass
+    assert calls == ["fetch", "total"]  # nothing ran again
+    assert snapshot(path) == before  # nothing was written
+    assert names(tmp_path) == ["runs.db"]
