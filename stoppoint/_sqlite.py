@@ -75,8 +75,16 @@ _SCHEMA_VERSION = 1
 _SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
 
 _BUSY_TIMEOUT_S = 30.0
-"""How long a statement waits for another connection's lock (another process sharing the file)
-before failing with "database is locked"."""
+"""How long a statement waits for another connection's lock (another process sharing the file) before
+failing with a `StoreError` saying the store is busy (and, where the system tells, which process holds
+the lock). Read when the file is opened; tests set it shorter."""
+
+_PENDING_BYTE = 0x40000000
+_LOCK_BYTES = 512
+"""SQLite's locks on the database file (`os_unix.c`): PENDING at `_PENDING_BYTE`, RESERVED next, then 510
+bytes for SHARED. A writer (or an exclusive locking mode) holds some of them write-locked."""
+_WAL_WRITE_LOCKS = (120, 122)
+"""The bytes of the `-shm` file that WAL mode's writer, checkpointer and recovery lock for writing."""
 
 _SYNCHRONOUS = "FULL"
 """`PRAGMA synchronous`. In WAL mode, NORMAL already makes a commit survive the process being killed
@@ -147,6 +155,49 @@ def _not_utf8(exc: sqlite3.Error | UnicodeDecodeError) -> str | None:
     return None
 
 
+def _lock_holder(path: str) -> str | None:
+    """Who holds the lock on the store at `path` that a connection waits for, as "process PID (COMMAND)" (or
+    "another connection of this process"), if the system tells: Linux lists the POSIX locks, which SQLite takes,
+    in /proc/locks. None elsewhere, or when no such lock is held any more. It only reads: opening and closing the
+    database file would drop this process's own SQLite locks on it (POSIX locks belong to the process)."""
+    ranges: dict[str, tuple[int, int]] = {}
+    for file, (first, last) in (
+        (path, (_PENDING_BYTE, _PENDING_BYTE + _LOCK_BYTES - 1)),
+        (path + "-shm", _WAL_WRITE_LOCKS),
+    ):
+        try:
+            stat = os.stat(file)
+        except OSError:
+            continue
+        ranges[f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"] = (first, last)
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as locks:
+            lines = locks.read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        # "1: POSIX  ADVISORY  WRITE 1234 fe:00:2154920 120 120"; a waiter's line has "->" after the number.
+        fields = line.split()
+        if len(fields) != 8 or fields[1:4] != ["POSIX", "ADVISORY", "WRITE"] or fields[5] not in ranges:
+            continue
+        first, last = ranges[fields[5]]
+        start, end = int(fields[6]), (None if fields[7] == "EOF" else int(fields[7]))
+        if start > last or (end is not None and end < first):
+            continue
+        pid = int(fields[4])
+        if pid == os.getpid():
+            return "another connection of this process"
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                command = " ".join(cmdline.read().decode("utf-8", "replace").replace("\0", " ").split())
+        except OSError:
+            command = ""
+        if len(command) > 120:
+            command = command[:117] + "..."
+        return f"process {pid} ({command})" if command else f"process {pid}"
+    return None
+
+
 class SQLiteStore:
     """A store in one SQLite file (stdlib `sqlite3`), which several processes may share.
 
@@ -168,7 +219,9 @@ class SQLiteStore:
     checked) again for each of anyio's short-lived worker threads and could not be closed by
     `close()`, and one process gains nothing from several connections to one file (SQLite lets one
     writer in at a time anyway). Other processes wait for this one's transactions through SQLite's
-    busy timeout (30 s).
+    busy timeout (30 s); a lock held longer than that (another process in a long transaction, say)
+    fails the operation with a `StoreError` saying the store is busy, naming the process that holds
+    the lock where the system tells (Linux).
 
     Args:
         path: The database file (`str` or `os.PathLike`). SQLite keeps its write-ahead log next to
@@ -325,6 +378,12 @@ class SQLiteStore:
 
     def _error(self, exc: sqlite3.Error | UnicodeDecodeError, where: str) -> StoreError:
         """The `StoreError` for what SQLite, or Python's `sqlite3`, raised (`where`: what was being done)."""
+        if isinstance(exc, sqlite3.Error) and _primary_code(exc) == sqlite3.SQLITE_BUSY:
+            holder = _lock_holder(self._path) or "another connection"
+            return StoreError(
+                f"SQLite store {self._path!r} is busy: {holder} has held a lock on it for longer than the busy "
+                f"timeout ({_BUSY_TIMEOUT_S:g} s); try again when it is done (SQLite: {exc})"
+            )
         text = _not_utf8(exc)
         if text is not None:
             return StoreError(

@@ -7,9 +7,18 @@ process holds for longer than the busy timeout (through the Python API and throu
 
 from __future__ import annotations
 
+import os
+import re
+import select
 import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
+import anyio
 import pytest
 
 import stoppoint as sp
@@ -21,6 +30,7 @@ from .test_store import completed, names, snapshot
 pytestmark = pytest.mark.anyio
 
 ROOT = Path(__file__).resolve().parent.parent
+FLOWS = str(ROOT / "tests" / "cli_flows.py")
 
 
 async def new_store(path: Path, *run_ids: str) -> None:
@@ -179,3 +189,129 @@ async def test_an_index_that_disagrees_with_its_table_is_refused_and_nothing_run
     assert calls == ["fetch", "total"]  # nothing ran again
     assert snapshot(path) == before  # nothing was written
     assert names(tmp_path) == ["runs.db"]
+
+
+# -- 4. a lock held for longer than the busy timeout ---------------------------------------------------------
+
+HOLDER = """
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1], isolation_level=None)
+for statement in sys.argv[2:]:
+    db.execute(statement)
+print("held", flush=True)
+sys.stdin.readline()  # until the test lets go (or dies: end of file)
+db.execute("ROLLBACK")
+db.close()
+"""
+WRITE_LOCK = ("BEGIN EXCLUSIVE",)  # in WAL mode: the write lock; readers go on
+EVERY_LOCK = ("PRAGMA locking_mode = EXCLUSIVE", "BEGIN EXCLUSIVE", "SELECT count(*) FROM meta")  # readers wait too
+BUSY_TIMEOUT_S = 0.2
+
+
+def wait_for_line(stream: IO[str], seconds: float = 30) -> str:
+    """The next line of a child's output, or a failure after `seconds` (a child that hangs fails the test)."""
+    ready, _, _ = select.select([stream], [], [], seconds)
+    assert ready, f"no line within {seconds} s"
+    return stream.readline()
+
+
+@contextmanager
+def lock_held(path: Path, statements: tuple[str, ...]) -> Iterator[subprocess.Popen[str]]:
+    """Another process, holding the lock `statements` take on `path` until the block ends."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(path), *statements],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        assert wait_for_line(holder.stdout) == "held\n", holder.stderr.read() if holder.stderr else ""
+        yield holder
+    finally:
+        _, err = holder.communicate("go\n", timeout=30)
+        assert holder.returncode == 0, err
+
+
+@pytest.fixture
+def short_busy_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("stoppoint._sqlite._BUSY_TIMEOUT_S", BUSY_TIMEOUT_S)
+
+
+def busy_message(path: Path, holder: subprocess.Popen[str]) -> str:
+    """What the StoreError says: the store is busy, its path, the holder's process and the timeout."""
+    return (
+        rf"SQLite store {re.escape(repr(str(path)))} is busy: process {holder.pid} \(.*-c.*\) has held a lock on it "
+        rf"for longer than the busy timeout \({BUSY_TIMEOUT_S:g} s\)"
+    )
+
+
+@pytest.mark.usefixtures("short_busy_timeout")
+async def test_a_write_lock_held_too_long_fails_a_run_as_busy_before_any_step(tmp_path: Path) -> None:
+    path = tmp_path / "runs.db"
+    await new_store(path)
+    calls: list[str] = []
+    with lock_held(path, WRITE_LOCK) as holder:
+        store = SQLiteStore(path)
+        assert await store.list_runs() == []  # in WAL mode a reader does not wait for the writer
+        with pytest.raises(StoreError, match=busy_message(path, holder)):
+            await counting_flow(calls).run(store=store, run_id="nightly-1")  # its first save waits
+        with pytest.raises(StoreError, match=busy_message(path, holder)):
+            await store.set_labels("nightly", "nightly-1", {"owner": "ops"})
+        await store.aclose()
+    assert calls == []  # no step started
+    async with SQLiteStore(path) as store:
+        assert await store.list_runs() == []
+        assert await store.labels("nightly", "nightly-1") == {}
+
+
+@pytest.mark.usefixtures("short_busy_timeout")
+async def test_a_lock_that_keeps_readers_out_fails_opening_as_busy(tmp_path: Path) -> None:
+    path = tmp_path / "runs.db"
+    await new_store(path, "r1")
+    with lock_held(path, EVERY_LOCK) as holder, pytest.raises(StoreError, match=busy_message(path, holder)):
+        await SQLiteStore(path).list_runs()
+    async with SQLiteStore(path) as store:
+        assert [record.run_id for record in await store.list_runs()] == ["r1"]
+
+
+def command(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`python -m stoppoint ARGS`, with the busy timeout made short (the module global, set before main runs)."""
+    run_command = (
+        f"import runpy, stoppoint._sqlite; stoppoint._sqlite._BUSY_TIMEOUT_S = {BUSY_TIMEOUT_S}; "
+        "runpy.run_module('stoppoint', run_name='__main__', alter_sys=True)"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", run_command, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def assert_busy_exit(done: subprocess.CompletedProcess[str], path: Path, holder: subprocess.Popen[str]) -> None:
+    assert done.returncode == 2, done.stderr  # an unusable store is exit code 2; 1 is "a step failed"
+    assert "Traceback" not in done.stderr
+    assert re.search(rf"^stoppoint: error: StoreError: {busy_message(path, holder)}", done.stderr), done.stderr
+
+
+def test_the_command_says_the_store_is_busy_and_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "runs.db"
+    anyio.run(new_store, path, "r1")
+    with lock_held(path, EVERY_LOCK) as holder:
+        assert_busy_exit(command("runs", "--store", str(path), cwd=tmp_path), path, holder)
+
+
+def test_the_command_says_the_store_is_busy_when_a_run_meets_the_lock_in_its_task_group(tmp_path: Path) -> None:
+    """`resume` finds the run (reading), then its first save, inside the run's task group, meets the lock."""
+    path = tmp_path / "runs.db"
+    failed = command("run", f"{FLOWS}:failing", "--run-id", "r1", "--store", str(path), cwd=tmp_path)
+    assert failed.returncode == 1, failed.stderr
+    with lock_held(path, WRITE_LOCK) as holder:
+        resumed = command("resume", "r1", "--store", str(path), cwd=tmp_path)
+    assert_busy_exit(resumed, path, holder)
+    assert "resumed: fine completed before" in resumed.stdout  # it was met inside the run, not on opening
