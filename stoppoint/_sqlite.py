@@ -2,6 +2,8 @@
 
 The on-disk schema of `SQLiteStore` (schema version 1), in SQLite's WAL journal mode::
 
+    PRAGMA user_version = 1234567;  -- the store id: random, positive, 32 bits, in the file's header
+
     CREATE TABLE meta (
         key   TEXT PRIMARY KEY,
         value TEXT NOT NULL
@@ -37,8 +39,25 @@ that still has the table in which the `stoppoint` command used to keep each run'
 store's own (`cli_targets (run_id TEXT PRIMARY KEY, flow TEXT NOT NULL, target TEXT NOT NULL)`) has
 its rows moved into `labels`, under the key `stoppoint.target` (`CLI_TARGET_LABEL`), and that table
 dropped. Both happen only after the file has passed the checks that every opening makes (a SQLite
-file, stoppoint's, a schema version this stoppoint knows, not damaged: `PRAGMA integrity_check`, which
-also checks every index against its table), so a file that is refused is never modified.
+file, with no write-ahead log of another database beside it, stoppoint's, a schema version this
+stoppoint knows, not damaged: `PRAGMA integrity_check`, which also checks every index against its
+table), so a file that is refused is never modified.
+
+The store id came later too. A new file gets a random one in its header (`PRAGMA user_version`, bytes
+60-63 of page 1); a file written before store ids gets one the first time it is opened, in the same
+write transaction (then checkpointed into the file), and stays schema version 1: a stoppoint that does
+not know the id never reads it. The id tells the file's write-ahead log (`<path>-wal`) from another
+database's, left beside it when the file was replaced, say: SQLite replays any log whose frames are
+intact, whichever database wrote it, and its pages replace the file's (its runs vanish). Before a
+connection that could write opens the file, an opening compares the id in the file's own header with
+the id SQLite reads through the log (read-only: a connection that can write checkpoints the log into
+the file when it closes last, a read-only one never does), and refuses a log whose id differs,
+touching neither. The check sees what a log holds, and a log holds only the pages its transactions
+changed: page 1 if, since the log began, the database grew, freed or reused a page or changed its
+header, which a store's saves of any size soon do. A log of another store that does not hold page 1,
+or any log beside a file that has no id yet, cannot be told from the file's own and is replayed
+(`tests/test_hardening_store.py` shows it). The id is not in `meta`, whose page is written once, when
+the file is made, so that no log would ever hold it.
 
 Times are ISO 8601 text in UTC with microseconds, `2026-01-31T12:00:00.000000+00:00` (a naive time in
 a report is taken as UTC), so text order is time order. `list_runs()` orders by `started_at`, then
@@ -50,6 +69,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import sqlite3
 import threading
 from collections.abc import Callable, Mapping
@@ -73,6 +93,9 @@ T = TypeVar("T")
 _APP = "stoppoint"
 _SCHEMA_VERSION = 1
 _SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
+_HEADER_SIZE = 100  # the database header, at the start of page 1
+_STORE_ID = slice(60, 64)  # where the header keeps `PRAGMA user_version`: the store id (see the module docstring)
+_WAL_HEADER_SIZE = 32  # a write-ahead log no longer than its header holds no page
 
 _BUSY_TIMEOUT_S = 30.0
 """How long a statement waits for another connection's lock (another process sharing the file) before
@@ -131,6 +154,11 @@ def _version_number(value: object) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     return None
+
+
+def _new_store_id() -> int:
+    """A random store id: a positive 32-bit signed integer, as `PRAGMA user_version` keeps it (0 is "none")."""
+    return secrets.randbelow(2**31 - 1) + 1
 
 
 def _primary_code(exc: sqlite3.Error) -> int | None:
@@ -488,37 +516,75 @@ class SQLiteStore:
                 f"cannot use {path!r}: its directory is not writable (SQLite keeps its write-ahead log next to the "
                 "file)"
             )
+        header = b""
         if size is not None:
             if not os.access(path, os.R_OK | os.W_OK):
                 raise StoreError(f"cannot use {path!r}: the file is not readable and writable")
             if size > 0:
                 try:
                     with open(path, "rb") as file:
-                        header = file.read(len(_SQLITE_HEADER))
+                        header = file.read(_HEADER_SIZE)
                 except OSError as exc:
                     raise StoreError(f"cannot open {path!r}: {exc}") from exc
-                if header != _SQLITE_HEADER:
+                if header[: len(_SQLITE_HEADER)] != _SQLITE_HEADER:
                     raise StoreError(f"{path!r} is not a SQLite database (it does not start with SQLite's header)")
         # A URI, to say whether the file may be created (rwc) or must exist (rw); as_uri() escapes ?, # and %.
         uri = Path(path).absolute().as_uri() + ("?mode=rw" if size is not None else "?mode=rwc")
+        connection: sqlite3.Connection | None = None
         try:
+            self._check_log(header)
             connection = sqlite3.connect(
                 uri, uri=True, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
             )
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot open {path!r}: {exc}") from exc
-        try:
             self._prepare(connection)
         except (sqlite3.Error, UnicodeDecodeError) as exc:
-            with contextlib.suppress(sqlite3.Error, UnicodeDecodeError):  # the error to report is the first
-                connection.close()
+            if connection is not None:
+                with contextlib.suppress(sqlite3.Error, UnicodeDecodeError):  # the error to report is the first
+                    connection.close()
             if isinstance(exc, sqlite3.Error) and _primary_code(exc) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
                 raise StoreError(f"{path!r} is a damaged SQLite file (truncated or corrupt): {exc}") from exc
             raise self._error(exc, f"cannot open {path!r}") from exc
         except BaseException:
-            connection.close()
+            if connection is not None:
+                connection.close()
             raise
         return connection
+
+    def _check_log(self, header: bytes) -> None:
+        """Refuse a write-ahead log beside the file that is not its own (see the module docstring): the store id
+        in the file's header against the one SQLite reads through the log, before any connection that could
+        write opens the file. SQLite errors go to `_open`.
+
+        The log is read by a read-only connection: a connection that can write checkpoints the log into the
+        file when it closes last (the refusal would have merged the other database's pages into the file), a
+        read-only one never does. Reading the log may leave its index, `<path>-shm`, beside it.
+        """
+        path = self._path
+        file_id = int.from_bytes(header[_STORE_ID], "big", signed=True) if len(header) == _HEADER_SIZE else 0
+        if file_id == 0:  # a new file, or one written before store ids (or its id not yet checkpointed into it)
+            return
+        log = path + "-wal"
+        try:
+            if os.stat(log).st_size <= _WAL_HEADER_SIZE:
+                return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StoreError(f"cannot open {path!r}: cannot read its write-ahead log {log!r}: {exc}") from exc
+        reader = sqlite3.connect(
+            Path(path).absolute().as_uri() + "?mode=ro", uri=True, timeout=_BUSY_TIMEOUT_S, isolation_level=None
+        )
+        try:
+            (log_id,) = reader.execute("PRAGMA user_version").fetchone()
+        finally:
+            reader.close()
+        if log_id != file_id:
+            raise StoreError(
+                f"{path!r} has beside it a write-ahead log that is not its own ({log!r}: store id {log_id or 'none'}, "
+                f"the file's {file_id}; another database's log, left behind when the file was replaced?). Opening "
+                f"would replay it into the file, so neither was touched; if the file is the store you want, move "
+                f"{log!r} (and {path + '-shm'!r}) away"
+            )
 
     def _prepare(self, connection: sqlite3.Connection) -> None:
         """Check (or initialise) the schema, add what a file written before labels lacks (`_upgrade`), then
@@ -534,12 +600,15 @@ class SQLiteStore:
         else:
             self._write(connection, lambda: self._initialise(connection))
             tables = self._tables(connection)  # another process's, if it got there first
-        if "labels" not in tables or _OLD_TARGETS_TABLE in tables:
+        (store_id,) = connection.execute("PRAGMA user_version").fetchone()
+        if "labels" not in tables or _OLD_TARGETS_TABLE in tables or store_id == 0:
             self._write(connection, lambda: self._upgrade(connection))
         (mode,) = connection.execute("PRAGMA journal_mode = WAL").fetchone()
         if str(mode).lower() != "wal":
             raise StoreError(f"cannot use {path!r}: SQLite cannot put it in WAL mode (journal mode {mode!r})")
         connection.execute(f"PRAGMA synchronous = {_SYNCHRONOUS}")
+        if store_id == 0:  # the new id is in the log: copy it into the file now (if no reader is in the way)
+            connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     @staticmethod
     def _tables(connection: sqlite3.Connection) -> set[str]:
@@ -557,10 +626,11 @@ class SQLiteStore:
         connection.executemany(
             "INSERT INTO meta (key, value) VALUES (?, ?)", [("app", _APP), ("schema_version", str(_SCHEMA_VERSION))]
         )
+        connection.execute(f"PRAGMA user_version = {_new_store_id()}")
 
     def _upgrade(self, connection: sqlite3.Connection) -> None:
-        """Bring a schema-1 file written before labels up to date (see the module docstring); in the
-        write transaction, so that what another process did meanwhile is seen, and a refusal writes nothing.
+        """Bring a schema-1 file written before labels or store ids up to date (see the module docstring); in
+        the write transaction, so that what another process did meanwhile is seen, and a refusal writes nothing.
 
         Raises:
             StoreError: The file's `cli_targets` table is not the one the `stoppoint` command made.
@@ -585,6 +655,9 @@ class SQLiteStore:
                 (CLI_TARGET_LABEL,),
             )
             connection.execute(f"DROP TABLE {_OLD_TARGETS_TABLE}")
+        (store_id,) = connection.execute("PRAGMA user_version").fetchone()
+        if store_id == 0:
+            connection.execute(f"PRAGMA user_version = {_new_store_id()}")
 
     def _check_schema(self, connection: sqlite3.Connection, tables: set[str]) -> None:
         path = self._path
