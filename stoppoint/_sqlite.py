@@ -209,10 +209,12 @@ def _lock_holder(path: str) -> str | None:
         if len(fields) != 8 or fields[1:4] != ["POSIX", "ADVISORY", "WRITE"] or fields[5] not in ranges:
             continue
         first, last = ranges[fields[5]]
-        start, end = int(fields[6]), (None if fields[7] == "EOF" else int(fields[7]))
-        if start > last or (end is not None and end < first):
+        try:
+            pid, start, end = int(fields[4]), int(fields[6]), (last if fields[7] == "EOF" else int(fields[7]))
+        except ValueError:  # not the format this reads: say nothing rather than guess
+            return None
+        if start > last or end < first:
             continue
-        pid = int(fields[4])
         if pid == os.getpid():
             return "another connection of this process"
         try:
@@ -232,10 +234,12 @@ class SQLiteStore:
     Use it as `async with SQLiteStore(path) as store:` (or call `await store.aclose()`, or `close()`
     from synchronous code, when done). Constructing it touches nothing: the file is opened, and
     checked, on entering `async with` or on first use. A path that does not exist (or an empty file)
-    becomes a new store; an existing file is used only if it is a stoppoint store of a schema version
-    this stoppoint knows, and is never modified otherwise. The schema is in this module's docstring;
-    a file written before the labels table gets it (and the `stoppoint` command's old targets moved
-    into it) the first time it is opened. It is a `LabelStore`: it keeps labels beside the runs.
+    becomes a new store; an existing file is used only if it is an undamaged stoppoint store of a
+    schema version this stoppoint knows, without another database's write-ahead log beside it, and is
+    never modified otherwise. The schema is in this module's docstring; a file written before the
+    labels table gets it (and the `stoppoint` command's old targets moved into it), and one written
+    before store ids gets one, the first time it is opened. It is a `LabelStore`: it keeps labels
+    beside the runs.
 
     Each `save()` is one transaction, committed (and, with `synchronous=FULL`, flushed to disk) when it
     returns. All file I/O runs in a worker thread (`anyio.to_thread.run_sync`), so the event loop never
@@ -587,8 +591,8 @@ class SQLiteStore:
             )
 
     def _prepare(self, connection: sqlite3.Connection) -> None:
-        """Check (or initialise) the schema, add what a file written before labels lacks (`_upgrade`), then
-        turn on WAL mode. SQLite errors go to `_open`."""
+        """Check (or initialise) the schema, add what a file written before labels or store ids lacks
+        (`_upgrade`), then turn on WAL mode. SQLite errors go to `_open`."""
         path = self._path
         tables = self._tables(connection)
         if tables:
