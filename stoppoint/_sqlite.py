@@ -548,9 +548,10 @@ class SQLiteStore:
             if isinstance(exc, sqlite3.Error) and _primary_code(exc) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
                 raise StoreError(f"{path!r} is a damaged SQLite file (truncated or corrupt): {exc}") from exc
             raise self._error(exc, f"cannot open {path!r}") from exc
-        except BaseException:
+        except BaseException:  # a refusal of _prepare's own (a StoreError), or a KeyboardInterrupt
             if connection is not None:
-                connection.close()
+                with contextlib.suppress(sqlite3.Error, UnicodeDecodeError):
+                    connection.close()
             raise
         return connection
 
