@@ -38,6 +38,7 @@ class Attempt:
         level.is_top = True
         control.timeline = level.timeline
         control.snapshot = self.snapshot
+        control.unstorable = level.drop_unstorable
         self.told_end: RunEvent | None = None  # the end event, once told (streams opened after it get it too)
         self.over = False  # the run's outcome is being made: it is over
 

@@ -72,15 +72,31 @@ class Checkpoint(BaseModel):
         values = [(f"input {n!r}", v) for n, v in self.inputs.items()]
         values += [(f"the output of step {n!r}", v) for n, v in self.outputs.items()]
         for what, value in values:
-            try:
-                json.dumps(pydantic_core.to_jsonable_python(value), ensure_ascii=False).encode("utf-8")
-            except UnicodeEncodeError as exc:
-                raise CheckpointError(
-                    f"checkpoint of flow {self.flow!r}, run {self.run_id!r}: {what} holds text that is not "
-                    f"valid Unicode ({exc.reason}: {exc.object[exc.start : exc.end]!r}); it cannot be stored"
-                ) from exc
+            self._encode(what, pydantic_core.to_jsonable_python(value))
         for checkpoint in self.nested.values():
             checkpoint._name_unencodable()
+
+    def _encode(self, what: str, jsonable: Any) -> None:
+        """Raise a CheckpointError naming `what` if its JSON value holds text UTF-8 cannot carry."""
+        try:
+            json.dumps(jsonable, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise CheckpointError(
+                f"checkpoint of flow {self.flow!r}, run {self.run_id!r}: {what} holds text that is not "
+                f"valid Unicode ({exc.reason}: {exc.object[exc.start : exc.end]!r}); it cannot be stored"
+            ) from exc
+
+    def unstorable(self) -> dict[str, CheckpointError]:
+        """The outputs of this level (not of `nested`) that `to_json()` cannot write, by step name,
+        each with the error that names it (empty if every output can be stored)."""
+        errors: dict[str, CheckpointError] = {}
+        for name, value in self.outputs.items():
+            what = f"the output of step {name!r}"
+            try:
+                self._encode(what, self._value(what, value))
+            except CheckpointError as exc:
+                errors[name] = exc
+        return errors
 
     def _jsonable(self) -> dict[str, Any]:
         return {

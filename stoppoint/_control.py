@@ -19,6 +19,7 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ._checkpoint import Checkpoint
+from ._errors import CheckpointError
 from ._observers import Observers, interrupt_received
 from ._outcome import RunReport
 from ._probe import Probe
@@ -69,10 +70,12 @@ class Control:
         "snapshot",
         "started_since_interrupt",
         "store",
+        "store_down",
         "store_error",
         "strategy",
         "task_group",
         "timeline",
+        "unstorable",
     )
 
     def __init__(
@@ -92,8 +95,11 @@ class Control:
         # The top-level run's timeline, and what a save writes: set by the run's attempt.
         self.timeline: Timeline | None = None
         self.snapshot: Callable[[], tuple[Checkpoint, RunReport]] | None = None
+        # Fail the steps whose outputs cannot be stored, leaving them out; True if any (the attempt's).
+        self.unstorable: Callable[[], bool] | None = None
         self.save_lock = anyio.Lock() if store is not None else None  # saves of one run never overlap
-        self.store_error: Exception | None = None
+        self.store_error: Exception | None = None  # the first error of a save: run() raises it
+        self.store_down = False  # the store failed: no more saves
         self.strategy = strategy
         self.grace = grace
         self.signals: list[InterruptSignal] = []
@@ -226,19 +232,35 @@ class Control:
 
         Shielded: a cancelled run still records how far it got. A failing save ends the run (no
         step may start whose inputs are not committed); `run()` then raises the store's error.
+        An output that cannot be serialised fails its step, and the run is saved without it: the
+        store still works, so the run's end is saved too (failed, not running for ever).
         """
         store, snapshot = self.store, self.snapshot
-        if store is None or snapshot is None or self.store_error is not None:
+        if store is None or snapshot is None or self.store_down:
             return
         assert self.save_lock is not None
         with anyio.CancelScope(shield=True):
             async with self.save_lock:
                 try:
                     await store.save(*snapshot())
+                except CheckpointError as exc:
+                    if self.unstorable is None or not self.unstorable():
+                        self.store_failed(exc)
+                        return
+                    self.store_failed(exc, down=False)
+                    try:
+                        await store.save(*snapshot())
+                    except Exception as again:
+                        self.store_failed(again)
                 except Exception as exc:
-                    if self.store_error is None:
-                        self.store_error = exc
-                        self.shut_down()
+                    self.store_failed(exc)
+
+    def store_failed(self, exc: Exception, down: bool = True) -> None:
+        """A save raised `exc`: end the run, which raises the first such error (`down`: save no more)."""
+        if self.store_error is None:
+            self.store_error = exc
+            self.shut_down()
+        self.store_down = self.store_down or down
 
     # -- timers ---------------------------------------------------------------------------------------
 

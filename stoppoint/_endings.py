@@ -7,16 +7,18 @@ stopped at a stopping point, cancelled, failed (which halts its level), or fatal
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
 
+from ._checkpoint import Checkpoint
 from ._context import StepContext
 from ._control import Control, cancellation_in_effect
 from ._errors import StepFailed, StopRequested
 from ._outcome import StepStatus
-from ._timeline import StepRecord
+from ._timeline import StepRecord, Timeline
 
 __all__ = ["CLEANUP_TIMEOUT", "StepEndings"]
 
@@ -42,6 +44,10 @@ class StepEndings:
     control: Control
     cancelled_exc: type[BaseException]
     task_group: TaskGroup | None
+    outputs: dict[str, Any]
+    records: dict[str, StepRecord]
+    timeline: Timeline
+    includes: Mapping[str, StepEndings]
 
     def __init__(self) -> None:
         # Why this level is being abandoned, if it is; `halted` is their "or", checked per step.
@@ -57,6 +63,10 @@ class StepEndings:
 
     def step_failed(self) -> StepFailed:
         """The `StepFailed` of this level's failure (`Run` builds it)."""
+        raise NotImplementedError
+
+    def checkpoint(self) -> Checkpoint:
+        """This level's checkpoint (`Run` builds it)."""
         raise NotImplementedError
 
     def stopped(
@@ -95,6 +105,26 @@ class StepEndings:
         if self.failure is None:
             self.failure = (name, exc)
             self.halt()  # siblings still running end CANCELLED
+
+    def drop_unstorable(self) -> bool:
+        """A save failed with a `CheckpointError`: fail the steps whose output cannot be stored (it
+        cannot be serialised), here and in the included flows running, and leave their outputs out,
+        so that the run can still be saved (and ends stored as failed, resumable, not running for
+        ever). True if there was any (else the store raised it for another reason).
+
+        Only steps that completed in this attempt and are still being saved have a record here: an
+        output resumed from a checkpoint has none, and one already saved could be stored."""
+        dropped = False
+        for name, error in self.checkpoint().unstorable().items():
+            record = self.records.get(name)
+            if record is not None and record.status is StepStatus.COMPLETED:
+                del self.outputs[name]
+                self.timeline.cache.pop(name, None)  # its report, cached as final when it completed
+                self.failed(name, record, error)
+                dropped = True
+        for inner in list(self.includes.values()):
+            dropped = inner.drop_unstorable() or dropped
+        return dropped
 
     def fatal_error(self, record: StepRecord, exc: BaseException) -> None:
         """KeyboardInterrupt, SystemExit: record it, end the run, and re-raise it as itself once

@@ -1,0 +1,207 @@
+"""Issue 13: no run is left "running" in its store.
+
+- An output that cannot be serialised fails its step, and the run ends stored as failed, resumable.
+
+Every test here failed before its fix, except where its docstring says otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+import stoppoint as sp
+
+from .conftest import statuses
+
+pytestmark = pytest.mark.anyio
+
+
+class Unstorable:
+    """A value pydantic cannot turn into JSON."""
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[sp.Store]:
+    if request.param == "memory":
+        yield sp.MemoryStore()
+    else:
+        async with sp.SQLiteStore(tmp_path / "runs.db") as sqlite:
+            yield sqlite
+
+
+async def stored_run(store: sp.Store, flow: str, run_id: str) -> tuple[sp.RunRecord, sp.RunReport, dict[str, Any]]:
+    """The stored record, report and checkpoint (its JSON outputs) of a run."""
+    stored = await store.load(flow, run_id)
+    assert stored is not None
+    report = sp.RunReport.model_validate_json(stored.report_json)
+    outputs = sp.Checkpoint.model_validate_json(stored.checkpoint_json).outputs
+    return stored.record, report, outputs
+
+
+# -- 1. an output that cannot be serialised ------------------------------------------------------------
+
+
+def three_steps(calls: list[str], make: Callable[[], object]) -> sp.Flow:
+    """first -> make -> use, `make` returning what `make()` gives."""
+    flow = sp.Flow("odd")
+
+    @flow.step
+    async def first() -> int:
+        calls.append("first")
+        return 1
+
+    @flow.step(name="make")
+    async def make_it(first: int) -> Any:
+        calls.append("make")
+        return make()
+
+    @flow.step
+    async def use(make: Any) -> str:
+        calls.append("use")
+        return f"used {make}"
+
+    return flow
+
+
+async def test_an_output_that_cannot_be_stored_ends_the_run_stored_failed_and_resumable(store: sp.Store) -> None:
+    calls: list[str] = []
+    with pytest.raises(sp.CheckpointError, match=r"the output of step 'make' \(Unstorable\) cannot be serialised"):
+        await three_steps(calls, Unstorable).run(store=store, run_id="o")
+    assert calls == ["first", "make"]  # `use` never starts: its input is not committed
+
+    record, report, outputs = await stored_run(store, "odd", "o")
+    assert record.status is sp.RunStatus.FAILED
+    assert record.finished_at is not None
+    assert report.finished_at is not None
+    assert statuses(report) == {
+        "first": sp.StepStatus.COMPLETED,
+        "make": sp.StepStatus.FAILED,
+        "use": sp.StepStatus.NOT_STARTED,
+    }
+    error = report.steps["make"].error
+    assert error is not None
+    assert error.startswith("CheckpointError: ")
+    assert "the output of step 'make' (Unstorable) cannot be serialised" in error
+    assert outputs == {"first": 1}  # the output that cannot be stored is left out; the checkpoint is written
+
+    # The same run again, with the step fixed: `first` comes from the store, `make` runs again.
+    calls.clear()
+    outcome = await three_steps(calls, lambda: "fine").run(store=store, run_id="o")
+    assert isinstance(outcome, sp.Completed)
+    assert outcome.value == "used fine"
+    assert calls == ["make", "use"]
+    record, report, outputs = await stored_run(store, "odd", "o")
+    assert record.status is sp.RunStatus.COMPLETED
+    assert outputs == {"first": 1, "make": "fine", "use": "used fine"}
+
+
+async def test_an_output_utf8_cannot_encode_ends_the_run_stored_failed(store: sp.Store) -> None:
+    """A str with a lone surrogate (as os.fsdecode makes of a file name) cannot be stored either."""
+    with pytest.raises(sp.CheckpointError, match=r"the output of step 'make' holds text that is not valid Unicode"):
+        await three_steps([], lambda: "caf\udce9.txt").run(store=store, run_id="o")
+    record, report, outputs = await stored_run(store, "odd", "o")
+    assert (record.status, record.finished_at is not None) == (sp.RunStatus.FAILED, True)
+    assert report.steps["make"].status is sp.StepStatus.FAILED
+    assert "holds text that is not valid Unicode" in (report.steps["make"].error or "")
+    assert outputs == {"first": 1}
+
+
+class HeldStore(sp.MemoryStore):
+    """A MemoryStore whose save of a checkpoint matching `hold` waits until `release` is set."""
+
+    def __init__(self, hold: Callable[[sp.Checkpoint, sp.RunReport], bool]) -> None:
+        super().__init__()
+        self.hold = hold
+        self.held = anyio.Event()
+        self.release = anyio.Event()
+
+    async def save(self, checkpoint: sp.Checkpoint, report: sp.RunReport) -> None:
+        if not self.held.is_set() and self.hold(checkpoint, report):
+            self.held.set()
+            await self.release.wait()
+        await super().save(checkpoint, report)
+
+
+async def test_the_step_blamed_is_the_one_whose_output_cannot_be_stored_not_the_one_saving() -> None:
+    """`good` and `bad` both return while another step's save holds the store: the next save carries
+    both outputs, whichever step makes it; only `bad` fails, and `good`'s output is kept."""
+    store = HeldStore(lambda checkpoint, report: set(checkpoint.outputs) == {"gate"})
+    flow = sp.Flow("pair")
+    returned = {"good": anyio.Event(), "bad": anyio.Event()}
+
+    @flow.step
+    async def gate() -> int:
+        return 0
+
+    @flow.step
+    async def good() -> int:
+        await store.held.wait()
+        returned["good"].set()
+        return 1
+
+    @flow.step
+    async def bad() -> Unstorable:
+        await store.held.wait()
+        returned["bad"].set()
+        return Unstorable()
+
+    async def release_when_both_returned() -> None:
+        await returned["good"].wait()
+        await returned["bad"].wait()
+        store.release.set()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(release_when_both_returned)
+            with pytest.raises(sp.CheckpointError, match="the output of step 'bad'"):
+                await flow.run(store=store, run_id="p")
+    record, report, outputs = await stored_run(store, "pair", "p")
+    assert (record.status, record.finished_at is not None) == (sp.RunStatus.FAILED, True)
+    assert statuses(report) == {
+        "gate": sp.StepStatus.COMPLETED,
+        "good": sp.StepStatus.COMPLETED,
+        "bad": sp.StepStatus.FAILED,
+    }
+    assert outputs == {"gate": 0, "good": 1}
+
+
+async def test_an_output_that_cannot_be_stored_inside_an_include_fails_it_and_resumes(store: sp.Store) -> None:
+    calls: list[str] = []
+    broken = [True]
+    inner = sp.Flow("inner")
+
+    @inner.step
+    async def x() -> int:
+        calls.append("x")
+        return 1
+
+    @inner.step
+    async def y(x: int) -> Any:
+        calls.append("y")
+        return Unstorable() if broken[0] else x + 1
+
+    outer = sp.Flow("outer")
+    outer.include(inner, name="inc")
+
+    with pytest.raises(sp.CheckpointError, match="the output of step 'y'"):
+        await outer.run(store=store, run_id="n")
+    record, report, outputs = await stored_run(store, "outer", "n")
+    assert (record.status, record.finished_at is not None) == (sp.RunStatus.FAILED, True)
+    assert report.steps["inc"].status is sp.StepStatus.FAILED
+    nested = report.steps["inc"].nested
+    assert nested is not None
+    assert statuses(nested) == {"x": sp.StepStatus.COMPLETED, "y": sp.StepStatus.FAILED}
+    assert "the output of step 'y'" in (nested.steps["y"].error or "")
+    assert outputs == {}
+
+    calls.clear()
+    broken[0] = False
+    outcome = await outer.run(store=store, run_id="n")
+    assert isinstance(outcome, sp.Completed)
+    assert outcome.value == 2
+    assert calls == ["y"]  # x was committed inside the include
