@@ -67,6 +67,7 @@ stoppoint that finds a version it does not know refuses the file rather than gue
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import secrets
@@ -75,7 +76,7 @@ import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import anyio
 import anyio.to_thread
@@ -226,6 +227,55 @@ def _lock_holder(path: str) -> str | None:
             command = command[:117] + "..."
         return f"process {pid} ({command})" if command else f"process {pid}"
     return None
+
+
+class _Job(Generic[T]):
+    """One call into a worker thread: `run()` there, and, if its caller's wait is cut off, `settled()`
+    in the event loop, which makes sure the call never starts or has ended."""
+
+    __slots__ = ("args", "ended", "fn", "lock", "started", "waiter")
+
+    def __init__(self, fn: Callable[..., T], *args: Any) -> None:
+        self.fn = fn
+        self.args = args
+        self.lock = threading.Lock()
+        self.started = False  # False for ever once settled() found it not started
+        self.ended = False
+        self.waiter: asyncio.Future[None] | None = None
+
+    def run(self) -> T | None:
+        with self.lock:
+            if self.started:  # (settled() dropped it: it must not start now)
+                return None
+            self.started = True
+        try:
+            return self.fn(*self.args)
+        finally:
+            with self.lock:
+                self.ended = True
+                waiter = self.waiter
+            if waiter is not None:
+                with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+                    waiter.get_loop().call_soon_threadsafe(_wake, waiter)
+
+    async def settled(self) -> None:
+        """Wait (through further native cancellations) until the call has ended, or drop it if it has
+        not started."""
+        with self.lock:
+            if not self.started:
+                self.started = True  # run() returns at once if a worker thread still calls it
+                return
+            if self.ended:
+                return
+            self.waiter = waiter = asyncio.get_running_loop().create_future()
+        while not waiter.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(waiter)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class SQLiteStore:
@@ -394,7 +444,16 @@ class SQLiteStore:
         return f"SQLite store {self._path!r}"
 
     async def _call(self, operation: Callable[..., T], *args: Any) -> T:
-        return await anyio.to_thread.run_sync(self._locked, operation, *args)
+        job = _Job(self._locked, operation, *args)
+        try:
+            return cast(T, await anyio.to_thread.run_sync(job.run))  # (None only for a job dropped)
+        except asyncio.CancelledError:
+            # asyncio: a native Task.cancel() of the caller (anyio's own cancellation does not reach the
+            # wait) stops the wait, not the thread. The operation must not go on behind the caller's
+            # back, where a later one (the run's next save) could overtake it: it is dropped if it has
+            # not started, else waited for.
+            await job.settled()
+            raise
 
     def _locked(self, operation: Callable[..., T], *args: Any) -> T:
         """Run `operation(connection, *args)` under the lock, opening the file on first use."""

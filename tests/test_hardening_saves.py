@@ -1,12 +1,14 @@
 """Issue 13: no run is left "running" in its store.
 
 - An output that cannot be serialised fails its step, and the run ends stored as failed, resumable.
+- A cancelled `SQLiteStore.save()` leaves no write going on in its worker thread.
 
 Every test here failed before its fix, except where its docstring says otherwise.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import pytest
 import stoppoint as sp
 
 from .conftest import statuses
+from .test_store import completed, make_checkpoint, make_report
 
 pytestmark = pytest.mark.anyio
 
@@ -205,3 +208,63 @@ async def test_an_output_that_cannot_be_stored_inside_an_include_fails_it_and_re
     assert isinstance(outcome, sp.Completed)
     assert outcome.value == 2
     assert calls == ["y"]  # x was committed inside the include
+
+
+# -- 2. a cancelled caller never leaves a run "running" --------------------------------------------------
+
+
+class GatedSQLiteStore(sp.SQLiteStore):
+    """An SQLiteStore whose first save waits in its worker thread, before it takes the connection, until
+    `gate` is set (`in_thread` is set once it waits there)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.in_thread = threading.Event()
+        self.gate = threading.Event()
+
+    def _locked(self, operation: Callable[..., Any], *args: Any) -> Any:
+        if operation == self._save and not self.in_thread.is_set():
+            self.in_thread.set()
+            self.gate.wait(10)
+        return super()._locked(operation, *args)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_native_cancel_never_leaves_an_sqlite_write_going_on_behind_the_caller(
+    anyio_backend: str, tmp_path: Path
+) -> None:
+    """`SQLiteStore.save()` cut off by a native cancel raises only once its write in the worker thread is
+    over: that write can never land after (and undo) a later save, such as the one of the run's end.
+    (Before the fix it raised at once, and the thread wrote whenever it got there.)"""
+    import asyncio
+
+    async with GatedSQLiteStore(tmp_path / "runs.db") as store:
+        running = make_checkpoint(outputs={"a": 1}), make_report(a=sp.StepStatus.COMPLETED, b=sp.StepStatus.PENDING)
+        with anyio.fail_after(10):
+            task = asyncio.ensure_future(store.save(*running))
+            await anyio.to_thread.run_sync(store.in_thread.wait, 10)
+            task.cancel()
+            for _ in range(5):
+                await anyio.lowlevel.checkpoint()
+            assert not task.done()  # cancelled, and still waiting for its write
+            store.gate.set()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        stored = await store.load("f", "r1")
+        assert stored is not None  # the write went through before save() raised
+        assert stored.record.status is sp.RunStatus.RUNNING
+        await store.save(*completed())  # and the next save is the last word
+        stored = await store.load("f", "r1")
+        assert stored is not None
+        assert stored.record.status is sp.RunStatus.COMPLETED
+
+
+async def test_a_worker_thread_call_dropped_before_it_started_never_runs() -> None:
+    """The other case of the same: the call had not started when its caller was cancelled."""
+    from stoppoint._sqlite import _Job
+
+    ran: list[str] = []
+    job = _Job(ran.append, "ran")
+    await job.settled()  # (its caller was cancelled before a worker thread took it)
+    assert job.run() is None
+    assert ran == []
