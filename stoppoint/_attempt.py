@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from time import perf_counter
 from typing import Any
 
 from anyio.abc import TaskGroup
@@ -98,6 +99,8 @@ class Attempt:
         try:
             if level.persist:
                 await control.save()  # listed as running before any step starts
+                if cancellation_in_effect():
+                    control.close()  # cancelled during the (shielded) save: no step may start
             await level.drive(begin)
         finally:
             if channel is not None:
@@ -111,6 +114,8 @@ class Attempt:
             if level.persist:
                 if not level.finished and cancellation_in_effect():
                     control.cancel_signal()  # the stored report says what the outcome will say
+                if level.timeline.ended is None:
+                    level.timeline.ended = perf_counter()  # cancelled before its steps were driven
                 await control.save()  # how the run ended, also when it was cancelled
         if level.fatal is not None:
             self.tell_end(level.fatal)

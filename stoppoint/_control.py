@@ -9,10 +9,11 @@ run to its store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from time import perf_counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.abc import TaskGroup
@@ -45,6 +46,16 @@ def cancellation_in_effect() -> bool:
         task = asyncio.current_task()
         return task is not None and task.cancelling() > 0  # a native Task.cancel() of the caller
     return False
+
+
+async def _to_the_end(work: Coroutine[Any, Any, None]) -> None:
+    """Run `work` to its end in a task of its own, however often the current task is cancelled
+    natively meanwhile (`Task.cancel()`, which an anyio shield does not stop); those cancellations
+    are dropped: the caller raises the one it is handling."""
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(task)
 
 
 class Control:
@@ -230,30 +241,43 @@ class Control:
     async def save(self) -> None:
         """Commit the top-level run's checkpoint and report to the store.
 
-        Shielded: a cancelled run still records how far it got. A failing save ends the run (no
-        step may start whose inputs are not committed); `run()` then raises the store's error.
-        An output that cannot be serialised fails its step, and the run is saved without it: the
-        store still works, so the run's end is saved too (failed, not running for ever).
+        Never cut off: a cancelled run still records how far it got. Shielded from anyio
+        cancellation; on asyncio a native `Task.cancel()` of the caller, which an anyio shield does
+        not stop, may still cut the store's `save()` off: the save is then made again, to its end,
+        in a task of its own that no cancellation of the caller reaches, and the cancellation goes
+        on after it. A failing save ends the run (no step may start whose inputs are not
+        committed); `run()` then raises the store's error. An output that cannot be serialised
+        fails its step, and the run is saved without it: the store still works, so the run's end is
+        saved too (failed, not running for ever).
         """
-        store, snapshot = self.store, self.snapshot
-        if store is None or snapshot is None or self.store_down:
+        if self.store is None or self.snapshot is None or self.store_down:
             return
-        assert self.save_lock is not None
         with anyio.CancelScope(shield=True):
-            async with self.save_lock:
+            try:
+                await self._save()
+            except asyncio.CancelledError:  # native: nothing else reaches into the shield
+                await _to_the_end(self._save())
+                raise
+
+    async def _save(self) -> None:
+        store, snapshot, lock = self.store, self.snapshot, self.save_lock
+        assert store is not None
+        assert snapshot is not None
+        assert lock is not None
+        async with lock:
+            try:
+                await store.save(*snapshot())
+            except CheckpointError as exc:
+                if self.unstorable is None or not self.unstorable():
+                    self.store_failed(exc)
+                    return
+                self.store_failed(exc, down=False)
                 try:
                     await store.save(*snapshot())
-                except CheckpointError as exc:
-                    if self.unstorable is None or not self.unstorable():
-                        self.store_failed(exc)
-                        return
-                    self.store_failed(exc, down=False)
-                    try:
-                        await store.save(*snapshot())
-                    except Exception as again:
-                        self.store_failed(again)
-                except Exception as exc:
-                    self.store_failed(exc)
+                except Exception as again:
+                    self.store_failed(again)
+            except Exception as exc:
+                self.store_failed(exc)
 
     def store_failed(self, exc: Exception, down: bool = True) -> None:
         """A save raised `exc`: end the run, which raises the first such error (`down`: save no more)."""

@@ -103,6 +103,12 @@ class Store(Protocol):
     ends; a store must have committed the checkpoint when `save()` returns. Calls for one run never
     overlap.
 
+    On asyncio a native cancellation of the task running the flow (`Task.cancel()`, which an anyio
+    shield does not stop) may cut a `save()` off; `run()` then makes the same save again, to its
+    end, before the cancellation goes on. So a `save()` that raises a cancellation must have stopped
+    what it was doing, or finished it: a write still going on afterwards (in a worker thread, say)
+    could land after the next save and undo it. `SQLiteStore` waits for its worker thread.
+
     A store that also keeps labels beside its runs (as both stores of stoppoint do, for the `stoppoint`
     command among others) is a `LabelStore`; a store need not be one.
     """

@@ -1,13 +1,17 @@
 """Issue 13: no run is left "running" in its store.
 
 - An output that cannot be serialised fails its step, and the run ends stored as failed, resumable.
-- A cancelled `SQLiteStore.save()` leaves no write going on in its worker thread.
+- A cancelled caller (a native asyncio `Task.cancel()`, or an anyio cancel scope) never cuts a save off:
+  the store always ends up holding how the run ended, and no committed step is lost; a cancelled
+  `SQLiteStore.save()` leaves no write going on in its worker thread.
 
 Every test here failed before its fix, except where its docstring says otherwise.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -211,6 +215,245 @@ async def test_an_output_that_cannot_be_stored_inside_an_include_fails_it_and_re
 
 
 # -- 2. a cancelled caller never leaves a run "running" --------------------------------------------------
+
+
+class WatchedStore(sp.MemoryStore):
+    """A MemoryStore that holds the first save matching `hold` until `release` is set (`held` is set
+    once it is held), and keeps what each save wrote: (finished?, the outputs committed)."""
+
+    def __init__(self, hold: Callable[[sp.Checkpoint, sp.RunReport], bool]) -> None:
+        super().__init__()
+        self.hold = hold
+        self.held = anyio.Event()
+        self.held_state: tuple[bool, dict[str, Any]] | None = None
+        self.release = anyio.Event()
+        self.written: list[tuple[bool, dict[str, Any]]] = []
+
+    async def save(self, checkpoint: sp.Checkpoint, report: sp.RunReport) -> None:
+        state = (report.finished_at is not None, dict(checkpoint.outputs))
+        if not self.held.is_set() and self.hold(checkpoint, report):
+            self.held_state = state
+            self.held.set()
+            await self.release.wait()  # a cancellation that cuts the save off here writes nothing
+        await super().save(checkpoint, report)
+        self.written.append(state)
+
+
+def a_then_b(calls: list[str]) -> sp.Flow:
+    flow = sp.Flow("ab")
+
+    @flow.step
+    async def a() -> int:
+        calls.append("a")
+        return 1
+
+    @flow.step
+    async def b(a: int) -> int:
+        calls.append("b")
+        return a + 1
+
+    return flow
+
+
+MOMENTS: dict[str, Callable[[sp.Checkpoint, sp.RunReport], bool]] = {
+    # the save that lists the run as running, before any step starts
+    "first": lambda checkpoint, report: report.finished_at is None and not checkpoint.outputs,
+    # the save that commits `a`, before `b` may start
+    "commit": lambda checkpoint, report: report.finished_at is None and set(checkpoint.outputs) == {"a"},
+    # the save of how the run ended
+    "final": lambda checkpoint, report: report.finished_at is not None,
+}
+# What the store holds in the end, by the moment the caller was cancelled at: status, committed outputs.
+EXPECTED = {
+    "first": (sp.RunStatus.INTERRUPTED, {}),
+    "commit": (sp.RunStatus.INTERRUPTED, {"a": 1}),
+    "final": (sp.RunStatus.COMPLETED, {"a": 1, "b": 2}),
+}
+
+
+async def check_ended_as_expected(store: WatchedStore, moment: str, calls: list[str]) -> None:
+    # The save that was held when the caller was cancelled is written (made again if it was cut off),
+    # before the run's end: the store goes through every state the run committed.
+    assert store.held_state in store.written
+    assert store.written[-1][0]
+    assert [finished for finished, _ in store.written].count(True) == 1
+    record, report, outputs = await stored_run(store, "ab", "r")
+    status, committed = EXPECTED[moment]
+    assert record.status is status
+    assert record.finished_at is not None
+    assert report.finished_at is not None
+    assert outputs == committed
+    assert calls == list(committed)  # the steps that ran are those committed: none is lost, none ran unsaved
+    if status is sp.RunStatus.INTERRUPTED:
+        [signal] = report.interrupts
+        assert (signal.source, signal.force) == ("cancel", True)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.parametrize("moment", list(MOMENTS))
+async def test_a_native_cancel_of_the_caller_never_cuts_a_save_off(anyio_backend: str, moment: str) -> None:
+    """`Task.cancel()` of the task awaiting `run()` while a save is in flight (an anyio shield does not
+    stop a native cancel): the save is finished, the run's end is saved, and the cancellation raised."""
+    import asyncio
+
+    calls: list[str] = []
+    store = WatchedStore(MOMENTS[moment])
+    with anyio.fail_after(10):
+        task = asyncio.ensure_future(a_then_b(calls).run(store=store, run_id="r"))
+        await store.held.wait()
+        task.cancel()
+        await anyio.lowlevel.checkpoint()  # the cancellation is delivered into the held save
+        store.release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    await check_ended_as_expected(store, moment, calls)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_native_cancel_delivered_twice_still_saves_how_the_run_ended(anyio_backend: str) -> None:
+    """The first cancel stops the step; a second one lands in the final save, which still completes."""
+    import asyncio
+
+    store = WatchedStore(MOMENTS["final"])
+    flow = sp.Flow("ab")
+    entered = anyio.Event()
+
+    @flow.step
+    async def a() -> int:
+        entered.set()
+        await anyio.sleep_forever()
+        raise AssertionError("not reached")
+
+    with anyio.fail_after(10):
+        task = asyncio.ensure_future(flow.run(store=store, run_id="r"))
+        await entered.wait()
+        task.cancel()
+        await store.held.wait()
+        task.cancel()
+        await anyio.lowlevel.checkpoint()
+        store.release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert store.written[-1] == store.held_state  # the run's end, written in the end
+    record, report, _ = await stored_run(store, "ab", "r")
+    assert (record.status, record.finished_at is not None) == (sp.RunStatus.INTERRUPTED, True)
+    assert report.steps["a"].status is sp.StepStatus.CANCELLED
+
+
+@pytest.mark.parametrize("moment", list(MOMENTS))
+async def test_a_cancelled_scope_of_the_caller_never_cuts_a_save_off(moment: str) -> None:
+    """The same with an anyio cancel scope (the only cancellation trio has). `first` failed before the
+    fix: the first save, shielded, hid the cancellation, and step `a` still started (and was committed)
+    after it. `commit` and `final` passed before (the shield held); they check that the fix keeps it so."""
+    calls: list[str] = []
+    store = WatchedStore(MOMENTS[moment])
+    scope = anyio.CancelScope()
+
+    async def caller() -> None:
+        with scope:
+            await a_then_b(calls).run(store=store, run_id="r")
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(caller)
+            await store.held.wait()
+            scope.cancel()
+            await anyio.lowlevel.checkpoint()
+            store.release.set()
+    await check_ended_as_expected(store, moment, calls)
+
+
+class SignallingSQLiteStore(sp.SQLiteStore):
+    """An SQLiteStore that sets `begun[n]` when its n-th save (since `begun` was last reset) begins."""
+
+    begun: list[anyio.Event]
+
+    async def save(self, checkpoint: sp.Checkpoint, report: sp.RunReport) -> None:
+        begun = next((event for event in self.begun if not event.is_set()), None)
+        if begun is not None:  # (a save made again after a cancellation is one more)
+            begun.set()
+        await super().save(checkpoint, report)
+
+
+@pytest.mark.parametrize("how", ["native", "scope"])
+async def test_cancelled_at_seeded_moments_a_sqlite_run_is_never_left_running(
+    anyio_backend: str, how: str, tmp_path: Path
+) -> None:
+    """Real cancellations at seeded moments of runs on SQLite (whose saves go through a worker thread):
+    a few loop turns after the n-th save of the run began (n = -1: after it was started). Each run is
+    stored with how it ended, or not at all if it was cancelled before its first save, and holds the
+    output of every step that returned. `native`: `Task.cancel()` (asyncio; failed before the fix, runs
+    left "running" with no finish time); `scope`: an anyio cancel scope (passed before, a guard)."""
+    if how == "native" and anyio_backend != "asyncio":
+        pytest.skip("only asyncio has native cancellation")
+    import asyncio
+    import random
+
+    returned: dict[str, list[str]] = {}
+    flow = sp.Flow("seeded")
+    run_id: list[str] = [""]
+
+    def done(name: str) -> None:
+        returned.setdefault(run_id[0], []).append(name)
+
+    @flow.step
+    async def a() -> int:
+        await anyio.lowlevel.checkpoint()
+        done("a")
+        return 1
+
+    @flow.step
+    async def b(a: int) -> int:
+        await anyio.lowlevel.checkpoint()
+        done("b")
+        return 2
+
+    @flow.step
+    async def c(a: int) -> int:  # beside b: two commits contend for the store
+        done("c")
+        return 3
+
+    moments = random.Random(13)
+    runs = 60
+    async with SignallingSQLiteStore(tmp_path / "runs.db") as store:
+        for i in range(runs):
+            run_id[0] = f"r{i}"
+            store.begun = [anyio.Event() for _ in range(5)]  # first save, a, b, c, the end
+            after_save, turns = moments.randrange(-1, 5), moments.randrange(4)
+
+            async def cancel_at_the_moment(
+                cancel: Callable[[], object], after_save: int = after_save, turns: int = turns
+            ) -> None:
+                if after_save >= 0:
+                    await store.begun[after_save].wait()
+                for _ in range(turns):
+                    await anyio.lowlevel.checkpoint()
+                cancel()
+
+            with anyio.fail_after(10):
+                if how == "native":
+                    task = asyncio.ensure_future(flow.run(store=store, run_id=run_id[0]))
+                    await cancel_at_the_moment(task.cancel)
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                else:
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(functools.partial(flow.run, store=store, run_id=run_id[0]))
+                        await cancel_at_the_moment(tg.cancel_scope.cancel)
+
+        for i in range(runs):
+            ran = returned.get(f"r{i}", [])
+            stored = await store.load("seeded", f"r{i}")
+            if stored is None:
+                assert ran == [], f"r{i}"
+                continue
+            record, report, outputs = await stored_run(store, "seeded", f"r{i}")
+            assert record.finished_at is not None, (f"r{i}", record)
+            expected = sp.RunStatus.COMPLETED if len(ran) == 3 else sp.RunStatus.INTERRUPTED
+            assert record.status is expected, (f"r{i}", record)
+            assert sorted(outputs) == sorted(ran), f"r{i}"  # every step that returned is committed
+            completed = {name for name, step in report.steps.items() if step.status is sp.StepStatus.COMPLETED}
+            assert completed == set(ran), f"r{i}"
 
 
 class GatedSQLiteStore(sp.SQLiteStore):
