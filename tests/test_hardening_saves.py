@@ -4,6 +4,8 @@
 - A cancelled caller (a native asyncio `Task.cancel()`, or an anyio cancel scope) never cuts a save off:
   the store always ends up holding how the run ended, and no committed step is lost; a cancelled
   `SQLiteStore.save()` leaves no write going on in its worker thread.
+- A forced stop cannot take a step out of a worker thread: it waits for the thread unless the step
+  uses `abandon_on_cancel=True` (documented in the README, not changed).
 
 Every test here failed before its fix, except where its docstring says otherwise.
 """
@@ -511,3 +513,65 @@ async def test_a_worker_thread_call_dropped_before_it_started_never_runs() -> No
     await job.settled()  # (its caller was cancelled before a worker thread took it)
     assert job.run() is None
     assert ran == []
+
+
+# -- 3. a forced stop and a step in a worker thread ------------------------------------------------------
+
+
+@pytest.mark.parametrize("abandon", [False, True], ids=["waits", "abandon_on_cancel"])
+async def test_a_forced_stop_waits_for_a_step_in_a_worker_thread_unless_it_abandons_the_thread(abandon: bool) -> None:
+    """What the README says of forcing and threads. A thread cannot be cancelled: by default anyio waits
+    for it (shielded), so the forced stop waits, and the step goes on after the thread returns (here it
+    completes). With `abandon_on_cancel=True` the step is cancelled at once and the run ends while the
+    thread still runs; the thread returns later, its result dropped. (Behaviour documented, not
+    changed: this passed before.)"""
+    release = threading.Event()  # the thread waits on it, never more than 10 s
+    in_thread = threading.Event()
+    thread_over = threading.Event()
+    order: list[str] = []
+    sibling_cancelled = anyio.Event()
+    flow = sp.Flow("threads")
+
+    def work() -> str:
+        in_thread.set()
+        release.wait(10)
+        order.append("thread returned")
+        thread_over.set()
+        return "from the thread"
+
+    @flow.step
+    async def blocked() -> str:
+        result = await anyio.to_thread.run_sync(work, abandon_on_cancel=abandon)
+        order.append("step went on")
+        return result
+
+    @flow.step
+    async def sibling() -> None:
+        try:
+            await anyio.sleep_forever()
+        finally:
+            sibling_cancelled.set()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            handle = await flow.start(tg)
+            await anyio.to_thread.run_sync(in_thread.wait, 10)
+            assert handle.interrupt("stop now", force=True)
+            await sibling_cancelled.wait()  # the forced stop has taken effect
+            if not abandon:
+                release.set()  # the run cannot end before the thread returns
+            outcome = await handle.outcome()
+            order.append("run ended")
+            release.set()
+        await anyio.to_thread.run_sync(thread_over.wait, 10)
+
+    assert isinstance(outcome, sp.Interrupted)
+    assert outcome.forced
+    assert outcome.report.steps["sibling"].status is sp.StepStatus.CANCELLED
+    if abandon:
+        assert order == ["run ended", "thread returned"]
+        assert outcome.report.steps["blocked"].status is sp.StepStatus.CANCELLED
+    else:
+        assert order == ["thread returned", "step went on", "run ended"]
+        assert outcome.report.steps["blocked"].status is sp.StepStatus.COMPLETED
+        assert outcome.checkpoint.outputs == {"blocked": "from the thread"}
