@@ -8,7 +8,7 @@ checkpoint's outputs back into each step's return type), so a tampered file yiel
 code execution.
 
 Two stores come with stoppoint: `MemoryStore` (`_memory.py`: a dict, for tests and runs that need not
-outlive the process) and `SQLiteStore` (`_sqlite.py`, whose docstring has its on-disk schema: one SQLite
+outlive the process) and `SQLiteStore` (`_sqlite.py`; `_sqlite_file.py` has its on-disk schema: one SQLite
 file, shared safely by several processes). Both keep the same rows, as text (`_rows.py`), so a value
 that cannot be serialised fails the same way in both; both are `LabelStore`s.
 """

@@ -506,10 +506,10 @@ async def test_a_native_cancel_never_leaves_an_sqlite_write_going_on_behind_the_
 
 async def test_a_worker_thread_call_dropped_before_it_started_never_runs() -> None:
     """The other case of the same: the call had not started when its caller was cancelled."""
-    from stoppoint._sqlite import _Job
+    from stoppoint._threads import Job
 
     ran: list[str] = []
-    job = _Job(ran.append, "ran")
+    job = Job(ran.append, "ran")
     await job.settled()  # (its caller was cancelled before a worker thread took it)
     assert job.run() is None
     assert ran == []

@@ -239,7 +239,7 @@ def lock_held(path: Path, statements: tuple[str, ...]) -> Iterator[subprocess.Po
 
 @pytest.fixture
 def short_busy_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("stoppoint._sqlite._BUSY_TIMEOUT_S", BUSY_TIMEOUT_S)
+    monkeypatch.setattr("stoppoint._sqlite_file._BUSY_TIMEOUT_S", BUSY_TIMEOUT_S)
 
 
 def busy_message(path: Path, holder: subprocess.Popen[str]) -> str:
@@ -284,7 +284,7 @@ async def test_a_lock_that_keeps_readers_out_fails_opening_as_busy(tmp_path: Pat
 def command(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     """`python -m stoppoint ARGS`, with the busy timeout made short (the module global, set before main runs)."""
     run_command = (
-        f"import runpy, stoppoint._sqlite; stoppoint._sqlite._BUSY_TIMEOUT_S = {BUSY_TIMEOUT_S}; "
+        f"import runpy, stoppoint._sqlite_file; stoppoint._sqlite_file._BUSY_TIMEOUT_S = {BUSY_TIMEOUT_S}; "
         "runpy.run_module('stoppoint', run_name='__main__', alter_sys=True)"
     )
     return subprocess.run(
@@ -402,7 +402,7 @@ async def test_a_file_written_before_store_ids_gets_one_when_opened(tmp_path: Pa
 
 
 async def test_a_log_of_another_store_that_never_wrote_page_1_cannot_be_told_apart(tmp_path: Path) -> None:
-    """The limit of the check (see the schema in stoppoint/_sqlite.py): the store id is in page 1, and a log only
+    """The limit of the check (see the schema in stoppoint/_sqlite_file.py): the store id is in page 1, and a log only
     holds the pages its transactions changed. A store that never grew (or freed a page) since its log began has
     no page 1 in its log, and such a log replayed over another file cannot be told from the file's own: this test
     shows it happening. If it fails, the check has become stronger: update the docstring."""
