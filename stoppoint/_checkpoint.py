@@ -7,7 +7,9 @@ or foreign file gives a `CheckpointError`, not code execution.
 
 from __future__ import annotations
 
+import functools
 import json
+import sys
 from typing import Any, Literal
 
 import pydantic_core
@@ -17,7 +19,16 @@ from ._errors import CheckpointError, CheckpointMismatch
 from ._plan import Plan
 from ._types import Unresolved, input_type, output_type, type_name
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "Checkpoint", "CheckpointFile", "check_belongs", "same_value", "typed"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "Checkpoint",
+    "CheckpointFile",
+    "check_belongs",
+    "input_refusal",
+    "same_value",
+    "typed",
+]
 
 FORMAT = "stoppoint.checkpoint"
 FORMAT_VERSION = 1
@@ -56,44 +67,63 @@ class Checkpoint(BaseModel):
             that `load_checkpoint()` refuses).
 
         Raises:
-            CheckpointError: An output or input cannot be turned into JSON (the message names it).
+            CheckpointError: An output or input cannot be turned into JSON that reads back: it
+                cannot be serialised, holds text UTF-8 cannot encode or an int longer than
+                `sys.get_int_max_str_digits()`, or is nested deeper than pydantic's JSON parser
+                reads where it sits (the message names it); or the run id holds such text.
         """
-        text = json.dumps(self._jsonable(), ensure_ascii=False, separators=(",", ":"))
         try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            self._name_unencodable()
-            raise
+            text = _dumps(self._jsonable())
+        except ValueError as exc:  # an int longer than str() writes (sys.get_int_max_str_digits())
+            self._name_unstorable()
+            raise CheckpointError(f"checkpoint of flow {self.flow!r}, run {self.run_id!r}: {exc}") from exc
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                self._name_unstorable()
+                raise CheckpointError(
+                    f"checkpoint of flow {self.flow!r}, run {self.run_id!r}: its run id or a name in it holds text "
+                    f"that is not valid Unicode ({exc.reason}); it cannot be stored"
+                ) from exc
+        # The parser stops at a nesting depth for the whole document, so a value deep enough is
+        # written but never read back. There are never more levels than brackets: counting them
+        # is cheap, and only a checkpoint with that many is parsed to be sure.
+        if text.count("[") + text.count("{") > parse_depth() and not _reads_back(text):
+            self._name_unstorable()
+            raise CheckpointError(
+                f"checkpoint of flow {self.flow!r}, run {self.run_id!r}: its JSON is nested deeper than "
+                f"{parse_depth()} levels, which pydantic's JSON parser cannot read back"
+            )
         return text
 
-    def _name_unencodable(self) -> None:
-        """Raise a CheckpointError naming the value that holds text UTF-8 cannot carry (a lone
-        surrogate, as `os.fsdecode()` makes of undecodable file names)."""
+    def _name_unstorable(self, level: int = 0) -> None:
+        """Raise a CheckpointError naming the first input or output that cannot be stored: one
+        holding text UTF-8 cannot carry (a lone surrogate, as `os.fsdecode()` makes of undecodable
+        file names), an int too long to write, or one nested too deep to read back (`level`: how
+        many include steps deep this checkpoint sits in the document)."""
         values = [(f"input {n!r}", v) for n, v in self.inputs.items()]
         values += [(f"the output of step {n!r}", v) for n, v in self.outputs.items()]
         for what, value in values:
-            self._encode(what, pydantic_core.to_jsonable_python(value))
+            self._check(what, self._value(what, value), level)
         for checkpoint in self.nested.values():
-            checkpoint._name_unencodable()
+            checkpoint._name_unstorable(level + 1)
 
-    def _encode(self, what: str, jsonable: Any) -> None:
-        """Raise a CheckpointError naming `what` if its JSON value holds text UTF-8 cannot carry."""
-        try:
-            json.dumps(jsonable, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise CheckpointError(
-                f"checkpoint of flow {self.flow!r}, run {self.run_id!r}: {what} holds text that is not "
-                f"valid Unicode ({exc.reason}: {exc.object[exc.start : exc.end]!r}); it cannot be stored"
-            ) from exc
+    def _check(self, what: str, jsonable: Any, level: int) -> None:
+        """Raise a CheckpointError naming `what` if its JSON value cannot be stored at `level`."""
+        problem = json_problem(jsonable, level)[0]
+        if problem is not None:
+            raise CheckpointError(f"checkpoint of flow {self.flow!r}, run {self.run_id!r}: {what} {problem}")
 
-    def unstorable(self) -> dict[str, CheckpointError]:
+    def unstorable(self, level: int = 0) -> dict[str, CheckpointError]:
         """The outputs of this level (not of `nested`) that `to_json()` cannot write, by step name,
-        each with the error that names it (empty if every output can be stored)."""
+        each with the error that names it (empty if every output can be stored). `level`: how many
+        include steps deep this checkpoint sits in the top-level run's (deeper values fit less deep)."""
         errors: dict[str, CheckpointError] = {}
         for name, value in self.outputs.items():
             what = f"the output of step {name!r}"
             try:
-                self._encode(what, self._value(what, value))
+                self._check(what, self._value(what, value), level)
             except CheckpointError as exc:
                 errors[name] = exc
         return errors
@@ -224,7 +254,7 @@ def _validate(where: str, what: str, annotation: Any, value: Any) -> Any:
             f"({annotation.error!r}); define the type at module level, where the step's module can see it"
         )
     try:
-        return TypeAdapter(annotation).validate_python(value)
+        return _adapter(annotation).validate_python(value)
     except ValidationError as exc:
         raise CheckpointError(f"{where}: {what} does not validate as {type_name(annotation)}: {exc}") from exc
     except PydanticSchemaGenerationError:  # an annotation pydantic cannot check: keep the JSON value
@@ -235,12 +265,153 @@ def _validate(where: str, what: str, annotation: Any, value: Any) -> Any:
 
 def same_value(given: Any, other: Any) -> bool:
     """Equal, or equal as JSON: an unannotated tuple comes back from a checkpoint as a list, and a
-    NaN is not equal to itself but is the same JSON."""
-    if given == other:
-        return True
+    NaN is not equal to itself but is the same JSON. Never raises: values that cannot be compared
+    nor turned into JSON are not the same."""
+    try:
+        if given is other or given == other:
+            return True
+    except Exception:  # an __eq__ that raises, or an array whose truth is ambiguous: compare as JSON
+        pass
     try:
         given_json = pydantic_core.to_jsonable_python(given)
         other_json = pydantic_core.to_jsonable_python(other)
         return bool(given_json == other_json or pydantic_core.to_json(given_json) == pydantic_core.to_json(other_json))
     except Exception:  # a value that cannot be turned into JSON is the same only if it is equal
         return False
+
+
+def _dumps(jsonable: Any) -> str:
+    return json.dumps(jsonable, ensure_ascii=False, separators=(",", ":"))
+
+
+@functools.cache
+def parse_depth() -> int:
+    """How many levels of nested arrays and objects pydantic's JSON parser reads (200 in pydantic
+    2.x): found by asking it, so that a pydantic with another limit is not silently wrong."""
+    low, high = 1, 4096  # it reads `low` levels; `high` is more than any parser allows
+    while high - low > 1:
+        middle = (low + high) // 2
+        # Not empty: the parser reads one more level if the innermost array is empty.
+        low, high = (middle, high) if _reads_back("[" * middle + "0" + "]" * middle) else (low, middle)
+    return low
+
+
+def _reads_back(text: str) -> bool:
+    try:
+        pydantic_core.from_json(text, cache_strings=False)  # (caching its strings costs a third more)
+    except ValueError:
+        return False
+    return True
+
+
+def _depth(jsonable: Any) -> int:
+    """How many levels of lists and dicts `jsonable` nests (0 for a scalar)."""
+    deepest, todo = 0, [(jsonable, 1)]
+    while todo:
+        value, depth = todo.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            todo.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def json_problem(jsonable: Any, level: int) -> tuple[str | None, str]:
+    """Why `jsonable` (from `to_jsonable_python`) cannot be stored in a checkpoint `level` include
+    steps deep and read back (None if it can), and its JSON text.
+
+    A checkpoint sits in the document as a value of `"nested"` of the level above (two levels per
+    include step); its inputs and outputs sit two levels inside it.
+    """
+    try:
+        text = _dumps(jsonable)
+    except ValueError:  # json.dumps cannot write an int longer than sys.get_int_max_str_digits()
+        return (
+            f"holds an int of more than {sys.get_int_max_str_digits()} digits, which cannot be written as JSON "
+            "(Python's limit on converting an int to text); store it as a str",
+            "",
+        )
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return (
+                f"holds text that is not valid Unicode ({exc.reason}: {exc.object[exc.start : exc.end]!r}); "
+                "it cannot be stored",
+                text,
+            )
+    room = parse_depth() - 2 - 2 * level
+    if text.count("[") + text.count("{") > room and (depth := _depth(jsonable)) > room:
+        return (
+            f"is nested {depth} levels deep; a checkpoint can hold values at most {room} levels deep there "
+            f"(pydantic's JSON parser reads {parse_depth()} levels, and the checkpoint's layout takes the others)",
+            text,
+        )
+    return None, text
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_adapter(annotation: Any) -> TypeAdapter[Any]:
+    return TypeAdapter(annotation)
+
+
+def _adapter(annotation: Any) -> TypeAdapter[Any]:
+    """The TypeAdapter of `annotation`: building one costs far more than validating with it."""
+    try:
+        return _cached_adapter(annotation)
+    except TypeError:  # unhashable (an Annotated with a list in it, say)
+        return TypeAdapter(annotation)
+
+
+def _input_level(plan: Plan, name: str) -> int:
+    """How many include steps deep input `name` of the flow of `plan` goes (each included flow
+    taking it holds it in its own, nested, checkpoint)."""
+    deepest = 0
+    for spec in plan.specs.values():
+        if spec.include is not None and any(item.param == name for item in spec.inputs):
+            deepest = max(deepest, 1 + _input_level(spec.include, name))
+    return deepest
+
+
+def input_refusal(plan: Plan, name: str, value: Any, stored: bool) -> str | None:
+    """Why input `name` of the flow of `plan` must not be `value` (None if it may): a resume would
+    not read it back the same, through the validation `load_checkpoint` applies. With `stored`
+    (the checkpoint will be written), through its JSON text too; without, a live value pydantic
+    validates in python mode is kept as it is, so it need not serialise.
+    """
+    annotation = input_type(plan, name)
+    read = value
+    if stored:
+        try:
+            jsonable = pydantic_core.to_jsonable_python(value)
+        except (pydantic_core.PydanticSerializationError, ValueError, TypeError) as exc:
+            return f"it ({type(value).__name__}) cannot be serialised to JSON: {exc}"
+        problem, text = json_problem(jsonable, _input_level(plan, name))
+        if problem is not None:
+            return f"it {problem}"
+        read = pydantic_core.from_json(text)
+    if annotation is Any:
+        return None
+    if isinstance(annotation, Unresolved):
+        if not stored:
+            return None
+        return (
+            f"its annotation {annotation.text!r} does not resolve ({annotation.error!r}), so a resume could not "
+            "read it back; define the type at module level"
+        )
+    expected = type_name(annotation)
+    try:
+        back = _adapter(annotation).validate_python(read)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        return f"it does not validate as {expected}: {errors[0]['msg'] if len(errors) == 1 else exc}"
+    except PydanticSchemaGenerationError:  # load_checkpoint keeps such a value as it is
+        return None
+    except Exception as exc:  # a user validator raising TypeError, say
+        return f"it cannot be validated as {expected}: {exc!r}"
+    if back is value or same_value(value, back):
+        return None
+    return (
+        f"a resume would read it back as {back!r} ({type(back).__name__}), not as the "
+        f"{type(value).__name__} given; pass a {expected}"
+    )

@@ -48,6 +48,7 @@ class StepEndings:
     records: dict[str, StepRecord]
     timeline: Timeline
     includes: Mapping[str, StepEndings]
+    path: tuple[str, ...]  # the include steps leading to this level
 
     def __init__(self) -> None:
         # Why this level is being abandoned, if it is; `halted` is their "or", checked per step.
@@ -108,14 +109,15 @@ class StepEndings:
 
     def drop_unstorable(self) -> bool:
         """A save failed with a `CheckpointError`: fail the steps whose output cannot be stored (it
-        cannot be serialised), here and in the included flows running, and leave their outputs out,
-        so that the run can still be saved (and ends stored as failed, resumable, not running for
-        ever). True if there was any (else the store raised it for another reason).
+        cannot be serialised, or is nested too deep to read back where it sits), here and in the
+        included flows running, and leave their outputs out, so that the run can still be saved
+        (and ends stored as failed, resumable, not running for ever). True if there was any (else
+        the store raised it for another reason).
 
         Only steps that completed in this attempt and are still being saved have a record here: an
         output resumed from a checkpoint has none, and one already saved could be stored."""
         dropped = False
-        for name, error in self.checkpoint().unstorable().items():
+        for name, error in self.checkpoint().unstorable(len(self.path)).items():
             record = self.records.get(name)
             if record is not None and record.status is StepStatus.COMPLETED:
                 del self.outputs[name]

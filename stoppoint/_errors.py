@@ -5,7 +5,7 @@ The tree::
     Exception
      +-- StoppointError                 every error stoppoint raises on purpose
           +-- FlowDefinitionError       a flow or step is declared wrongly (raised at decoration time)
-          +-- FlowInputError            run() got missing or unknown inputs (before any step starts)
+          +-- FlowInputError            run() got missing, unknown or invalid inputs (before any step starts)
           +-- StepFailed                a step raised; __cause__ is the step's exception
           +-- CheckpointError           a checkpoint cannot be read or used
           |    +-- CheckpointMismatch   a checkpoint of another flow, version or inputs
@@ -48,23 +48,46 @@ class FlowDefinitionError(StoppointError):
 
 
 class FlowInputError(StoppointError):
-    """`Flow.run()` was given missing or unknown inputs; raised before any step starts.
+    """`Flow.run()` was given missing, unknown or invalid inputs, or a run id no store can keep;
+    raised before any step starts or anything is stored.
+
+    An input is invalid when a resume could not read it back as given: it does not validate as the
+    annotation of the step parameter that takes it (pydantic, as `load_checkpoint` does), would be
+    read back as another value (`"5"` for an `int` is read back as `5`), or, with a store, cannot
+    be written as JSON that reads back.
 
     Attributes:
         flow: The flow's name.
         missing: Required inputs that were not given, in declaration order.
         unknown: Given names that are not inputs of the flow, sorted.
+        invalid: Given inputs a resume could not read back as given, each with why.
+        invalid_run_id: The run id, when it is what was refused (text UTF-8 cannot encode), else None.
     """
 
-    def __init__(self, flow: str, missing: tuple[str, ...], unknown: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        flow: str,
+        missing: tuple[str, ...] = (),
+        unknown: tuple[str, ...] = (),
+        invalid: dict[str, str] | None = None,
+        invalid_run_id: str | None = None,
+    ) -> None:
         self.flow = flow
         self.missing = missing
         self.unknown = unknown
+        self.invalid = dict(invalid or {})
+        self.invalid_run_id = invalid_run_id
         parts = []
+        if invalid_run_id is not None:
+            parts.append(
+                f"run id {invalid_run_id!r} holds a lone surrogate, which UTF-8 cannot encode (a str decoded with "
+                "surrogateescape, as os.fsdecode does?), so no checkpoint or store can keep it"
+            )
         if missing:
             parts.append("missing input(s) " + ", ".join(repr(n) for n in missing))
         if unknown:
             parts.append("unknown input(s) " + ", ".join(repr(n) for n in unknown))
+        parts.extend(f"input {name!r}: {why}" for name, why in self.invalid.items())
         super().__init__(f"flow {flow!r}: " + "; ".join(parts))
 
 

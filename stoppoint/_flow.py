@@ -407,7 +407,10 @@ class Flow:
         soon as the steps it waits for have completed. Before each step starts is a stopping point.
 
         Args:
-            inputs: Values for the flow's inputs, by name.
+            inputs: Values for the flow's inputs, by name, passed to the steps as given. Each must
+                validate as the annotation of the step parameter that takes it and read back the
+                same, as a resume reads it (with `store`, through the JSON the store keeps): see
+                `FlowInputError`.
             interrupts: The receiver to watch for interrupt signals (from `interrupt_channel()`, or
                 any anyio memory-object receive stream). A closed or ended stream means no more
                 interrupts. The run does not close it.
@@ -423,7 +426,10 @@ class Flow:
                 completed step, before any step that needs it starts, and when the run ends. With
                 `run_id`, a run the store holds unfinished is resumed, and one it holds completed
                 returns its stored `Completed` without running anything.
-            run_id: The run's id (default: the checkpoint's, else a new random hex id).
+            run_id: The run's id (default: the checkpoint's, else a new random hex id). Every
+                checkpoint and store carries it as UTF-8 text, so one with a lone surrogate (as
+                `os.fsdecode()` makes) raises `FlowInputError`, like an input no checkpoint could
+                carry, rather than a bare `UnicodeEncodeError` from the first save.
             grace: Seconds after the first interrupt after which the steps still in flight are
                 cancelled, as if a forced signal had come (not under `IgnoreInterruptions`).
             deadline: Seconds after the run begins at which it interrupts itself with a signal of
@@ -440,11 +446,14 @@ class Flow:
 
         Raises:
             FlowDefinitionError: The flow has no steps or a bad `result=`.
-            FlowInputError: Missing or unknown inputs (before any step starts).
+            FlowInputError: Missing, unknown or invalid inputs, or a `run_id` UTF-8 cannot encode
+                (before any step starts or anything is stored).
             StepFailed: A step raised; `__cause__` is its exception.
             CheckpointMismatch: `resume` (or the stored run) is of another flow or version, or
                 `inputs` differ from its inputs.
-            CheckpointError: A stored output cannot be serialised or read back.
+            CheckpointError: An output cannot be stored (it cannot be serialised, holds an int
+                too long for JSON or is nested too deep to read back): its step fails, naming it;
+                or a stored output cannot be read back.
             StoreError: The store cannot be read or written.
             TypeError: A bad `interrupts`, `strategy`, `resume`, `store` or `run_id`.
             ValueError: A bad `grace` or `deadline`.
@@ -498,7 +507,7 @@ class Flow:
 
         Raises:
             FlowDefinitionError: The flow has no steps or a bad `result=`.
-            FlowInputError: Missing or unknown inputs.
+            FlowInputError: As for `run()`.
             CheckpointMismatch, CheckpointError, StoreError: As for `run()`.
             TypeError: `task_group` is not an anyio task group, or a bad option as for `run()`.
             ValueError: A bad `grace` or `deadline`.

@@ -14,7 +14,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from pydantic import ValidationError
 
 from ._attempt import Attempt
-from ._checkpoint import Checkpoint, CheckpointFile, check_belongs, same_value, typed
+from ._checkpoint import Checkpoint, CheckpointFile, check_belongs, input_refusal, same_value, typed
 from ._control import Control
 from ._errors import CheckpointMismatch, FlowInputError, StoreError
 from ._events import EventCallback
@@ -53,6 +53,9 @@ async def open_run(plan: Plan, options: RunOptions) -> Attempt | Completed[Any]:
     """Check the options of one run of the flow of `plan` and set it up, not started; or, when
     the store holds that run completed, its stored outcome."""
     flow, store, run_id, resume = plan.flow, options.store, options.run_id, options.resume
+    _check_run_id(flow, run_id)  # before a store is asked for it
+    if isinstance(resume, Checkpoint):
+        _check_run_id(flow, resume.run_id)
     if store is not None and (isinstance(store, type) or not isinstance(store, Store)):
         raise TypeError(
             f"flow {flow!r}: store must implement the Store protocol (save, load, list_runs, delete), "
@@ -94,7 +97,7 @@ def _load(plan: Plan, text: str) -> Checkpoint:
 
 def prepare(plan: Plan, options: RunOptions) -> Attempt:
     """Check the options of one run of the flow of `plan` and set it up, not started."""
-    flow, strategy, interrupts = plan.flow, options.strategy, options.interrupts
+    flow, strategy, interrupts, stored = plan.flow, options.strategy, options.interrupts, options.store is not None
     inputs, resume, run_id, on_event = options.inputs, options.resume, options.run_id, options.on_event
     if not isinstance(strategy, Strategy) or type(strategy) is Strategy:
         raise TypeError(
@@ -119,12 +122,13 @@ def prepare(plan: Plan, options: RunOptions) -> Attempt:
         run_id = uuid.uuid4().hex
     elif not isinstance(run_id, str) or not run_id:
         raise TypeError(f"flow {flow!r}: run_id must be a non-empty str, got {run_id!r}")
+    _check_run_id(flow, run_id)
     if on_event is not None and not callable(on_event):
         raise TypeError(f"flow {flow!r}: on_event must be a callable taking an event, got {on_event!r}")
     grace = _seconds(flow, "grace", options.grace)
     deadline = _seconds(flow, "deadline", options.deadline)
     control = Control(flow, run_id, strategy, grace, options.store, Observers(on_event))
-    level = Run(plan, _check_inputs(plan, inputs), control, run_id, signals=control.signals, resume=resume)
+    level = Run(plan, _check_inputs(plan, inputs, stored), control, run_id, signals=control.signals, resume=resume)
     return Attempt(level, control, deadline)
 
 
@@ -153,7 +157,27 @@ def _seconds(flow: str, option: str, value: float | None) -> float | None:
     return float(value)
 
 
-def _check_inputs(plan: Plan, inputs: Mapping[str, Any] | None) -> dict[str, Any]:
+def _check_run_id(flow: str, run_id: object) -> None:
+    """A run id goes into every checkpoint and store: refuse one UTF-8 cannot encode (a lone surrogate)."""
+    if isinstance(run_id, str) and not run_id.isascii():
+        try:
+            run_id.encode("utf-8")
+        except UnicodeEncodeError:
+            raise FlowInputError(flow, invalid_run_id=run_id) from None
+
+
+def _invalid(plan: Plan, given: Mapping[str, Any], stored: bool) -> dict[str, str]:
+    """The given inputs of the flow that a resume could not read back as given, each with why."""
+    invalid = {}
+    for name, value in given.items():
+        if name in plan.all_inputs and (why := input_refusal(plan, name, value, stored)) is not None:
+            invalid[name] = why
+    return invalid
+
+
+def _check_inputs(plan: Plan, inputs: Mapping[str, Any] | None, stored: bool) -> dict[str, Any]:
+    """The inputs as a dict, checked: none missing or unknown, each one a resume can read back as
+    given (`stored`: through the JSON a store keeps). Once per run, never per step."""
     if inputs is None:
         given: dict[str, Any] = {}
     elif isinstance(inputs, Mapping):
@@ -164,6 +188,7 @@ def _check_inputs(plan: Plan, inputs: Mapping[str, Any] | None) -> dict[str, Any
         )
     missing = tuple(name for name in plan.required_inputs if name not in given)
     unknown = tuple(sorted(str(name) for name in given if name not in plan.all_inputs))
-    if missing or unknown:
-        raise FlowInputError(plan.flow, missing, unknown)
+    invalid = _invalid(plan, given, stored)
+    if missing or unknown or invalid:
+        raise FlowInputError(plan.flow, missing, unknown, invalid)
     return given
