@@ -13,7 +13,7 @@ import sys
 from typing import Any, Literal
 
 import pydantic_core
-from pydantic import BaseModel, ConfigDict, PydanticSchemaGenerationError, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, PrivateAttr, PydanticSchemaGenerationError, TypeAdapter, ValidationError
 
 from ._errors import CheckpointError, CheckpointMismatch
 from ._plan import Plan
@@ -56,6 +56,10 @@ class Checkpoint(BaseModel):
     outputs: dict[str, Any]
     nested: dict[str, Checkpoint] = {}
 
+    # The values of this run a save found shallow enough to read back (a runtime's checkpoints
+    # share their level's dict; see `_too_deep`); None for a checkpoint built otherwise.
+    _fit: dict[Any, Any] | None = PrivateAttr(default=None)
+
     def to_json(self) -> str:
         """The checkpoint as JSON text, for `Flow.load_checkpoint()` (in this or another process).
 
@@ -88,14 +92,36 @@ class Checkpoint(BaseModel):
                 ) from exc
         # The parser stops at a nesting depth for the whole document, so a value deep enough is
         # written but never read back. There are never more levels than brackets: counting them
-        # is cheap, and only a checkpoint with that many is parsed to be sure.
-        if text.count("[") + text.count("{") > parse_depth() and not _reads_back(text):
+        # is cheap, and only a checkpoint with that many is looked at closer.
+        if text.count("[") + text.count("{") > parse_depth() and self._too_deep(text):
             self._name_unstorable()
             raise CheckpointError(
                 f"checkpoint of flow {self.flow!r}, run {self.run_id!r}: its JSON is nested deeper than "
                 f"{parse_depth()} levels, which pydantic's JSON parser cannot read back"
             )
         return text
+
+    def _too_deep(self, text: str) -> bool:
+        """Whether `text`, this checkpoint's JSON, nests deeper than the parser reads. A checkpoint
+        the runtime built shares its run's `_fit`: each value is walked once, when a save first
+        holds it, not again at every save (parsing the whole text each time cost a save of 30 KB
+        two fifths more). Any other checkpoint is parsed."""
+        if self._fit is None:
+            return not _reads_back(text)
+        return self._holds_too_deep(0)
+
+    def _holds_too_deep(self, level: int) -> bool:
+        room = parse_depth() - 2 - 2 * level
+        fit = self._fit
+        values = [(("input", n), v) for n, v in self.inputs.items()] + list(self.outputs.items())
+        for key, value in values:
+            if fit is not None and key in fit and fit[key] is value:
+                continue
+            if _depth(pydantic_core.to_jsonable_python(value)) > room:
+                return True
+            if fit is not None:
+                fit[key] = value  # the value itself, not a copy: `is` above tells it is the same one
+        return any(checkpoint._holds_too_deep(level + 1) for checkpoint in self.nested.values())
 
     def _name_unstorable(self, level: int = 0) -> None:
         """Raise a CheckpointError naming the first input or output that cannot be stored: one

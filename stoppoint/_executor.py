@@ -55,6 +55,7 @@ class Run(StepEndings):
         "control",
         "decided",
         "entries",
+        "fit",
         "head",
         "includes",
         "inputs",
@@ -98,6 +99,8 @@ class Run(StepEndings):
         self.records = self.timeline.records
         self.completed = self.timeline.completed
         self.persist = control.store is not None  # save after each completed step
+        # Values a save found shallow enough to read back: not walked again (Checkpoint._too_deep).
+        self.fit: dict[Any, Any] | None = {} if self.persist else None
         self.includes: dict[str, Run] = {}  # include steps running: their inner runs
         if resume is None:
             self.waiting = dict(plan.counted)  # steps waiting for one step alone need no count
@@ -435,7 +438,7 @@ class Run(StepEndings):
         return error
 
     def checkpoint(self) -> Checkpoint:
-        return Checkpoint(
+        checkpoint = Checkpoint(
             flow=self.name,
             flow_version=self.plan.version,
             run_id=self.run_id,
@@ -443,3 +446,5 @@ class Run(StepEndings):
             outputs=dict(self.outputs),
             nested={**self.partial, **{name: inner.checkpoint() for name, inner in self.includes.items()}},
         )
+        checkpoint._fit = self.fit
+        return checkpoint

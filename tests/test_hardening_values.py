@@ -26,7 +26,7 @@ import pytest
 from pydantic import BaseModel
 
 import stoppoint as sp
-from stoppoint._checkpoint import parse_depth, same_value
+from stoppoint._checkpoint import CheckpointFile, parse_depth, same_value
 
 from .conftest import statuses
 
@@ -435,6 +435,44 @@ def test_to_json_names_an_int_too_long_for_json_text() -> None:
     checkpoint = sp.Checkpoint(flow="f", flow_version="1", run_id="r", inputs={"n": 10**4300}, outputs={})
     with pytest.raises(sp.CheckpointError, match=r"flow 'f', run 'r': input 'n' holds an int of more than 4300"):
         checkpoint.to_json()
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["top", "in an include"])
+def test_a_checkpoint_built_by_hand_is_refused_one_level_deeper_than_reads_back(nested: bool) -> None:
+    """A checkpoint no run built has no record of checked values: its whole text is parsed."""
+    room = TOP - 2 if nested else TOP
+
+    def checkpoint(depth: int) -> sp.Checkpoint:
+        inner = sp.Checkpoint(flow="f", flow_version="1", run_id="r", inputs={}, outputs={"s": nest(depth)})
+        if not nested:
+            return inner
+        return sp.Checkpoint(flow="f", flow_version="1", run_id="r", inputs={}, outputs={}, nested={"inc": inner})
+
+    text = checkpoint(room).to_json()
+    read = CheckpointFile.parse(text)
+    assert (read.nested["inc"] if nested else read).outputs["s"] == nest(room)
+    with pytest.raises(sp.CheckpointError, match=rf"flow 'f', run 'r': the output of step 's' is nested {room + 1}"):
+        checkpoint(room + 1).to_json()
+
+
+async def test_a_run_saved_many_times_checks_each_output_once_and_still_refuses_a_deep_one(store: sp.Store) -> None:
+    """A run's saves remember the outputs they found shallow enough (walking every output at every save cost a
+    save of 30 KB two fifths more): a deep-but-fitting output stays stored through later saves, and a too-deep
+    one arriving after it is still refused, naming its own step."""
+    flow = sp.Flow("long")
+    depths = [TOP, 3, TOP, TOP + 1]
+    for i, depth in enumerate(depths):
+
+        async def step(depth: int = depth) -> Any:
+            return nest(depth)
+
+        flow.step(step, name=f"s{i}")
+    with pytest.raises(sp.CheckpointError, match=rf"the output of step 's3' is nested {TOP + 1} levels deep"):
+        await flow.run(store=store, run_id="l")
+    stored = await store.load("long", "l")
+    assert stored is not None
+    assert stored.record.status is sp.RunStatus.FAILED
+    assert flow.load_checkpoint(stored.checkpoint_json).outputs == {f"s{i}": nest(d) for i, d in enumerate(depths[:3])}
 
 
 # -- same_value never raises ---------------------------------------------------------------------------
