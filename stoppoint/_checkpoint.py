@@ -60,6 +60,12 @@ class Checkpoint(BaseModel):
     # share their level's dict; see `_too_deep`); None for a checkpoint built otherwise.
     _fit: dict[Any, Any] | None = PrivateAttr(default=None)
 
+    def __eq__(self, other: object) -> bool:
+        # The fields alone: `_fit` is the run's cache, not part of what the checkpoint says.
+        if not isinstance(other, Checkpoint):
+            return NotImplemented
+        return type(self) is type(other) and self.__dict__ == other.__dict__
+
     def to_json(self) -> str:
         """The checkpoint as JSON text, for `Flow.load_checkpoint()` (in this or another process).
 
