@@ -34,6 +34,8 @@ from ._handle import FlowRun as FlowRun
 from ._interruptible import Interruptible as Interruptible
 from ._interruptible import interruptible as interruptible
 from ._memory import MemoryStore as MemoryStore
+from ._os_signals import OnSignals as OnSignals
+from ._os_signals import interrupt_on_signals as interrupt_on_signals
 from ._outcome import Completed as Completed
 from ._outcome import Interrupted as Interrupted
 from ._outcome import Progress as Progress
@@ -42,9 +44,7 @@ from ._outcome import StepReport as StepReport
 from ._outcome import StepStatus as StepStatus
 from ._signal import Interrupter as Interrupter
 from ._signal import InterruptSignal as InterruptSignal
-from ._signal import OnSignals as OnSignals
 from ._signal import interrupt_channel as interrupt_channel
-from ._signal import interrupt_on_signals as interrupt_on_signals
 from ._sqlite import SQLiteStore as SQLiteStore
 from ._store import LabelStore as LabelStore
 from ._store import RunRecord as RunRecord

@@ -33,8 +33,9 @@ import pydantic
 from ._display import Display, summary
 from ._errors import FlowDefinitionError, FlowInputError, StepFailed, StoppointError
 from ._flow import Flow, plan_of
+from ._os_signals import interrupt_on_signals
 from ._outcome import Completed, Interrupted, RunReport
-from ._signal import interrupt_channel, interrupt_on_signals
+from ._signal import interrupt_channel
 from ._sqlite import SQLiteStore
 from ._store import CLI_TARGET_LABEL, LabelStore, RunRecord, RunStatus, Store
 from ._strategy import AtCheckpoint, FinishCurrent, IgnoreInterruptions, PollNextN, Strategy

@@ -13,20 +13,19 @@ can poll for it, so a plain stream alone can promise neither "every run on a clo
 Plain anyio streams keep working: a run reads them with a watcher task.
 
 Signals may also come from other threads (`Interrupter.interrupt_threadsafe()`) and from the OS
-(`interrupt_on_signals()`): both hand the signal to the event loop's thread without blocking, and
-it is delivered there like any other.
+(`interrupt_on_signals()`, in `_os_signals`): both hand the signal to the event loop's thread
+without blocking, and it is delivered there like any other.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal as _os_signal
 import sys
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -36,7 +35,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
-__all__ = ["InterruptSignal", "Interrupter", "OnSignals", "interrupt_channel", "interrupt_on_signals"]
+__all__ = ["InterruptSignal", "Interrupter", "interrupt_channel"]
 
 Listener = Callable[["InterruptSignal"], None]
 
@@ -467,116 +466,3 @@ def interrupt_channel(max_buffer_size: int = 16) -> tuple[Interrupter, MemoryObj
     hub = _Hub(max_buffer_size)
     interrupter = Interrupter._for_hub(hub)
     return interrupter, hub.new_receiver()
-
-
-def interrupt_on_signals(
-    interrupter: Interrupter, signals: int | Iterable[int] = (_os_signal.SIGINT, _os_signal.SIGTERM)
-) -> OnSignals:
-    """Turn OS signals into interrupts while the block runs: Ctrl-C once stops, twice forces.
-
-    The first signal received (of any of `signals`) sends a graceful interrupt, every later one a
-    forced interrupt (`force=True`); `source` is the signal's name (`"SIGINT"`). The previous
-    handlers are put back when the block exits, even on error.
-
-    Use it in the main thread (only that thread may set signal handlers), inside the event loop:
-
-        async with sp.interrupt_on_signals(interrupter):
-            outcome = await flow.run(inputs, interrupts=receiver)
-
-    Args:
-        interrupter: Where the interrupts go.
-        signals: The OS signals to handle (default SIGINT and SIGTERM); one signal or several.
-
-    Returns:
-        An async context manager; its `received` counts the signals that arrived.
-
-    Raises:
-        TypeError: `interrupter` is not an `Interrupter`.
-        ValueError: The interrupter is closed; `signals` is empty, holds something that is not a
-            signal, or (on entering) a signal the OS lets nobody handle, such as SIGKILL.
-        RuntimeError: Entered outside the main thread, or while already active.
-    """
-    return OnSignals(interrupter, signals)
-
-
-class OnSignals:
-    """What `interrupt_on_signals()` returns: an async context manager holding the handlers."""
-
-    def __init__(
-        self,
-        interrupter: Interrupter,
-        signals: int | Iterable[int] = (_os_signal.SIGINT, _os_signal.SIGTERM),
-    ) -> None:
-        if not isinstance(interrupter, Interrupter):
-            raise TypeError(f"interrupt_on_signals() needs an Interrupter, got {type(interrupter).__name__}")
-        if interrupter._closed:
-            # Its signals would go nowhere, and Ctrl-C would be swallowed silently.
-            raise ValueError("interrupt_on_signals(): the interrupter is closed")
-        self._interrupter = interrupter
-        if isinstance(signals, int):
-            signals = (signals,)
-        try:
-            self._signals = tuple(_os_signal.Signals(s) for s in signals)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(
-                f"interrupt_on_signals(): signals must be signal numbers such as signal.SIGINT, got {signals!r}"
-            ) from exc
-        if not self._signals:
-            raise ValueError("interrupt_on_signals(): give at least one signal")
-        self._previous: dict[_os_signal.Signals, Any] = {}
-        self._received = 0
-
-    @property
-    def received(self) -> int:
-        """How many of the signals arrived while the block ran (the latest block, if reused)."""
-        return self._received
-
-    async def __aenter__(self) -> Self:
-        if threading.current_thread() is not threading.main_thread():
-            raise RuntimeError("interrupt_on_signals() must be entered in the main thread")
-        loop = _current_loop()
-        if loop is None:  # pragma: no cover - an async method always runs in a loop anyio knows
-            raise RuntimeError("interrupt_on_signals() must be entered inside an asyncio or trio event loop")
-        if self._previous:
-            raise RuntimeError("interrupt_on_signals() is already active; it cannot be entered twice")
-        self._received = 0  # a block used again starts graceful again
-        call_soon = loop.call_soon
-        interrupter = self._interrupter
-
-        def handler(signum: int, frame: object) -> None:
-            # Runs in the main thread between two bytecodes of whatever the loop was doing: only
-            # hand over to the loop (both call_soon variants are signal-safe) and count.
-            self._received += 1
-            force = self._received > 1
-            name = _os_signal.Signals(signum).name
-
-            def deliver() -> None:
-                reason = f"{name} received" + (" again: forcing" if force else "")
-                interrupter._deliver(InterruptSignal(reason=reason, force=force, source=name))
-
-            with contextlib.suppress(RuntimeError):
-                call_soon(deliver)
-
-        try:
-            for sig in self._signals:
-                previous = _os_signal.getsignal(sig)
-                try:
-                    _os_signal.signal(sig, handler)
-                except OSError as exc:  # SIGKILL, SIGSTOP: the OS lets nobody handle them
-                    raise ValueError(f"interrupt_on_signals(): {sig.name} cannot be handled: {exc}") from exc
-                self._previous[sig] = previous  # only what was installed is put back
-        except BaseException:
-            self._restore()
-            raise
-        return self
-
-    def _restore(self) -> None:
-        previous, self._previous = self._previous, {}
-        for sig, handler in previous.items():
-            # None means the handler was not installed from Python; the default is the best guess.
-            _os_signal.signal(sig, handler if handler is not None else _os_signal.SIG_DFL)
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._restore()
