@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal as _os_signal
 import threading
-from collections.abc import Iterable
-from types import TracebackType
+from collections.abc import Callable, Iterable
+from types import FrameType, TracebackType
 from typing import Any, Self
 
 from ._signal import Interrupter, InterruptSignal, _current_loop
@@ -15,7 +16,10 @@ __all__ = ["OnSignals", "interrupt_on_signals"]
 
 
 def interrupt_on_signals(
-    interrupter: Interrupter, signals: int | Iterable[int] = (_os_signal.SIGINT, _os_signal.SIGTERM)
+    interrupter: Interrupter,
+    signals: int | Iterable[int] = (_os_signal.SIGINT, _os_signal.SIGTERM),
+    *,
+    chain: bool = False,
 ) -> OnSignals:
     """Turn OS signals into interrupts while the block runs: Ctrl-C once stops, twice forces.
 
@@ -28,20 +32,30 @@ def interrupt_on_signals(
         async with sp.interrupt_on_signals(interrupter):
             outcome = await flow.run(inputs, interrupts=receiver)
 
+    By default the signals are the block's alone: the handlers installed before do not run while
+    it is active. Inside a program that handles the signals itself (a web server's lifespan: the
+    server's handler is how it learns to shut down), pass `chain=True`: each signal then also calls
+    the handler installed before, right after handing the interrupt to the loop. Only a handler an
+    application installed is chained: not `SIG_DFL` (for SIGTERM that would kill the process, and
+    the graceful stop with it), `SIG_IGN`, one set outside Python, nor the KeyboardInterrupt
+    handlers of Python (`signal.default_int_handler`), asyncio and trio, which would tear through
+    the run the block is there to stop gracefully.
+
     Args:
         interrupter: Where the interrupts go.
         signals: The OS signals to handle (default SIGINT and SIGTERM); one signal or several.
+        chain: Also call the handler installed before, for each signal (see above).
 
     Returns:
         An async context manager; its `received` counts the signals that arrived.
 
     Raises:
-        TypeError: `interrupter` is not an `Interrupter`.
+        TypeError: `interrupter` is not an `Interrupter`, or `chain` not a bool.
         ValueError: The interrupter is closed; `signals` is empty, holds something that is not a
             signal, or (on entering) a signal the OS lets nobody handle, such as SIGKILL.
         RuntimeError: Entered outside the main thread, or while already active.
     """
-    return OnSignals(interrupter, signals)
+    return OnSignals(interrupter, signals, chain=chain)
 
 
 class OnSignals:
@@ -51,9 +65,14 @@ class OnSignals:
         self,
         interrupter: Interrupter,
         signals: int | Iterable[int] = (_os_signal.SIGINT, _os_signal.SIGTERM),
+        *,
+        chain: bool = False,
     ) -> None:
         if not isinstance(interrupter, Interrupter):
             raise TypeError(f"interrupt_on_signals() needs an Interrupter, got {type(interrupter).__name__}")
+        if not isinstance(chain, bool):
+            raise TypeError(f"interrupt_on_signals(): chain must be a bool, got {chain!r}")
+        self._chain = chain
         if interrupter._closed:
             # Its signals would go nowhere, and Ctrl-C would be swallowed silently.
             raise ValueError("interrupt_on_signals(): the interrupter is closed")
@@ -69,6 +88,7 @@ class OnSignals:
         if not self._signals:
             raise ValueError("interrupt_on_signals(): give at least one signal")
         self._previous: dict[_os_signal.Signals, Any] = {}
+        self._chained: dict[int, Callable[[int, FrameType | None], object]] = {}
         self._received = 0
 
     @property
@@ -88,7 +108,7 @@ class OnSignals:
         call_soon = loop.call_soon
         interrupter = self._interrupter
 
-        def handler(signum: int, frame: object) -> None:
+        def handler(signum: int, frame: FrameType | None) -> None:
             # Runs in the main thread between two bytecodes of whatever the loop was doing: only
             # hand over to the loop (both call_soon variants are signal-safe) and count.
             self._received += 1
@@ -101,6 +121,9 @@ class OnSignals:
 
             with contextlib.suppress(RuntimeError):
                 call_soon(deliver)
+            chained = self._chained.get(signum)
+            if chained is not None:  # after the hand-over: the interrupt is on its way if this raises
+                chained(signum, frame)
 
         try:
             for sig in self._signals:
@@ -110,6 +133,9 @@ class OnSignals:
                 except OSError as exc:  # SIGKILL, SIGSTOP: the OS lets nobody handle them
                     raise ValueError(f"interrupt_on_signals(): {sig.name} cannot be handled: {exc}") from exc
                 self._previous[sig] = previous  # only what was installed is put back
+                chained = _chainable(previous) if self._chain else None
+                if chained is not None:
+                    self._chained[sig] = chained
         except BaseException:
             self._restore()
             raise
@@ -117,6 +143,7 @@ class OnSignals:
 
     def _restore(self) -> None:
         previous, self._previous = self._previous, {}
+        self._chained = {}
         for sig, handler in previous.items():
             # None means the handler was not installed from Python; the default is the best guess.
             _os_signal.signal(sig, handler if handler is not None else _os_signal.SIG_DFL)
@@ -125,3 +152,17 @@ class OnSignals:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._restore()
+
+
+def _chainable(handler: object) -> Callable[[int, FrameType | None], object] | None:
+    """`handler` if `chain=True` may call it: a Python callable an application installed."""
+    if not callable(handler) or handler is _os_signal.default_int_handler:
+        return None  # SIG_DFL, SIG_IGN (not callable), None (set outside Python), KeyboardInterrupt
+    # asyncio.run() and trio.run() put KeyboardInterrupt handlers of their own in Python's place
+    # (asyncio's is a functools.partial of a method of its Runner).
+    inner: Any = handler
+    while isinstance(inner, functools.partial):
+        inner = inner.func
+    if (getattr(inner, "__module__", None) or "").partition(".")[0] in ("asyncio", "trio"):
+        return None
+    return handler

@@ -1,0 +1,252 @@
+"""The `stoppoint` command's ending, and `interrupt_on_signals(chain=True)` (issue 13, items 5 and 6).
+
+Every test drives real processes with real signals. The order of things comes from the processes' own
+output (a line read on stdout says where they are) or from lines the test writes to their stdin; timeouts
+only guard against hangs, and every child is killed in a `finally`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import anyio
+import pytest
+
+import stoppoint as sp
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVER_CHILD = Path(__file__).resolve().parent / "server_child.py"
+HANG_GUARD = 60  # seconds; only reached when something hangs
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def write(directory: Path, name: str, source: str) -> Path:
+    path = directory / name
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+def stoppoint(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "stoppoint", *args],
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD,
+        check=False,
+        cwd=cwd,
+        env=ENV,
+    )
+
+
+class Proc:
+    """A child whose stdout lines are read by a thread into a queue, so every wait has a timeout."""
+
+    def __init__(self, args: list[str], *, cwd: Path, env: dict[str, str] = ENV) -> None:
+        self.proc = subprocess.Popen(
+            args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.seen: list[str] = []
+        self.err: list[str] = []
+        self.readers = [threading.Thread(target=self._stdout, daemon=True), threading.Thread(target=self._stderr)]
+        for reader in self.readers:
+            reader.start()
+
+    def _stdout(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def _stderr(self) -> None:
+        assert self.proc.stderr is not None
+        self.err.extend(self.proc.stderr)
+
+    def expect(self, pattern: str) -> str:
+        """Read lines until one matches `pattern`."""
+        deadline = time.monotonic() + HANG_GUARD
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail(f"no line matching {pattern!r} in time; seen {self.seen}; stderr {self.err}")
+            if line is None:
+                pytest.fail(f"the output ended without {pattern!r}; seen {self.seen}; stderr {self.err}")
+            self.seen.append(line)
+            if re.search(pattern, line):
+                return line
+
+    def send(self, sig: signal.Signals) -> None:
+        self.proc.send_signal(sig)
+
+    def finish(self) -> tuple[int, str, str]:
+        """Wait for the exit (closing stdin first); the exit code, all of stdout and stderr."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        code = self.proc.wait(timeout=HANG_GUARD)
+        for reader in self.readers:
+            reader.join(HANG_GUARD)
+        while (line := self.lines.get(timeout=HANG_GUARD)) is not None:
+            self.seen.append(line)
+        return code, "\n".join(self.seen), "".join(self.err)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=HANG_GUARD)
+        for reader in self.readers:
+            reader.join(HANG_GUARD)
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., Proc]]:
+    """Start children with `spawn(args, cwd=...)`; each is killed after the test if still running."""
+    started: list[Proc] = []
+
+    def start(args: list[str], **kwargs: Any) -> Proc:
+        started.append(Proc(args, **kwargs))
+        return started[-1]
+
+    yield start
+    for child in started:
+        child.close()
+
+
+def command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "stoppoint", *args]
+
+
+# -- 6: interrupt_on_signals(chain=True) ------------------------------------------------------------------
+
+
+def server(backend: str, chain: str, spawn: Callable[..., Proc]) -> Proc:
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    return spawn([sys.executable, "-W", "error", str(SERVER_CHILD), backend, chain], cwd=ROOT, env=env)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda sig: sig.name)
+def test_chain_lets_a_servers_own_handler_see_the_signal(
+    backend: str, sig: signal.Signals, spawn: Callable[..., Proc]
+) -> None:
+    child = server(backend, "chain", spawn)
+    child.expect("^READY$")
+    child.send(sig)
+    code, out, err = child.finish()
+    assert code == 0, err
+    result = json.loads(out.splitlines()[-1])
+    assert result == {
+        "outcome": "Interrupted",  # the stoppoint interrupt happened: graceful, from the signal
+        "source": sig.name,
+        "force": False,
+        "restored": True,
+        "server_handled": [sig.value],  # and the server's own handler ran: the server exited
+        "server_exited_by_its_handler": True,
+    }
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_without_chain_the_block_keeps_the_signal_to_itself(backend: str, spawn: Callable[..., Proc]) -> None:
+    child = server(backend, "nochain", spawn)
+    child.expect("^READY$")
+    child.send(signal.SIGTERM)
+    code, out, err = child.finish()
+    assert code == 0, err
+    result = json.loads(out.splitlines()[-1])
+    assert result["outcome"] == "Interrupted"
+    assert (result["server_handled"], result["server_exited_by_its_handler"]) == ([], False)
+
+
+@pytest.fixture
+def usr1() -> Iterator[list[tuple[int, FrameType | None]]]:
+    """A Python handler of SIGUSR1 that records its calls (the old handler is put back after the test)."""
+    calls: list[tuple[int, FrameType | None]] = []
+    old = signal.signal(signal.SIGUSR1, lambda signum, frame: calls.append((signum, frame)))
+    try:
+        yield calls
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+
+
+@pytest.mark.anyio
+async def test_chain_calls_the_previous_python_handler_after_each_interrupt(
+    anyio_backend: str, usr1: list[tuple[int, FrameType | None]]
+) -> None:
+    interrupter, receiver = sp.interrupt_channel()
+    with interrupter, receiver:
+        async with sp.interrupt_on_signals(interrupter, signals=signal.SIGUSR1, chain=True):
+            signal.raise_signal(signal.SIGUSR1)
+            assert [signum for signum, _ in usr1] == [signal.SIGUSR1]
+            with anyio.fail_after(HANG_GUARD):
+                first = await receiver.receive()
+            signal.raise_signal(signal.SIGUSR1)
+            with anyio.fail_after(HANG_GUARD):
+                second = await receiver.receive()
+        assert len(usr1) == 2
+        assert usr1[0][1] is not None  # called as a signal handler is: with the frame
+    assert (first.force, second.force) == (False, True)
+
+
+@pytest.mark.anyio
+async def test_chain_does_not_raise_keyboard_interrupt_for_pythons_default(anyio_backend: str) -> None:
+    old = signal.signal(signal.SIGUSR1, signal.default_int_handler)
+    interrupter, receiver = sp.interrupt_channel()
+    try:
+        with interrupter, receiver:
+            async with sp.interrupt_on_signals(interrupter, signals=signal.SIGUSR1, chain=True):
+                signal.raise_signal(signal.SIGUSR1)
+                with anyio.fail_after(HANG_GUARD):
+                    assert (await receiver.receive()).source == "SIGUSR1"
+    except KeyboardInterrupt:
+        pytest.fail("chain=True called default_int_handler: KeyboardInterrupt tore through the block")
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+
+
+def test_only_an_applications_handler_is_chained() -> None:
+    """Not SIG_DFL (SIGTERM's kills the process), SIG_IGN, None (set outside Python), nor the KeyboardInterrupt
+    handlers of Python, asyncio.run() and trio.run() (they would tear through the run being stopped)."""
+    from stoppoint._os_signals import _chainable
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        pass
+
+    assert _chainable(handler) is handler
+    for refused in (signal.SIG_DFL, signal.SIG_IGN, None, signal.default_int_handler):
+        assert _chainable(refused) is None
+
+    async def loops_own() -> object:
+        return signal.getsignal(signal.SIGINT)
+
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)  # what the loops replace with their own
+    try:
+        for backend in ("asyncio", "trio"):
+            installed = anyio.run(loops_own, backend=backend)
+            assert installed is not signal.default_int_handler, backend
+            assert _chainable(installed) is None, (backend, installed)
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+def test_chain_must_be_a_bool() -> None:
+    interrupter, receiver = sp.interrupt_channel()
+    with interrupter, receiver, pytest.raises(TypeError, match="chain must be a bool, got 'yes'"):
+        sp.interrupt_on_signals(interrupter, chain="yes")  # type: ignore[arg-type]
