@@ -9,18 +9,20 @@
 Runs are kept in an embedded SQLite file, `.stoppoint/runs.db` under the current directory unless
 `--store` says otherwise; next to each run the store keeps the target it was started from, so
 `resume RUN_ID` needs nothing else. Exit codes: 0 completed, 130 interrupted, 1 a step failed,
-2 a usage or definition error (the message names it).
+2 a usage or definition error (the message names it). What SIGINT and SIGTERM do is `_cli_signals`'s.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import importlib.util
 import json
 import math
 import re
 import shlex
+import signal
 import sys
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -30,11 +32,11 @@ from typing import Any, NoReturn
 import anyio
 import pydantic
 
+from ._cli_signals import CommandSignals, StartUpInterrupted
 from ._display import Display, summary
 from ._errors import FlowDefinitionError, FlowInputError, StepFailed, StoppointError
 from ._flow import Flow, plan_of
-from ._os_signals import interrupt_on_signals
-from ._outcome import Completed, Interrupted, RunReport
+from ._outcome import Interrupted, RunReport
 from ._signal import interrupt_channel
 from ._sqlite import SQLiteStore
 from ._store import CLI_TARGET_LABEL, LabelStore, RunRecord, RunStatus, Store
@@ -247,37 +249,37 @@ async def _run_flow(
     strategy: Strategy,
     grace: float | None,
     store_arg: str | None,
+    signals: CommandSignals,
 ) -> int:
     if not sys.stdout.isatty():
         print(f"run {run_id} of flow {flow.name}", flush=True)  # before the steps print anything
+    resume = _resume_command(run_id, store_arg)
     interrupter, receiver = interrupt_channel()
-    with interrupter, receiver:
-        async with interrupt_on_signals(interrupter), anyio.create_task_group() as tg:
+    with interrupter, receiver, signals.running(interrupter, resume=resume):
+        async with anyio.create_task_group() as tg:
             handle = await flow.start(
                 tg, inputs, interrupts=receiver, strategy=strategy, store=store, run_id=run_id, grace=grace
             )
+            signals.watch(handle)
             ignoring = isinstance(strategy, IgnoreInterruptions)
             async with Display(handle, sys.stdout, ignoring=ignoring) as display:
                 tg.start_soon(display.follow)
                 try:
-                    outcome: Completed[Any] | Interrupted | None = await handle.outcome()
+                    outcome = await handle.outcome()
                     failure: StepFailed | None = None
+                    code = EXIT_INTERRUPTED if isinstance(outcome, Interrupted) else EXIT_COMPLETED
                 except StepFailed as exc:
-                    outcome, failure = None, exc
+                    failure, code = exc, EXIT_FAILED
+                signals.ended(code)  # from here on the outcome decides the exit code, whatever arrives
             report = failure.report if failure is not None else handle.report
-    unfinished = failure is not None or isinstance(outcome, Interrupted)
     with contextlib.suppress(BrokenPipeError):  # the reader went away: the run is over all the same
-        print(summary(report, resume=_resume_command(run_id, store_arg) if unfinished else None))
+        print(summary(report, resume=resume if code != EXIT_COMPLETED else None))
         if failure is not None:
             print(f"step {failure.step!r} failed: {type(failure.__cause__).__name__}: {failure.__cause__}")
-    if failure is not None:
-        return EXIT_FAILED
-    if isinstance(outcome, Interrupted):
-        return EXIT_INTERRUPTED
-    return EXIT_COMPLETED
+    return code
 
 
-async def cmd_run(args: argparse.Namespace) -> int:
+async def cmd_run(args: argparse.Namespace, signals: CommandSignals) -> int:
     flow = load_target(args.target)
     inputs = parse_inputs(flow, args.input or [], args.inputs_json)
     strategy = parse_strategy(args.strategy)
@@ -288,7 +290,14 @@ async def cmd_run(args: argparse.Namespace) -> int:
             _fail(f"run {run_id!r} is already in the store; use `{_resume_command(run_id, args.store)}`")
         await store.set_labels(flow.name, run_id, {CLI_TARGET_LABEL: absolute_target(args.target)})
         return await _run_flow(
-            flow, store, run_id, inputs=inputs, strategy=strategy, grace=args.grace, store_arg=args.store
+            flow,
+            store,
+            run_id,
+            inputs=inputs,
+            strategy=strategy,
+            grace=args.grace,
+            store_arg=args.store,
+            signals=signals,
         )
 
 
@@ -297,7 +306,7 @@ def _check_grace(grace: float | None) -> None:
         _fail(f"--grace {grace}: expected a number of seconds >= 0")
 
 
-async def cmd_resume(args: argparse.Namespace) -> int:
+async def cmd_resume(args: argparse.Namespace, signals: CommandSignals) -> int:
     run_id = _check_run_id(args.run_id)
     strategy = parse_strategy(args.strategy)
     _check_grace(args.grace)
@@ -312,11 +321,11 @@ async def cmd_resume(args: argparse.Namespace) -> int:
         if flow.name != record.flow:
             _fail(f"run {run_id!r} is of flow {record.flow!r}, but {target} is now flow {flow.name!r}")
         return await _run_flow(
-            flow, store, run_id, inputs=None, strategy=strategy, grace=args.grace, store_arg=args.store
+            flow, store, run_id, inputs=None, strategy=strategy, grace=args.grace, store_arg=args.store, signals=signals
         )
 
 
-async def cmd_runs(args: argparse.Namespace) -> int:
+async def cmd_runs(args: argparse.Namespace, signals: CommandSignals) -> int:
     existing = _existing_store(args.store)
     records = []
     if existing is not None:
@@ -333,7 +342,7 @@ async def cmd_runs(args: argparse.Namespace) -> int:
     return EXIT_COMPLETED
 
 
-async def cmd_show(args: argparse.Namespace) -> int:
+async def cmd_show(args: argparse.Namespace, signals: CommandSignals) -> int:
     run_id = _check_run_id(args.run_id)
     async with _stored_run(args.store, run_id) as (store, record):
         stored = await store.load(record.flow, run_id)
@@ -367,7 +376,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stoppoint",
         description="Run flows that stop safely at their stopping points: Ctrl-C once stops at the next one, "
-        "twice forces.",
+        "twice forces, three times quits.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     store_help = f"the run store, an SQLite file (default: {DEFAULT_STORE})"
@@ -407,24 +416,43 @@ _COMMANDS = {"run": cmd_run, "resume": cmd_resume, "runs": cmd_runs, "show": cmd
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The `stoppoint` command (also `python -m stoppoint`); returns the exit code."""
-    args = _parser().parse_args(argv)
+    """The `stoppoint` command (also `python -m stoppoint`); returns the exit code. SIGINT and
+    SIGTERM are the command's while it runs; their handlers are put back when it returns."""
+    with CommandSignals() as signals:
+        return _main(argv, signals)
+
+
+def _main(argv: Sequence[str] | None, signals: CommandSignals) -> int:
+    command: str | None = None
     try:
-        return anyio.run(_COMMANDS[args.command], args)
+        args = _parser().parse_args(argv)
+        command = args.command
+        return anyio.run(_COMMANDS[args.command], args, signals)
     except BaseExceptionGroup as group:  # raised inside a task group: report the one error in it
         errors = group.exceptions
         while len(errors) == 1 and isinstance(errors[0], BaseExceptionGroup):
             errors = errors[0].exceptions
         if len(errors) == 1 and isinstance(errors[0], UsageError | StoppointError):
             return _error(errors[0])
+        if len(errors) == 1 and isinstance(errors[0], KeyboardInterrupt):
+            return _interrupted(errors[0], command)
         raise
     except (UsageError, StoppointError) as exc:
         return _error(exc)
-    except KeyboardInterrupt:  # a Ctrl-C outside a run (say, while the file was imported)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        return _interrupted(exc, command)
     except BrokenPipeError:  # the reader went away (`stoppoint runs | head`)
         sys.stderr.close()
         return EXIT_FAILED
+
+
+def _interrupted(exc: KeyboardInterrupt, command: str | None) -> int:
+    """Ctrl-C or SIGTERM before the run started (say, while the file was imported): one line."""
+    name = exc.signal_name if isinstance(exc, StartUpInterrupted) else "SIGINT"
+    before = " before the run started" if command in ("run", "resume") else ""
+    with contextlib.suppress(OSError):
+        print(f"stoppoint: interrupted ({name}){before}", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def _error(exc: BaseException) -> int:
@@ -439,5 +467,11 @@ def _error(exc: BaseException) -> int:
 
 
 def entry_point() -> NoReturn:
-    """The console script."""
-    sys.exit(main())
+    """The console script. Its handlers of SIGINT and SIGTERM stay to the end of the process, so
+    that a signal after the run has ended cannot change the exit code."""
+    signals = CommandSignals().install()
+    # Registered first, so run last: once the interpreter has joined its threads and run every
+    # other exit handler, a signal would meet Python's default handlers again; keep it pending.
+    if hasattr(signal, "pthread_sigmask"):
+        atexit.register(signal.pthread_sigmask, signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    sys.exit(_main(None, signals))

@@ -95,12 +95,14 @@ class Display:
     def _show(self, event: RunEvent) -> None:
         if isinstance(event, InterruptReceivedEvent):
             self._signals += 1
+            from_os = event.signal.source in ("SIGINT", "SIGTERM")  # the command's own signals
             if self._ignoring:
                 self._note(f"interrupt ignored ({event.signal.reason}): the strategy is ignore, the run goes on")
             elif event.signal.force:
-                self._note("forced: cancelling the steps in flight")
+                press = "; press Ctrl-C again to quit without waiting for them" if from_os else ""
+                self._note(f"forced: cancelling the steps in flight{press}")
             elif self._signals == 1:
-                press = "; press Ctrl-C again to force" if event.signal.source in ("SIGINT", "SIGTERM") else ""
+                press = "; press Ctrl-C again to force" if from_os else ""
                 self._note(f"stopping at the next stopping point ({event.signal.reason}){press}")
             return
         if self._live is not None:

@@ -11,7 +11,9 @@ import json
 import os
 import queue
 import re
+import select
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -132,6 +134,160 @@ def spawn() -> Iterator[Callable[..., Proc]]:
 
 def command(*args: str) -> list[str]:
     return [sys.executable, "-m", "stoppoint", *args]
+
+
+# -- 5.1: a signal after the run has ended does not change the exit code ---------------------------------
+
+# One step whose name is half a megabyte: the summary that lists it cannot fit in a pipe, so the command is
+# still printing it (blocked, since the test stops reading) when the signal lands.
+LONG_SUMMARY = """
+    import stoppoint as sp
+
+    fl = sp.Flow("long")
+
+    @fl.step(name="s" * 500_000)
+    async def step() -> int:
+        return 1
+"""
+
+
+def test_ctrl_c_while_the_summary_prints_after_the_run_completed_exits_0(tmp_path: Path) -> None:
+    write(tmp_path, "flows.py", LONG_SUMMARY)
+    proc = subprocess.Popen(
+        command("run", "flows.py:fl", "--run-id", "r1"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        env=ENV,
+    )
+    try:
+        assert proc.stdout is not None
+        fd = proc.stdout.fileno()
+        seen = b""
+        deadline = time.monotonic() + HANG_GUARD
+        # Raw reads, 4 KiB at a time: once "summary:" is here the command is inside the summary's print,
+        # and more than a pipe's worth of it is still to come, so it cannot have exited.
+        while b"\nsummary:\n" not in seen[-8192:]:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, f"no summary in time: {seen[-300:]!r}"
+            chunk = os.read(fd, 4096)
+            assert chunk, f"the output ended without a summary: {seen[-300:]!r}"
+            seen += chunk
+        assert b"flow.completed" in seen
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=HANG_GUARD)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=HANG_GUARD)
+    assert proc.returncode == 0, err.decode()  # was 130, or death by SIGINT
+    assert out.endswith(b"s" * 1000 + b"\n")  # the whole summary was printed
+    shown = json.loads(stoppoint("show", "r1", "--json", cwd=tmp_path).stdout)
+    assert shown["status"] == "completed"
+
+
+# -- 5.2: a signal during start-up ------------------------------------------------------------------------
+
+# A file whose import waits for a line on stdin, after saying so.
+SLOW_IMPORT = """
+    import sys
+    import stoppoint as sp
+
+    print("LOADING", flush=True)
+    sys.stdin.readline()
+
+    fl = sp.Flow("fl")
+
+    @fl.step
+    async def a() -> int:
+        return 1
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda sig: sig.name)
+def test_a_signal_while_the_target_is_imported_is_one_line_and_exit_130(
+    tmp_path: Path, spawn: Callable[..., Proc], sig: signal.Signals
+) -> None:
+    write(tmp_path, "flows.py", SLOW_IMPORT)
+    child = spawn(command("run", "flows.py:fl"), cwd=tmp_path)
+    child.expect("^LOADING$")
+    child.send(sig)
+    code, out, err = child.finish()
+    assert code == 130, (out, err)
+    assert err == f"stoppoint: interrupted ({sig.name}) before the run started\n"  # one line, no traceback
+    assert not (tmp_path / ".stoppoint").exists()  # nothing was stored
+
+
+# -- 5.3: a step that swallows its cancellation cannot hold the command ----------------------------------
+
+STUBBORN = """
+    from pathlib import Path
+    import anyio
+    import stoppoint as sp
+
+    fl = sp.Flow("stubborn")
+
+    @fl.step
+    async def first() -> int:
+        return 1
+
+    @fl.step
+    async def stubborn(first: int) -> int:
+        if Path(__file__).with_name("ok").exists():
+            return first + 1
+        print("STUBBORN", flush=True)
+        swallowed = False
+        while True:  # no stopping point, and a cancellation is caught and dropped: nothing stops it
+            try:
+                await anyio.sleep_forever()
+            except anyio.get_cancelled_exc_class():
+                if not swallowed:
+                    print("SWALLOWED", flush=True)
+                    swallowed = True
+"""
+
+# What the command says after each signal but the last, as it takes effect.
+AFTER = ["stopping at the next stopping point", "^SWALLOWED$"]
+
+
+@pytest.mark.parametrize(
+    "signals",
+    [
+        [signal.SIGINT, signal.SIGINT, signal.SIGINT],  # stop, force, quit
+        [signal.SIGTERM, signal.SIGTERM],  # a second SIGTERM quits
+        [signal.SIGINT, signal.SIGTERM],  # so does a SIGTERM after any earlier signal
+    ],
+    ids=["int-int-int", "term-term", "int-term"],
+)
+def test_the_last_signal_quits_past_a_step_that_swallows_cancellation(
+    tmp_path: Path, spawn: Callable[..., Proc], signals: list[signal.Signals]
+) -> None:
+    write(tmp_path, "flows.py", STUBBORN)
+    child = spawn(command("run", "flows.py:fl", "--run-id", "r1"), cwd=tmp_path)
+    child.expect("^STUBBORN$")
+    for i, sig in enumerate(signals):
+        child.send(sig)
+        if i < len(signals) - 1:
+            child.expect(AFTER[i])  # the signal took effect: now the next one
+    code, out, err = child.finish()
+    assert code == 130, (out, err)
+    assert f"stoppoint: {signals[-1].name} received again: quitting" in err, err
+    assert "step(s) that could not be stopped: stubborn;" in err, err
+    assert "to resume: stoppoint resume r1" in err, err
+    assert "Traceback" not in err, err
+
+    store = tmp_path / ".stoppoint" / "runs.db"
+    db = sqlite3.connect(store)
+    try:
+        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    finally:
+        db.close()
+    assert re.search(r"^r1\s+stubborn\s+running\s", stoppoint("runs", cwd=tmp_path).stdout, re.MULTILINE)
+    (tmp_path / "ok").touch()
+    resumed = stoppoint("resume", "r1", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed: first completed before, not run again" in resumed.stdout
 
 
 # -- 6: interrupt_on_signals(chain=True) ------------------------------------------------------------------
