@@ -206,9 +206,12 @@ def _check_run_id(run_id: str) -> str:
 
 
 def _resume_command(run_id: str, store_arg: str | None) -> str:
-    """The command to resume `run_id`, quoted for a shell."""
+    """The command to resume `run_id`, quoted for a shell; a store other than the default one is
+    named by its absolute path, so that the command works from any directory."""
     command = f"stoppoint resume {shlex.quote(run_id)}"
-    return command + (f" --store {shlex.quote(store_arg)}" if store_arg is not None else "")
+    if store_arg is None or (store := Path(store_arg).resolve()) == DEFAULT_STORE.resolve():
+        return command
+    return f"{command} --store {shlex.quote(str(store))}"
 
 
 async def _target_of(store: LabelStore, record: RunRecord) -> str | None:

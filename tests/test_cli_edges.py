@@ -295,7 +295,8 @@ def test_show_gives_a_resume_command_with_the_store(tmp_path: Path) -> None:
     write(tmp_path, "flows.py", FAILING_ONCE)
     assert stoppoint("run", "flows.py:fl", "--run-id", "r1", "--store", "other.db", cwd=tmp_path).returncode == 1
     shown = stoppoint("show", "r1", "--store", "other.db", cwd=tmp_path)
-    assert "to resume: stoppoint resume r1 --store other.db" in shown.stdout, shown.stdout
+    store = shlex.quote(str((tmp_path / "other.db").resolve()))  # absolute: it works from any directory
+    assert f"to resume: stoppoint resume r1 --store {store}" in shown.stdout, shown.stdout
 
 
 def test_the_resume_command_can_be_pasted_into_a_shell(tmp_path: Path) -> None:

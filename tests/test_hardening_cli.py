@@ -12,6 +12,7 @@ import os
 import queue
 import re
 import select
+import shlex
 import signal
 import sqlite3
 import subprocess
@@ -288,6 +289,42 @@ def test_the_last_signal_quits_past_a_step_that_swallows_cancellation(
     resumed = stoppoint("resume", "r1", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed: first completed before, not run again" in resumed.stdout
+
+
+# -- 5.5: the printed resume command works from any directory --------------------------------------------
+
+FAILING_ONCE = """
+    from pathlib import Path
+    import stoppoint as sp
+
+    fl = sp.Flow("fl")
+
+    @fl.step
+    async def a() -> int:
+        return 1
+
+    @fl.step
+    async def b(a: int) -> int:
+        if not Path(__file__).with_name("ok").exists():
+            raise ValueError("not yet")
+        return 2
+"""
+
+
+def test_the_printed_resume_command_works_from_another_directory(tmp_path: Path) -> None:
+    project, elsewhere = tmp_path / "my project", tmp_path / "elsewhere"
+    (project / "sub").mkdir(parents=True)
+    elsewhere.mkdir()
+    write(project, "flows.py", FAILING_ONCE)
+    done = stoppoint("run", "flows.py:fl", "--run-id", "r1", "--store", "sub/x.db", cwd=project)
+    assert done.returncode == 1, done.stderr
+    line = next(line for line in done.stdout.splitlines() if line.startswith("to resume: "))
+    words = shlex.split(line.removeprefix("to resume: "))
+    assert words == ["stoppoint", "resume", "r1", "--store", str((project / "sub" / "x.db").resolve())], line
+    (project / "ok").touch()
+    resumed = stoppoint(*words[1:], cwd=elsewhere)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed: a completed before, not run again" in resumed.stdout
 
 
 # -- 6: interrupt_on_signals(chain=True) ------------------------------------------------------------------
