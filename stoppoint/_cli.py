@@ -33,7 +33,7 @@ import anyio
 import pydantic
 
 from ._cli_signals import CommandSignals, StartUpInterrupted
-from ._display import Display, summary
+from ._display import Display, printable, summary
 from ._errors import FlowDefinitionError, FlowInputError, StepFailed, StoppointError
 from ._flow import Flow, plan_of
 from ._outcome import Interrupted, RunReport
@@ -254,8 +254,8 @@ async def _run_flow(
     store_arg: str | None,
     signals: CommandSignals,
 ) -> int:
-    if not sys.stdout.isatty():
-        print(f"run {run_id} of flow {flow.name}", flush=True)  # before the steps print anything
+    if not sys.stdout.isatty():  # before the steps print anything
+        print(f"run {printable(run_id)} of flow {printable(flow.name)}", flush=True)
     resume = _resume_command(run_id, store_arg)
     interrupter, receiver = interrupt_channel()
     with interrupter, receiver, signals.running(interrupter, resume=resume):
@@ -337,11 +337,13 @@ async def cmd_runs(args: argparse.Namespace, signals: CommandSignals) -> int:
     if not records:
         print("no runs" + (f" of flow {args.flow!r}" if args.flow else ""))
         return EXIT_COMPLETED
-    width = max(len("RUN ID"), *(len(record.run_id) for record in records))
+    # A newline or a tab in a run id would break the columns: shown escaped.
+    run_ids = [printable(record.run_id) for record in records]
+    width = max(len("RUN ID"), *(len(run_id) for run_id in run_ids))
     print(f"{'RUN ID':<{width}}  {'FLOW':<16} {'STATUS':<12} UPDATED")
-    for record in records:
+    for run_id, record in zip(run_ids, records, strict=True):
         updated = record.updated_at.astimezone().strftime("%Y-%m-%d %H:%M:%S")
-        print(f"{record.run_id:<{width}}  {record.flow:<16} {record.status.value:<12} {updated}")
+        print(f"{run_id:<{width}}  {printable(record.flow):<16} {record.status.value:<12} {updated}")
     return EXIT_COMPLETED
 
 
@@ -367,7 +369,7 @@ async def cmd_show(args: argparse.Namespace, signals: CommandSignals) -> int:
         )
         return EXIT_COMPLETED
     resumable = record.status is not RunStatus.COMPLETED and target is not None
-    print(f"run {record.run_id} of flow {record.flow}: {record.status.value}")
+    print(f"run {printable(record.run_id)} of flow {printable(record.flow)}: {record.status.value}")
     print(summary(report, resume=_resume_command(record.run_id, args.store) if resumable else None))
     return EXIT_COMPLETED
 

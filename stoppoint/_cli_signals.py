@@ -25,6 +25,7 @@ from enum import Enum
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, Self
 
+from ._display import printable
 from ._outcome import StepStatus
 from ._signal import Interrupter, InterruptSignal, _current_loop
 
@@ -132,7 +133,7 @@ class CommandSignals:
         message = f"stoppoint: {name} received again: quitting"
         steps = self._running_steps()
         if steps:
-            message += f"; step(s) that could not be stopped: {', '.join(steps)}"
+            message += f"; step(s) that could not be stopped: {', '.join(map(printable, steps))}"
         if self._phase is _Phase.RUNNING and self._resume is not None:
             message += f"; the store keeps the run as of its last save; to resume: {self._resume}"
         with contextlib.suppress(OSError):

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from ._handle import FlowRun
 
-__all__ = ["Display", "summary"]
+__all__ = ["Display", "printable", "summary"]
 
 REFRESH_SECONDS = 0.2  # how often the live table reads the run's report (for ctx.progress)
 
@@ -39,6 +39,12 @@ _STYLES = {
     StepStatus.FAILED: "bold red",
     StepStatus.NOT_STARTED: "dim",
 }
+
+
+def printable(text: str) -> str:
+    """`text` as is, or quoted with its newlines and other control characters escaped (`repr`), so
+    that a run id cannot break a line or a column of the output."""
+    return text if text.isprintable() else repr(text)
 
 
 def _progress(step: StepReport) -> str:
@@ -139,7 +145,9 @@ class Display:
     def _table(self, report: RunReport) -> Table:
         from rich.table import Table
 
-        table = Table(title=f"{self._flow} - run {self._run_id}", title_justify="left")
+        # Text, not markup: a run id may hold "[...]" too.
+        title = Text(f"{printable(self._flow)} - run {printable(self._run_id)}")
+        table = Table(title=title, title_justify="left")
         table.add_column("step")
         table.add_column("status")
         table.add_column("progress")

@@ -7,6 +7,7 @@ only guard against hangs, and every child is killed in a `finally`.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import queue
@@ -29,6 +30,7 @@ import anyio
 import pytest
 
 import stoppoint as sp
+from stoppoint._display import Display
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -325,6 +327,55 @@ def test_the_printed_resume_command_works_from_another_directory(tmp_path: Path)
     resumed = stoppoint(*words[1:], cwd=elsewhere)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed: a completed before, not run again" in resumed.stdout
+
+
+# -- 5.6: control characters in a run id -----------------------------------------------------------------
+
+ODD_ID = "odd\nid\twith [/b] in it"
+
+
+def test_a_run_id_with_control_characters_keeps_runs_and_show_in_line(tmp_path: Path) -> None:
+    write(tmp_path, "flows.py", FAILING_ONCE)
+    done = stoppoint("run", "flows.py:fl", "--run-id", ODD_ID, cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert done.stdout.splitlines()[0] == f"run {ODD_ID!r} of flow fl"
+    assert stoppoint("run", "flows.py:fl", "--run-id", "plain", cwd=tmp_path).returncode == 1
+
+    listed = stoppoint("runs", cwd=tmp_path).stdout.splitlines()
+    assert len(listed) == 3, listed  # the header and one line per run
+    header, rows = listed[0], listed[1:]
+    assert {row.split("  ")[0].rstrip() for row in rows} == {repr(ODD_ID), "plain"}, listed
+    for row in rows:
+        assert row.index(" fl ") + 1 == header.index("FLOW"), listed  # the columns line up
+
+    shown = stoppoint("show", ODD_ID, cwd=tmp_path).stdout.splitlines()
+    assert shown[0] == f"run {ODD_ID!r} of flow fl: failed", shown
+    assert json.loads(stoppoint("show", ODD_ID, "--json", cwd=tmp_path).stdout)["run_id"] == ODD_ID
+
+
+class _Terminal(io.StringIO):
+    """A text stream that says it is a terminal (the display then draws its live table)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.anyio
+async def test_the_live_table_shows_a_run_id_with_markup_and_a_newline_on_one_line(anyio_backend: str) -> None:
+    flow = sp.Flow("shown")
+
+    @flow.step
+    async def work() -> int:
+        return 1
+
+    out = _Terminal()
+    async with anyio.create_task_group() as tg:
+        handle = await flow.start(tg, run_id=ODD_ID)
+        async with Display(handle, out) as display:
+            tg.start_soon(display.follow)
+            await handle.outcome()  # "[/b]" was read as rich markup: MarkupError
+    text = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", out.getvalue())
+    assert f"shown - run {ODD_ID!r}" in text, text
 
 
 # -- 6: interrupt_on_signals(chain=True) ------------------------------------------------------------------
