@@ -32,6 +32,7 @@ from typing import Any, NoReturn
 import anyio
 import pydantic
 
+from ._cli_claim import NewRun, RunIdTaken
 from ._cli_signals import CommandSignals, StartUpInterrupted
 from ._display import Display, printable, summary
 from ._errors import FlowDefinitionError, FlowInputError, StepFailed, StoppointError
@@ -291,10 +292,12 @@ async def cmd_run(args: argparse.Namespace, signals: CommandSignals) -> int:
     async with _store(args.store) as store:
         if await _find(store, run_id) is not None:
             _fail(f"run {run_id!r} is already in the store; use `{_resume_command(run_id, args.store)}`")
-        await store.set_labels(flow.name, run_id, {CLI_TARGET_LABEL: absolute_target(args.target)})
+        # The run's first save claims the id (with the target label): of commands racing past the
+        # check above with one id, only one runs.
+        new_run = NewRun(store, {CLI_TARGET_LABEL: absolute_target(args.target)})
         return await _run_flow(
             flow,
-            store,
+            new_run,
             run_id,
             inputs=inputs,
             strategy=strategy,
@@ -464,7 +467,7 @@ def _error(exc: BaseException) -> int:
     """Usage and definition errors, bad inputs, stores that cannot be used: exit code 2."""
     shown = (
         str(exc)
-        if isinstance(exc, UsageError | FlowDefinitionError | FlowInputError)
+        if isinstance(exc, UsageError | FlowDefinitionError | FlowInputError | RunIdTaken)
         else f"{type(exc).__name__}: {exc}"
     )
     print(f"stoppoint: error: {shown}", file=sys.stderr)

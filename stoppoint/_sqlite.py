@@ -160,6 +160,19 @@ class SQLiteStore:
             return {}
         return await self._call(self._labels, flow, run_id)
 
+    # -- claiming a run id (the `stoppoint` command's) ---------------------------------------------
+
+    async def _claim(self, checkpoint: Checkpoint, report: RunReport, labels: Mapping[str, str]) -> bool:
+        """Save a new run for the first time, with `labels`, only if no run of its id is stored (of any flow).
+
+        One IMMEDIATE transaction checks and inserts, so of several processes claiming one id exactly
+        one gets True; the others get False and write nothing. Private: for `stoppoint run --run-id`
+        until stores have leases (issue 14).
+        """
+        row = to_row(checkpoint, report)
+        checked = checked_labels(row.flow, row.run_id, labels)
+        return await self._call(self._claim_row, row, checked)
+
     # -- opening and closing -----------------------------------------------------------------------
 
     async def __aenter__(self) -> SQLiteStore:
@@ -230,6 +243,23 @@ class SQLiteStore:
                 connection.execute(f"INSERT INTO runs ({ROW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
 
         write(connection, statements)
+
+    def _claim_row(self, connection: sqlite3.Connection, row: Row, labels: dict[str, str]) -> bool:
+        claimed = False
+
+        def statements() -> None:
+            nonlocal claimed
+            if connection.execute("SELECT 1 FROM runs WHERE run_id = ? LIMIT 1", (row.run_id,)).fetchone():
+                return
+            connection.execute(f"INSERT INTO runs ({ROW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+            connection.executemany(
+                "INSERT OR REPLACE INTO labels (flow, run_id, key, value) VALUES (?, ?, ?, ?)",
+                [(row.flow, row.run_id, key, value) for key, value in labels.items()],
+            )
+            claimed = True
+
+        write(connection, statements)
+        return claimed
 
     def _load(self, connection: sqlite3.Connection, flow: str, run_id: str) -> StoredRun | None:
         found = connection.execute(

@@ -293,6 +293,58 @@ def test_the_last_signal_quits_past_a_step_that_swallows_cancellation(
     assert "resumed: first completed before, not run again" in resumed.stdout
 
 
+# -- 5.4: one run id, several commands at once ---------------------------------------------------------
+
+# The import waits for a line on stdin (the test's barrier), then the flow's one step logs who ran it.
+RACED = """
+    import os
+    import sys
+    from pathlib import Path
+    import stoppoint as sp
+
+    print("LOADED", flush=True)
+    sys.stdin.readline()
+
+    fl = sp.Flow("raced")
+
+    @fl.step
+    async def work() -> int:
+        with open(Path(__file__).with_name("ran.log"), "a") as log:
+            log.write(f"{os.getpid()}\\n")
+        return 1
+"""
+
+
+def test_one_run_id_run_by_four_commands_at_once_runs_once(tmp_path: Path, spawn: Callable[..., Proc]) -> None:
+    write(tmp_path, "flows.py", RACED)
+    store = tmp_path / "runs.db"
+
+    async def make_store() -> None:  # made beforehand: the race under test is the run id's, not the file's
+        async with sp.SQLiteStore(store):
+            pass
+
+    anyio.run(make_store)
+    children = [
+        spawn(command("run", "flows.py:fl", "--run-id", "same", "--store", str(store)), cwd=tmp_path) for _ in range(4)
+    ]
+    for child in children:
+        child.expect("^LOADED$")
+    for child in children:  # all four are past start-up: let them go at once
+        assert child.proc.stdin is not None
+        child.proc.stdin.write("go\n")
+        child.proc.stdin.flush()
+    ended = [child.finish() for child in children]
+
+    assert sorted(code for code, _, _ in ended) == [0, 2, 2, 2], ended
+    assert len((tmp_path / "ran.log").read_text().splitlines()) == 1  # exactly one command ran the step
+    for code, _, err in ended:
+        if code == 2:
+            assert "stoppoint: error: run 'same' is already in the store" in err, err
+            assert "Traceback" not in err, err
+    listed = stoppoint("runs", "--store", str(store), cwd=tmp_path).stdout
+    assert re.search(r"^same\s+raced\s+completed\s", listed, re.MULTILINE), listed
+
+
 # -- 5.5: the printed resume command works from any directory --------------------------------------------
 
 FAILING_ONCE = """
