@@ -88,6 +88,31 @@ def _parameters(
     return context_param, dependencies, inputs
 
 
+def _check_new_name(where: str, step_name: str, specs: Mapping[str, StepSpec], input_users: Mapping[str, str]) -> None:
+    """Refuse a step name that is taken: by a step, the step context, or an earlier step's input."""
+    if step_name in specs:
+        raise FlowDefinitionError(f"{where}: duplicate step name {step_name!r}")
+    if step_name == _CONTEXT_NAME:
+        raise FlowDefinitionError(f"{where}: {_CONTEXT_NAME!r} is reserved for the step context")
+    if step_name in input_users:
+        raise FlowDefinitionError(
+            f"{where}: the name {step_name!r} is already an input of earlier step "
+            f"{input_users[step_name]!r}; rename the step or that parameter"
+        )
+
+
+def _after_names(where: str, after: str | Iterable[str], specs: Mapping[str, StepSpec]) -> tuple[str, ...]:
+    """`after=` as a tuple of earlier steps' names, each once."""
+    after_names = (after,) if isinstance(after, str) else tuple(after)
+    for other in after_names:
+        if not isinstance(other, str):
+            raise FlowDefinitionError(f"{where}: after= must hold step names, got {other!r}")
+        if other not in specs:
+            known = ", ".join(specs) or "none yet"
+            raise FlowDefinitionError(f"{where}: after={other!r} is not an earlier step (declared so far: {known})")
+    return tuple(dict.fromkeys(after_names))
+
+
 class Flow:
     """A named set of async steps; each step's parameters say what it needs.
 
@@ -239,8 +264,8 @@ class Flow:
             kind = "an async generator" if inspect.isasyncgenfunction(fn) else "not an `async def` function"
             raise FlowDefinitionError(f"{where}: {kind}; a step must be declared with `async def`")
         step_name: str = label
-        self._check_new_name(where, step_name)
-        after_names = self._check_after(where, after)
+        _check_new_name(where, step_name, self._specs, self._input_users)
+        after_names = _after_names(where, after, self._specs)
 
         context_param, dependencies, inputs = _parameters(where, fn, step_name, self._specs)
         self._register(step_name, fn, None, context_param, dependencies, after_names, inputs)
@@ -282,8 +307,8 @@ class Flow:
             raise FlowDefinitionError(
                 f"{where}: the flow has already run or been included; declare every step before that"
             )
-        self._check_new_name(where, step_name)
-        after_names = self._check_after(where, after)
+        _check_new_name(where, step_name, self._specs, self._input_users)
+        after_names = _after_names(where, after, self._specs)
         dependencies: list[str] = []
         inputs: list[Input] = []
         for input_name in other._input_users:
@@ -301,27 +326,6 @@ class Flow:
         except FlowDefinitionError as exc:
             raise FlowDefinitionError(f"{where}: cannot include flow {other._name!r}: {exc}") from exc
         self._register(step_name, None, plan, None, dependencies, after_names, inputs)
-
-    def _check_new_name(self, where: str, step_name: str) -> None:
-        if step_name in self._specs:
-            raise FlowDefinitionError(f"{where}: duplicate step name {step_name!r}")
-        if step_name == _CONTEXT_NAME:
-            raise FlowDefinitionError(f"{where}: {_CONTEXT_NAME!r} is reserved for the step context")
-        if step_name in self._input_users:
-            raise FlowDefinitionError(
-                f"{where}: the name {step_name!r} is already an input of earlier step "
-                f"{self._input_users[step_name]!r}; rename the step or that parameter"
-            )
-
-    def _check_after(self, where: str, after: str | Iterable[str]) -> tuple[str, ...]:
-        after_names = (after,) if isinstance(after, str) else tuple(after)
-        for other in after_names:
-            if not isinstance(other, str):
-                raise FlowDefinitionError(f"{where}: after= must hold step names, got {other!r}")
-            if other not in self._specs:
-                known = ", ".join(self._specs) or "none yet"
-                raise FlowDefinitionError(f"{where}: after={other!r} is not an earlier step (declared so far: {known})")
-        return tuple(dict.fromkeys(after_names))
 
     def _register(
         self,
