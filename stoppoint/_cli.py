@@ -125,6 +125,8 @@ def parse_inputs(flow: Flow, pairs: Sequence[str], inputs_json: str | None) -> d
             _fail(f"--inputs-json {inputs_json!r}: not UTF-8 text: {exc}")
         except json.JSONDecodeError as exc:
             _fail(f"--inputs-json {inputs_json!r}: not JSON: {exc}")
+        except RecursionError:  # json's parser recurses once per level
+            _fail(f"--inputs-json {inputs_json!r}: nested too deep to read as JSON")
         if not isinstance(loaded, dict):
             _fail(f"--inputs-json {inputs_json!r}: expected a JSON object of inputs, got {type(loaded).__name__}")
         for key, value in loaded.items():
@@ -157,7 +159,13 @@ def _validated(flow: Flow, annotations: dict[str, Any], key: str, value: Any, *,
         return adapter.validate_strings(value)
     except pydantic.ValidationError as exc:
         problem = exc.errors()[0]["msg"] if exc.errors() else str(exc)
-        _fail(f"{where}: {value!r} is not a valid {type_name(annotation)}: {problem}")
+        _fail(f"{where}: {_shown(value)} is not a valid {type_name(annotation)}: {problem}")
+
+
+def _shown(value: Any) -> str:
+    """`value` for an error message, cut short: it may be a whole file's JSON."""
+    text = repr(value)
+    return text if len(text) <= 200 else f"{text[:150]}... ({len(text):,} characters)"
 
 
 def parse_strategy(text: str) -> Strategy:

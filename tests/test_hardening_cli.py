@@ -546,3 +546,30 @@ def test_chain_must_be_a_bool() -> None:
     interrupter, receiver = sp.interrupt_channel()
     with interrupter, receiver, pytest.raises(TypeError, match="chain must be a bool, got 'yes'"):
         sp.interrupt_on_signals(interrupter, chain="yes")  # type: ignore[arg-type]
+
+
+ANY_INPUT = """
+    import stoppoint as sp
+
+    fl = sp.Flow("fl")
+
+    @fl.step
+    async def a(x: object = None, n: list[int] | None = None) -> int:
+        return 1
+"""
+
+
+def test_inputs_nested_too_deep_are_a_usage_error_that_does_not_echo_them(tmp_path: Path) -> None:
+    """Python's JSON parser raised RecursionError (a traceback, exit 1) on an --inputs-json file nested
+    20,000 deep; pydantic's refusal of a deep --input echoed the whole value."""
+    write(tmp_path, "flows.py", ANY_INPUT)
+    (tmp_path / "deep.json").write_text('{"x": ' + "[" * 20_000 + "]" * 20_000 + "}")
+    from_file = stoppoint("run", "flows.py:fl", "--inputs-json", "deep.json", cwd=tmp_path)
+    assert from_file.returncode == 2, from_file.stderr
+    assert from_file.stderr == "stoppoint: error: --inputs-json 'deep.json': nested too deep to read as JSON\n"
+
+    from_text = stoppoint("run", "flows.py:fl", "--input", "n=" + "[" * 20_000 + "]" * 20_000, cwd=tmp_path)
+    assert from_text.returncode == 2, from_text.stderr
+    assert "input 'n' of flow 'fl': '[[[" in from_text.stderr
+    assert "... (40,002 characters) is not a valid list[int] | None: Invalid JSON: recursion limit" in from_text.stderr
+    assert len(from_text.stderr) < 400
