@@ -256,6 +256,10 @@ class Control:
             try:
                 await self._save()
             except asyncio.CancelledError:  # native: nothing else reaches into the shield
+                # The run is being cancelled, but its other tasks do not know it yet (a native
+                # cancel reaches the task group only once it is raised on): no step may start
+                # while the save is made again.
+                self.close()
                 await _to_the_end(self._save())
                 raise
 

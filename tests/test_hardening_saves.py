@@ -4,6 +4,7 @@
 - A cancelled caller (a native asyncio `Task.cancel()`, or an anyio cancel scope) never cuts a save off:
   the store always ends up holding how the run ended, and no committed step is lost; a cancelled
   `SQLiteStore.save()` leaves no write going on in its worker thread.
+- Once a native cancel of the caller has cut a save off, no step starts while the save is made again.
 - A forced stop cannot take a step out of a worker thread: it waits for the thread unless the step
   uses `abandon_on_cancel=True` (documented in the README, not changed).
 
@@ -340,6 +341,67 @@ async def test_a_native_cancel_delivered_twice_still_saves_how_the_run_ended(any
     record, report, _ = await stored_run(store, "ab", "r")
     assert (record.status, record.finished_at is not None) == (sp.RunStatus.INTERRUPTED, True)
     assert report.steps["a"].status is sp.StepStatus.CANCELLED
+
+
+# -- 2b. no step starts once a native cancel of the caller has reached the run --------------------------
+# A native `Task.cancel()` reaches only the caller's task: the task group it is in learns of it only once it
+# is raised out to it. Until then the run's other tasks go on, and must start no step (steps already started
+# may finish, and are committed).
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_no_step_starts_while_a_save_cut_off_by_a_native_cancel_is_made_again(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller is cancelled as `a` returns: `a`'s commit, waiting for `b`'s, is cut off and made again
+    in a task of its own. Meanwhile `b`'s commit ends in `b`'s task, which knows nothing of the
+    cancellation: `c`, which needs `b`, must not start. (Before the fix it did, while the save was made
+    again.)"""
+    import asyncio
+
+    from stoppoint import _control
+
+    calls: list[str] = []
+    store = WatchedStore(lambda checkpoint, report: set(checkpoint.outputs) == {"b"})
+    remaking = anyio.Event()
+    to_the_end = _control._to_the_end
+
+    async def observed(work: Any) -> None:
+        remaking.set()
+        await to_the_end(work)
+
+    monkeypatch.setattr(_control, "_to_the_end", observed)
+    caller: list[asyncio.Task[Any]] = []
+    flow = sp.Flow("abc")
+
+    @flow.step
+    async def a() -> int:
+        await store.held.wait()  # b's commit holds the store
+        calls.append("a")
+        caller[0].cancel()
+        return 1
+
+    @flow.step
+    async def b() -> int:
+        calls.append("b")
+        return 2
+
+    @flow.step
+    async def c(b: int) -> int:
+        calls.append("c")
+        return 3
+
+    with anyio.fail_after(10):
+        caller.append(asyncio.ensure_future(flow.run(store=store, run_id="r")))
+        await remaking.wait()  # a's commit, cut off, is being made again
+        store.release.set()  # b's commit ends: b's task goes on from there
+        with pytest.raises(asyncio.CancelledError):
+            await caller[0]
+    assert calls == ["b", "a"]
+    record, report, outputs = await stored_run(store, "abc", "r")
+    assert (record.status, record.finished_at is not None) == (sp.RunStatus.INTERRUPTED, True)
+    assert outputs == {"a": 1, "b": 2}
+    assert report.steps["c"].status is sp.StepStatus.NOT_STARTED
 
 
 @pytest.mark.parametrize("moment", list(MOMENTS))
