@@ -54,6 +54,7 @@ class Run(StepEndings):
         "completed",
         "control",
         "decided",
+        "drained",
         "entries",
         "fit",
         "head",
@@ -121,6 +122,7 @@ class Run(StepEndings):
         # Handed out together with others (in that order), not at their stopping point yet.
         self.unstarted: dict[str, None] = {}
         self.active = 0  # steps handed to a worker and not finished
+        self.drained: asyncio.Future[None] | None = None  # done when `active` is back to 0, if drive() waits
         StepEndings.__init__(self)  # halted, failure, fatal: whether and why this level is abandoned
         self.cancelled_exc = anyio.get_cancelled_exc_class()
         self.task_group: TaskGroup | None = None
@@ -156,7 +158,7 @@ class Run(StepEndings):
             return not control.closed
         if control.first is None:
             unstarted.pop(name, None)
-            return True
+            return not control.closed  # (closed without a signal: the run is being cancelled)
         decided = self.decided
         for other in unstarted:
             if other not in decided and self.plan.specs[other].fn is not None:
@@ -204,6 +206,11 @@ class Run(StepEndings):
 
     async def work(self, name: str | None) -> None:
         """Run `name`, then whatever becomes ready, until nothing is left for this worker."""
+        control = self.control
+        if control.task_group is not None and control.task_group.cancel_scope.cancel_called:
+            # A new task in a run whose task group was cancelled (forced, or on a native cancel of
+            # the caller's task): anyio cancels it only at its first await; no step may start.
+            control.close()
         last_yield = time.perf_counter()
         while name is not None:
             await self.run_step(name)
@@ -216,8 +223,11 @@ class Run(StepEndings):
                 last_yield = now
                 await yield_to_others()
             name = self.next_step()
-        if not self.active and self.is_top:
-            self.control.idle()
+        if not self.active:
+            if self.is_top:
+                control.idle()
+            if self.drained is not None and not self.drained.done():
+                self.drained.set_result(None)
 
     # ------------------------------------------------------------------------------------------------
     # Running one step: the per-step hot path
@@ -399,7 +409,21 @@ class Run(StepEndings):
                 self.task_group = task_group
                 if begin is not None:
                     begin(task_group)
-                await self.work(self.next_step())
+                try:
+                    await self.work(self.next_step())
+                    if self.active and not self.is_top and self.cancelled_exc is asyncio.CancelledError:
+                        # An included flow waits for its other workers here, not in its task group's
+                        # exit: a native Task.cancel() of this task would cancel this level alone
+                        # there, unseen by the levels above until it is raised out to them.
+                        self.drained = asyncio.get_running_loop().create_future()
+                        await self.drained
+                except self.cancelled_exc:
+                    if not self.halted and cancellation_in_effect():
+                        # The run is being cancelled, and a native cancel reaches the levels above
+                        # this one only once raised out of it (after its steps ended): no step may
+                        # start at any level meanwhile.
+                        self.control.close()
+                    raise
         finally:
             self.timeline.ended = time.perf_counter()
 

@@ -4,7 +4,8 @@
 - A cancelled caller (a native asyncio `Task.cancel()`, or an anyio cancel scope) never cuts a save off:
   the store always ends up holding how the run ended, and no committed step is lost; a cancelled
   `SQLiteStore.save()` leaves no write going on in its worker thread.
-- Once a native cancel of the caller has cut a save off, no step starts while the save is made again.
+- Once a native cancel of the caller has reached the run, no step starts, at any level (the run's other tasks
+  learn of it only later, level by level).
 - A forced stop cannot take a step out of a worker thread: it waits for the thread unless the step
   uses `abandon_on_cancel=True` (documented in the README, not changed).
 
@@ -344,9 +345,29 @@ async def test_a_native_cancel_delivered_twice_still_saves_how_the_run_ended(any
 
 
 # -- 2b. no step starts once a native cancel of the caller has reached the run --------------------------
-# A native `Task.cancel()` reaches only the caller's task: the task group it is in learns of it only once it
-# is raised out to it. Until then the run's other tasks go on, and must start no step (steps already started
-# may finish, and are committed).
+# A native `Task.cancel()` reaches only the caller's task: the task group it is in, and the levels above
+# that, learn of it only once it is raised out to them. Until then the run's other tasks go on, and must
+# start no step (steps already started may finish, and are committed).
+
+
+class MarkingStore(sp.MemoryStore):
+    """A MemoryStore that sets `written[key]` once it has written a save whose checkpoint matches
+    `marks[key]`; that save then returns only once `release` is set if `key` is `hold`."""
+
+    def __init__(self, marks: dict[str, Callable[[sp.Checkpoint], bool]], hold: str | None = None) -> None:
+        super().__init__()
+        self.marks = marks
+        self.written = {key: anyio.Event() for key in marks}
+        self.hold = hold
+        self.release = anyio.Event()
+
+    async def save(self, checkpoint: sp.Checkpoint, report: sp.RunReport) -> None:
+        await super().save(checkpoint, report)
+        for key, mark in self.marks.items():
+            if not self.written[key].is_set() and mark(checkpoint):
+                self.written[key].set()
+                if key == self.hold:
+                    await self.release.wait()
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
@@ -402,6 +423,154 @@ async def test_no_step_starts_while_a_save_cut_off_by_a_native_cancel_is_made_ag
     assert (record.status, record.finished_at is not None) == (sp.RunStatus.INTERRUPTED, True)
     assert outputs == {"a": 1, "b": 2}
     assert report.steps["c"].status is sp.StepStatus.NOT_STARTED
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_no_step_starts_at_an_outer_level_while_a_native_cancel_ends_an_included_flow(anyio_backend: str) -> None:
+    """The caller's task waits in the included flow `inc` for its other steps when it is cancelled: the
+    cancellation ends `inc` first (`z` is cancelled, `y` finishes in a shield) and reaches the outer level
+    only after that. Meanwhile `side` completes there: `after_side` must not start. (Before the fix it did.)"""
+    import asyncio
+
+    calls: list[str] = []
+    store = MarkingStore(
+        {
+            "x": lambda checkpoint: "inc" in checkpoint.nested and "x" in checkpoint.nested["inc"].outputs,
+            "side": lambda checkpoint: "side" in checkpoint.outputs,
+        }
+    )
+    entered = {"y": anyio.Event(), "z": anyio.Event()}
+    z_cancelled = anyio.Event()
+    y_release = anyio.Event()
+    side_go = anyio.Event()
+    inner = sp.Flow("inner")
+
+    @inner.step
+    async def x() -> int:
+        await entered["y"].wait()
+        await entered["z"].wait()
+        calls.append("x")
+        return 1
+
+    @inner.step
+    async def y() -> int:
+        with anyio.CancelScope(shield=True):
+            entered["y"].set()
+            await y_release.wait()
+        calls.append("y")
+        return 2
+
+    @inner.step
+    async def z() -> int:
+        entered["z"].set()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            z_cancelled.set()
+        raise AssertionError("not reached")
+
+    outer = sp.Flow("outer")
+    outer.include(inner, name="inc")
+
+    @outer.step
+    async def side() -> int:
+        await side_go.wait()
+        calls.append("side")
+        return 4
+
+    @outer.step
+    async def after_side(side: int) -> int:
+        calls.append("after_side")
+        return 5
+
+    with anyio.fail_after(10):
+        task = asyncio.ensure_future(outer.run(store=store, run_id="r"))
+        await store.written["x"].wait()  # the caller's task now waits in `inc` for y and z
+        task.cancel()
+        await z_cancelled.wait()  # the cancellation has reached `inc`; y holds it open
+        side_go.set()
+        await store.written["side"].wait()  # side is committed; its task went on from there
+        y_release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert calls == ["x", "side", "y"]
+    record, report, outputs = await stored_run(store, "outer", "r")
+    assert (record.status, record.finished_at is not None) == (sp.RunStatus.INTERRUPTED, True)
+    assert outputs == {"side": 4}
+    assert statuses(report) == {
+        "inc": sp.StepStatus.CANCELLED,
+        "side": sp.StepStatus.COMPLETED,
+        "after_side": sp.StepStatus.NOT_STARTED,
+    }
+    nested = report.steps["inc"].nested
+    assert nested is not None
+    assert statuses(nested) == {
+        "x": sp.StepStatus.COMPLETED,
+        "y": sp.StepStatus.COMPLETED,
+        "z": sp.StepStatus.CANCELLED,
+    }
+    stored = await store.load("outer", "r")
+    assert stored is not None
+    assert sp.Checkpoint.model_validate_json(stored.checkpoint_json).nested["inc"].outputs == {"x": 1, "y": 2}
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_a_step_handed_out_before_a_native_cancel_reached_the_run_does_not_start_after_it(
+    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`b`'s commit ends in the loop turn in which the caller's task, waiting for `b`, is cancelled (`b`'s
+    task runs first in that turn, asyncio's ready queue being FIFO): `b`'s task hands out `c1` (which it
+    runs itself) and `c2` (in a new task). `c1` starts before the cancellation reached the run, and is
+    committed; `c2`'s task starts after it did, and must not start `c2`: the task group cannot cancel a
+    task that has not started yet. (Before the fix `c2` started, and ran to its end.)"""
+    import asyncio
+    import math
+
+    from stoppoint import _executor
+
+    # A worker yields to the loop between two steps once a millisecond has passed: `b`'s task, held in
+    # its commit, would let the caller's task run before it hands out `c1` and `c2`.
+    monkeypatch.setattr(_executor, "YIELD_INTERVAL", math.inf)
+    calls: list[str] = []
+    store = MarkingStore(
+        {"a": lambda checkpoint: "a" in checkpoint.outputs, "b": lambda checkpoint: "b" in checkpoint.outputs},
+        hold="b",
+    )
+    flow = sp.Flow("fan")
+
+    @flow.step
+    async def a() -> int:
+        calls.append("a")
+        return 1
+
+    @flow.step
+    async def b() -> int:
+        await store.written["a"].wait()  # b's commit comes after a's
+        calls.append("b")
+        return 2
+
+    @flow.step
+    async def c1(b: int) -> int:
+        calls.append("c1")
+        return 3
+
+    @flow.step
+    async def c2(b: int) -> int:
+        calls.append("c2")
+        return 4
+
+    with anyio.fail_after(10):
+        task = asyncio.ensure_future(flow.run(store=store, run_id="r"))
+        await store.written["b"].wait()  # the caller's task, done with `a`, waits for `b`
+        store.release.set()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert calls == ["a", "b", "c1"]
+    record, report, outputs = await stored_run(store, "fan", "r")
+    assert (record.status, record.finished_at is not None) == (sp.RunStatus.INTERRUPTED, True)
+    assert outputs == {"a": 1, "b": 2, "c1": 3}
+    assert report.steps["c2"].status is sp.StepStatus.NOT_STARTED
 
 
 @pytest.mark.parametrize("moment", list(MOMENTS))
