@@ -466,7 +466,7 @@ async def test_a_run_saved_many_times_checks_each_output_once_and_still_refuses_
         async def step(depth: int = depth) -> Any:
             return nest(depth)
 
-        flow.step(step, name=f"s{i}")
+        flow.step(step, name=f"s{i}", after=[f"s{i - 1}"] if i else [])  # one after the other: a save each
     with pytest.raises(sp.CheckpointError, match=rf"the output of step 's3' is nested {TOP + 1} levels deep"):
         await flow.run(store=store, run_id="l")
     stored = await store.load("long", "l")
