@@ -1,5 +1,6 @@
 import inspect
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import anyio
 import pytest
@@ -12,6 +13,16 @@ import stoppoint as sp
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[sp.Store]:
+    """Each store that comes with stoppoint (test_store.py has its own, with more)."""
+    if request.param == "memory":
+        yield sp.MemoryStore()
+    else:
+        async with sp.SQLiteStore(tmp_path / "runs.db") as sqlite:
+            yield sqlite
 
 
 Channel = tuple[sp.Interrupter, MemoryObjectReceiveStream[sp.InterruptSignal]]

@@ -32,6 +32,8 @@ import pytest
 import stoppoint as sp
 from stoppoint._display import Display
 
+from .test_cli_edges import FAILING_ONCE
+
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -346,23 +348,6 @@ def test_one_run_id_run_by_four_commands_at_once_runs_once(tmp_path: Path, spawn
 
 
 # -- 5.5: the printed resume command works from any directory --------------------------------------------
-
-FAILING_ONCE = """
-    from pathlib import Path
-    import stoppoint as sp
-
-    fl = sp.Flow("fl")
-
-    @fl.step
-    async def a() -> int:
-        return 1
-
-    @fl.step
-    async def b(a: int) -> int:
-        if not Path(__file__).with_name("ok").exists():
-            raise ValueError("not yet")
-        return 2
-"""
 
 
 def test_the_printed_resume_command_works_from_another_directory(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +34,6 @@ pytestmark = pytest.mark.anyio
 
 class Unstorable:
     """A value pydantic cannot turn into JSON."""
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[sp.Store]:
-    if request.param == "memory":
-        yield sp.MemoryStore()
-    else:
-        async with sp.SQLiteStore(tmp_path / "runs.db") as sqlite:
-            yield sqlite
 
 
 async def stored_run(store: sp.Store, flow: str, run_id: str) -> tuple[sp.RunRecord, sp.RunReport, dict[str, Any]]:

@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -29,17 +28,9 @@ import stoppoint as sp
 from stoppoint._checkpoint import CheckpointFile, parse_depth, same_value
 
 from .conftest import statuses
+from .test_hardening_saves import three_steps
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[sp.Store]:
-    if request.param == "memory":
-        yield sp.MemoryStore()
-    else:
-        async with sp.SQLiteStore(tmp_path / "runs.db") as sqlite:
-            yield sqlite
 
 
 def nest(levels: int) -> Any:
@@ -233,28 +224,6 @@ async def test_start_validates_the_inputs_too() -> None:
 
 
 # -- 2. outputs (and inputs) that are saved can be read back ------------------------------------------
-
-
-def three_steps(calls: list[str], make: Callable[[], object]) -> sp.Flow:
-    """first -> make -> use, `make` returning what `make()` gives."""
-    flow = sp.Flow("odd")
-
-    @flow.step
-    async def first() -> int:
-        calls.append("first")
-        return 1
-
-    @flow.step(name="make")
-    async def make_it(first: int) -> Any:
-        calls.append("make")
-        return make()
-
-    @flow.step
-    async def use(make: Any) -> str:
-        calls.append("use")
-        return "used"
-
-    return flow
 
 
 async def assert_refused_and_resumable(store: sp.Store, make: Callable[[], object], why: str) -> None:
