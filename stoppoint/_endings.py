@@ -7,7 +7,7 @@ stopped at a stopping point, cancelled, failed (which halts its level), or fatal
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
@@ -49,6 +49,9 @@ class StepEndings:
     timeline: Timeline
     includes: Mapping[str, StepEndings]
     path: tuple[str, ...]  # the include steps leading to this level
+    # Defined by `Run`: the `StepFailed` of this level's failure, and this level's checkpoint.
+    step_failed: Callable[[], StepFailed]
+    checkpoint: Callable[[], Checkpoint]
 
     def __init__(self) -> None:
         # Why this level is being abandoned, if it is; `halted` is their "or", checked per step.
@@ -61,14 +64,6 @@ class StepEndings:
         self.halted = True
         if self.task_group is not None:
             self.task_group.cancel_scope.cancel()
-
-    def step_failed(self) -> StepFailed:
-        """The `StepFailed` of this level's failure (`Run` builds it)."""
-        raise NotImplementedError
-
-    def checkpoint(self) -> Checkpoint:
-        """This level's checkpoint (`Run` builds it)."""
-        raise NotImplementedError
 
     def stopped(
         self, name: str, record: StepRecord, ctx: StepContext | None, stop: StopRequested | None, raised: BaseException
