@@ -13,11 +13,11 @@ import sys
 from typing import Any, Literal
 
 import pydantic_core
-from pydantic import BaseModel, ConfigDict, PrivateAttr, PydanticSchemaGenerationError, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, PrivateAttr, PydanticSchemaGenerationError, ValidationError
 
 from ._errors import CheckpointError, CheckpointMismatch
 from ._plan import Plan
-from ._types import Unresolved, input_type, output_type, type_name
+from ._types import Unresolved, adapter, input_type, output_type, type_name
 
 __all__ = [
     "FORMAT",
@@ -286,7 +286,7 @@ def _validate(where: str, what: str, annotation: Any, value: Any) -> Any:
             f"({annotation.error!r}); define the type at module level, where the step's module can see it"
         )
     try:
-        return _adapter(annotation).validate_python(value)
+        return adapter(annotation).validate_python(value)
     except ValidationError as exc:
         raise CheckpointError(f"{where}: {what} does not validate as {type_name(annotation)}: {exc}") from exc
     except PydanticSchemaGenerationError:  # an annotation pydantic cannot check: keep the JSON value
@@ -382,19 +382,6 @@ def json_problem(jsonable: Any, level: int) -> tuple[str | None, str]:
     return None, text
 
 
-@functools.lru_cache(maxsize=256)
-def _cached_adapter(annotation: Any) -> TypeAdapter[Any]:
-    return TypeAdapter(annotation)
-
-
-def _adapter(annotation: Any) -> TypeAdapter[Any]:
-    """The TypeAdapter of `annotation`: building one costs far more than validating with it."""
-    try:
-        return _cached_adapter(annotation)
-    except TypeError:  # unhashable (an Annotated with a list in it, say)
-        return TypeAdapter(annotation)
-
-
 def _input_level(plan: Plan, name: str) -> int:
     """How many include steps deep input `name` of the flow of `plan` goes (each included flow
     taking it holds it in its own, nested, checkpoint)."""
@@ -433,7 +420,7 @@ def input_refusal(plan: Plan, name: str, value: Any, stored: bool) -> str | None
         )
     expected = type_name(annotation)
     try:
-        back = _adapter(annotation).validate_python(read)
+        back = adapter(annotation).validate_python(read)
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
         return f"it does not validate as {expected}: {errors[0]['msg'] if len(errors) == 1 else exc}"

@@ -42,7 +42,7 @@ from ._signal import interrupt_channel
 from ._sqlite import SQLiteStore
 from ._store import CLI_TARGET_LABEL, LabelStore, RunRecord, RunStatus, Store
 from ._strategy import AtCheckpoint, FinishCurrent, IgnoreInterruptions, PollNextN, Strategy
-from ._types import Unresolved, input_type, type_name
+from ._types import Unresolved, adapter, input_type, type_name
 
 __all__ = ["main"]
 
@@ -148,15 +148,15 @@ def _validated(flow: Flow, annotations: dict[str, Any], key: str, value: Any, *,
         return value
     where = f"input {key!r} of flow {flow.name!r}"
     try:
-        adapter: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(annotation)
+        validator = adapter(annotation)
     except Exception as exc:  # a type pydantic cannot validate: it cannot come from a command line either
         _fail(f"{where}: its type {type_name(annotation)} cannot be given on the command line ({exc})")
     try:
         if not from_text:
-            return adapter.validate_python(value)
+            return validator.validate_python(value)
         if value.lstrip()[:1] in ("[", "{", '"'):  # lists, dicts and models are given as JSON
-            return adapter.validate_json(value)
-        return adapter.validate_strings(value)
+            return validator.validate_json(value)
+        return validator.validate_strings(value)
     except pydantic.ValidationError as exc:
         problem = exc.errors()[0]["msg"] if exc.errors() else str(exc)
         _fail(f"{where}: {_shown(value)} is not a valid {type_name(annotation)}: {problem}")

@@ -1,17 +1,21 @@
 """The types a flow's values are validated into: its steps' annotations, each resolved alone.
 
-One lookup serves every reader (checkpoints typing stored values back, the command validating its
-inputs). Annotation text is resolved with `typing.get_type_hints` in the step's module, never `eval`.
+One lookup serves every reader (checkpoints typing stored values back, `run()` checking its inputs,
+the command validating its own), and one cache of the pydantic validators built from them.
+Annotation text is resolved with `typing.get_type_hints` in the step's module, never `eval`.
 """
 
 from __future__ import annotations
 
+import functools
 import typing
 from typing import Any
 
+from pydantic import TypeAdapter
+
 from ._plan import Plan
 
-__all__ = ["Unresolved", "hint", "input_type", "output_type", "type_name"]
+__all__ = ["Unresolved", "adapter", "hint", "input_type", "output_type", "type_name"]
 
 
 class Unresolved:
@@ -70,3 +74,18 @@ def type_name(annotation: Any) -> str:
     if isinstance(annotation, type):
         return annotation.__name__
     return repr(annotation).replace("typing.", "")
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_adapter(annotation: Any) -> TypeAdapter[Any]:
+    return TypeAdapter(annotation)
+
+
+def adapter(annotation: Any) -> TypeAdapter[Any]:
+    """The TypeAdapter of `annotation`, built once: building one costs far more than validating
+    with it. What pydantic raises building one (`PydanticSchemaGenerationError` for a type it
+    cannot validate) is raised, and not cached."""
+    try:
+        return _cached_adapter(annotation)
+    except TypeError:  # unhashable (an Annotated with a list in it, say)
+        return TypeAdapter(annotation)
