@@ -26,8 +26,9 @@ from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn, Self
 
 from ._display import printable
+from ._os_signals import hand_to_loop
 from ._outcome import StepStatus
-from ._signal import Interrupter, InterruptSignal, _current_loop
+from ._signal import Interrupter, _current_loop
 
 if TYPE_CHECKING:
     from ._handle import FlowRun
@@ -121,12 +122,7 @@ class CommandSignals:
         interrupter, call_soon = self._interrupter, self._call_soon
         if self._phase is _Phase.ENDED or interrupter is None or call_soon is None:
             return  # the run is over: its outcome decides the exit code
-        force = self._received > 1
-        reason = f"{name} received" + (" again: forcing" if force else "")
-        signal_ = InterruptSignal(reason=reason, force=force, source=name)
-        with contextlib.suppress(RuntimeError):  # the loop is closing: there is no run left to stop
-            # Only hand over to the loop (call_soon is signal-safe): the channel is not reentrant.
-            call_soon(lambda: interrupter._deliver(signal_))
+        hand_to_loop(call_soon, interrupter, name, force=self._received > 1)
 
     def _quit(self, name: str) -> NoReturn:
         """End the process now, without waiting for the steps still running (nor any finally)."""

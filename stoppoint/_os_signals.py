@@ -12,7 +12,7 @@ from typing import Any, Self
 
 from ._signal import Interrupter, InterruptSignal, _current_loop
 
-__all__ = ["OnSignals", "interrupt_on_signals"]
+__all__ = ["OnSignals", "hand_to_loop", "interrupt_on_signals"]
 
 
 def interrupt_on_signals(
@@ -109,18 +109,8 @@ class OnSignals:
         interrupter = self._interrupter
 
         def handler(signum: int, frame: FrameType | None) -> None:
-            # Runs in the main thread between two bytecodes of whatever the loop was doing: only
-            # hand over to the loop (both call_soon variants are signal-safe) and count.
             self._received += 1
-            force = self._received > 1
-            name = _os_signal.Signals(signum).name
-
-            def deliver() -> None:
-                reason = f"{name} received" + (" again: forcing" if force else "")
-                interrupter._deliver(InterruptSignal(reason=reason, force=force, source=name))
-
-            with contextlib.suppress(RuntimeError):
-                call_soon(deliver)
+            hand_to_loop(call_soon, interrupter, _os_signal.Signals(signum).name, force=self._received > 1)
             chained = self._chained.get(signum)
             if chained is not None:  # after the hand-over: the interrupt is on its way if this raises
                 chained(signum, frame)
@@ -152,6 +142,25 @@ class OnSignals:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self._restore()
+
+
+def hand_to_loop(
+    call_soon: Callable[[Callable[[], object]], object], interrupter: Interrupter, name: str, *, force: bool
+) -> None:
+    """Send the interrupt of OS signal `name` through `interrupter`, from a signal handler.
+
+    The handler runs in the main thread between two bytecodes of whatever the loop was doing, so it
+    only hands over to the loop (`call_soon` of `_current_loop()`: both variants are signal-safe);
+    the signal is made and delivered there (the channel is not reentrant). A loop that is closing
+    has no run left to stop: nothing happens.
+    """
+
+    def deliver() -> None:
+        reason = f"{name} received" + (" again: forcing" if force else "")
+        interrupter._deliver(InterruptSignal(reason=reason, force=force, source=name))
+
+    with contextlib.suppress(RuntimeError):
+        call_soon(deliver)
 
 
 def _chainable(handler: object) -> Callable[[int, FrameType | None], object] | None:
