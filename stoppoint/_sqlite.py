@@ -240,7 +240,7 @@ class SQLiteStore:
                 (*row[2:4], *row[5:], row.flow, row.run_id),
             )
             if updated.rowcount == 0:
-                connection.execute(f"INSERT INTO runs ({ROW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+                _insert_run(connection, row)
 
         write(connection, statements)
 
@@ -251,11 +251,8 @@ class SQLiteStore:
             nonlocal claimed
             if connection.execute("SELECT 1 FROM runs WHERE run_id = ? LIMIT 1", (row.run_id,)).fetchone():
                 return
-            connection.execute(f"INSERT INTO runs ({ROW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
-            connection.executemany(
-                "INSERT OR REPLACE INTO labels (flow, run_id, key, value) VALUES (?, ?, ?, ?)",
-                [(row.flow, row.run_id, key, value) for key, value in labels.items()],
-            )
+            _insert_run(connection, row)
+            _merge_labels(connection, row.flow, row.run_id, labels)
             claimed = True
 
         write(connection, statements)
@@ -285,13 +282,7 @@ class SQLiteStore:
 
     def _set_labels(self, connection: sqlite3.Connection, flow: str, run_id: str, labels: dict[str, str]) -> None:
         if labels:
-            rows = [(flow, run_id, key, value) for key, value in labels.items()]
-            write(
-                connection,
-                lambda: connection.executemany(
-                    "INSERT OR REPLACE INTO labels (flow, run_id, key, value) VALUES (?, ?, ?, ?)", rows
-                ),
-            )
+            write(connection, lambda: _merge_labels(connection, flow, run_id, labels))
 
     def _labels(self, connection: sqlite3.Connection, flow: str, run_id: str) -> dict[str, str]:
         rows = connection.execute(
@@ -307,3 +298,14 @@ class SQLiteStore:
                     )
             labels[key] = value
         return labels
+
+
+def _insert_run(connection: sqlite3.Connection, row: Row) -> None:
+    connection.execute(f"INSERT INTO runs ({ROW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+
+
+def _merge_labels(connection: sqlite3.Connection, flow: str, run_id: str, labels: dict[str, str]) -> None:
+    connection.executemany(
+        "INSERT OR REPLACE INTO labels (flow, run_id, key, value) VALUES (?, ?, ?, ?)",
+        [(flow, run_id, key, value) for key, value in labels.items()],
+    )
