@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import typing
+import weakref
 from typing import Any
 
 from pydantic import TypeAdapter
@@ -33,6 +34,12 @@ class _Annotations:
         self.__annotations__ = annotations
 
 
+# Annotation text resolved once per step function (held weakly): run() checks its inputs at every
+# run, and `get_type_hints` costs ~10 us a name. Keyed by the text too: a changed annotation is
+# resolved again (a module global rebound after it was resolved is not, as for pydantic's models).
+_resolved: weakref.WeakKeyDictionary[Any, dict[tuple[str, str], Any]] = weakref.WeakKeyDictionary()
+
+
 def hint(fn: Any, name: str) -> Any:
     """The resolved annotation `name` of `fn` (`"return"` for its result): Any when it has none,
     `Unresolved` when its text names something the step's module cannot see.
@@ -44,11 +51,21 @@ def hint(fn: Any, name: str) -> Any:
     if not isinstance(annotation, str):
         return annotation
     try:
-        return typing.get_type_hints(_Annotations({name: annotation}), globalns=getattr(fn, "__globals__", None))[name]
+        known = _resolved.setdefault(fn, {})
+    except TypeError:  # not weakly referable (an `async def` function always is)
+        known = {}
+    key = (name, annotation)
+    if key in known:
+        return known[key]
+    try:
+        globalns = getattr(fn, "__globals__", None)
+        resolved = typing.get_type_hints(_Annotations({name: annotation}), globalns=globalns)[name]
     except Exception as exc:
         # Typically a class defined inside a function, under `from __future__ import annotations`.
         # Handing back the raw JSON instead would fail later, far from the cause.
-        return Unresolved(annotation, exc)
+        return Unresolved(annotation, exc)  # not kept: the name may be defined later
+    known[key] = resolved
+    return resolved
 
 
 def output_type(plan: Plan, step: str) -> Any:
