@@ -53,7 +53,9 @@ async def open_run(plan: Plan, options: RunOptions) -> Attempt | Completed[Any]:
     """Check the options of one run of the flow of `plan` and set it up, not started; or, when
     the store holds that run completed, its stored outcome."""
     flow, store, run_id, resume = plan.flow, options.store, options.run_id, options.resume
-    _check_run_id(flow, run_id)  # before a store is asked for it
+    # The run's id is the given one, else the checkpoint's, else a new hex id: checked here, before
+    # a store is asked for it, and only here.
+    _check_run_id(flow, run_id)
     if isinstance(resume, Checkpoint):
         _check_run_id(flow, resume.run_id)
     if store is not None and (isinstance(store, type) or not isinstance(store, Store)):
@@ -122,7 +124,7 @@ def prepare(plan: Plan, options: RunOptions) -> Attempt:
         run_id = uuid.uuid4().hex
     elif not isinstance(run_id, str) or not run_id:
         raise TypeError(f"flow {flow!r}: run_id must be a non-empty str, got {run_id!r}")
-    _check_run_id(flow, run_id)
+    # (open_run checked the run id already: the given one, or the checkpoint's)
     if on_event is not None and not callable(on_event):
         raise TypeError(f"flow {flow!r}: on_event must be a callable taking an event, got {on_event!r}")
     grace = _seconds(flow, "grace", options.grace)
