@@ -160,6 +160,8 @@ def _validated(flow: Flow, annotations: dict[str, Any], key: str, value: Any, *,
     except pydantic.ValidationError as exc:
         problem = exc.errors()[0]["msg"] if exc.errors() else str(exc)
         _fail(f"{where}: {_shown(value)} is not a valid {type_name(annotation)}: {problem}")
+    except Exception as exc:  # a validator of the user's that raised what pydantic does not wrap (TypeError)
+        _fail(f"{where}: {_shown(value)} cannot be validated as {type_name(annotation)}: {exc!r}")
 
 
 def _shown(value: Any) -> str:

@@ -558,3 +558,37 @@ def test_inputs_nested_too_deep_are_a_usage_error_that_does_not_echo_them(tmp_pa
     assert "input 'n' of flow 'fl': '[[[" in from_text.stderr
     assert "... (40,002 characters) is not a valid list[int] | None: Invalid JSON: recursion limit" in from_text.stderr
     assert len(from_text.stderr) < 400
+
+
+def test_an_input_whose_validator_raises_type_error_is_a_usage_error(tmp_path: Path) -> None:
+    """pydantic wraps a validator's ValueError, not its TypeError: the command gave a traceback and exit 1."""
+    write(
+        tmp_path,
+        "flows.py",
+        """
+        from pydantic import BaseModel, field_validator
+        import stoppoint as sp
+
+        class Port(BaseModel):
+            number: int
+
+            @field_validator("number")
+            @classmethod
+            def in_range(cls, value: int) -> int:
+                if value > 65535:
+                    raise TypeError("a port is at most 65535")
+                return value
+
+        fl = sp.Flow("fl")
+
+        @fl.step
+        async def a(port: Port) -> int:
+            return port.number
+        """,
+    )
+    done = stoppoint("run", "flows.py:fl", "--input", 'port={"number": 70000}', cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        "stoppoint: error: input 'port' of flow 'fl': '{\"number\": 70000}' cannot be validated as "
+        "Port: TypeError('a port is at most 65535')\n"
+    )
