@@ -3,10 +3,10 @@
 Usage: python server_child.py BACKEND CHAIN, with BACKEND "asyncio" or "trio" and CHAIN "chain" or "nochain".
 
 The server is simulated the way uvicorn behaves: before serving it installs its own SIGINT and SIGTERM handler,
-which sets `should_exit`; its main loop ticks until that flag is set, then it shuts down, and the lifespan's
-shutdown half runs. The lifespan enters `interrupt_on_signals(interrupter, chain=...)` and starts a flow run in
-the background whose step loops over stopping points. Without `chain` the server's handler never runs, and this
-server would never exit: here it then also stops serving once the run has ended, so the test can see that.
+which sets `should_exit` (and wakes its main loop); its main loop serves until then, then it shuts down, and the
+lifespan's shutdown half runs. The lifespan enters `interrupt_on_signals(interrupter, chain=...)` and starts a flow
+run in the background whose step loops over stopping points. Without `chain` the server's handler never runs, and
+this server would never exit: here it then also stops serving once the run has ended, so the test can see that.
 
 Protocol on stdout (one line each, flushed): `READY` once the step runs; last a JSON line with what happened.
 """
@@ -17,7 +17,7 @@ import contextlib
 import json
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from types import FrameType
 
 import anyio
@@ -33,20 +33,35 @@ def emit(line: str) -> None:
     print(line, flush=True)
 
 
+def call_soon_from_a_handler(backend: str) -> Callable[[Callable[[], object]], object]:
+    """How a signal handler hands a call to the running loop (it runs between two bytecodes of the loop's
+    thread: it cannot set an anyio.Event itself)."""
+    if backend == "trio":
+        import trio
+
+        return trio.lowlevel.current_trio_token().run_sync_soon
+    import asyncio
+
+    return asyncio.get_running_loop().call_soon_threadsafe
+
+
 class Server:
     """uvicorn's part in this: a signal handler of its own that asks the main loop to exit."""
 
-    def __init__(self) -> None:
+    def __init__(self, backend: str) -> None:
         self.should_exit = False
         self.handled: list[int] = []
+        self.stop_serving = anyio.Event()  # the main loop waits for it (uvicorn's ticks and reads should_exit)
+        self.call_soon = call_soon_from_a_handler(backend)
 
     def handle_exit(self, signum: int, frame: FrameType | None) -> None:
         self.handled.append(signum)
         self.should_exit = True
+        self.call_soon(self.stop_serving.set)
 
 
-async def main(chain: bool) -> None:
-    server = Server()
+async def main(backend: str, chain: bool) -> None:
+    server = Server(backend)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, server.handle_exit)
     flow = sp.Flow("background")
@@ -74,6 +89,8 @@ async def main(chain: bool) -> None:
                     result["source"] = outcome.signal.source
                     result["force"] = outcome.signal.force
                     run_ended.set()
+                    if not chain:  # this server's handler never runs: stop serving, so the test sees it
+                        server.stop_serving.set()
 
                 tg.start_soon(background)
                 yield
@@ -82,15 +99,12 @@ async def main(chain: bool) -> None:
         result["restored"] = all(signal.getsignal(sig) == server.handle_exit for sig in (signal.SIGINT, signal.SIGTERM))
 
     async with anyio.create_task_group() as tg, lifespan(tg):
-        with anyio.fail_after(HANG_GUARD):
-            # The server's main loop: like uvicorn's, it ticks until should_exit, a flag its signal handler
-            # sets (a handler cannot set an anyio.Event: it runs between two bytecodes of the loop).
-            while not server.should_exit and not (run_ended.is_set() and not chain):  # noqa: ASYNC110
-                await anyio.sleep(0.01)
+        with anyio.fail_after(HANG_GUARD):  # the server's main loop: it serves until asked to exit
+            await server.stop_serving.wait()
     result["server_handled"] = server.handled
     result["server_exited_by_its_handler"] = server.should_exit
     emit(json.dumps(result))
 
 
 if __name__ == "__main__":
-    anyio.run(main, sys.argv[2] == "chain", backend=sys.argv[1])
+    anyio.run(main, sys.argv[1], sys.argv[2] == "chain", backend=sys.argv[1])
