@@ -1,4 +1,5 @@
-"""Step endings: how a step that did not simply return ended, in its record and in its level's fate.
+"""Step endings: how a step that did not simply return ended, in its record and in its level's fate;
+and how a level ended (finished, the `StepFailed` of its failure, a cancellation still to deliver).
 
 `StepEndings` is the part of the scheduler (`_executor.Run`) that sorts out a step's exception:
 stopped at a stopping point, cancelled, failed (which halts its level), or fatal (`KeyboardInterrupt`,
@@ -18,6 +19,7 @@ from ._context import StepContext
 from ._control import Control, cancellation_in_effect
 from ._errors import StepFailed, StopRequested
 from ._outcome import StepStatus
+from ._plan import Plan
 from ._timeline import StepRecord, Timeline
 
 __all__ = ["CLEANUP_TIMEOUT", "StepEndings"]
@@ -49,15 +51,19 @@ class StepEndings:
     timeline: Timeline
     includes: Mapping[str, StepEndings]
     path: tuple[str, ...]  # the include steps leading to this level
-    # Defined by `Run`: the `StepFailed` of this level's failure, and this level's checkpoint.
-    step_failed: Callable[[], StepFailed]
-    checkpoint: Callable[[], Checkpoint]
+    plan: Plan
+    checkpoint: Callable[[], Checkpoint]  # this level's checkpoint
 
     def __init__(self) -> None:
         # Why this level is being abandoned, if it is; `halted` is their "or", checked per step.
         self.halted = False
         self.failure: tuple[str, BaseException] | None = None  # the first step that failed, and its exception
         self.fatal: BaseException | None = None  # KeyboardInterrupt, SystemExit from a step
+
+    @property
+    def finished(self) -> bool:
+        """Every step of this level completed."""
+        return len(self.outputs) == len(self.plan.specs)
 
     def halt(self) -> None:
         """Start no more steps here and cancel the running ones (a step failed)."""
@@ -159,3 +165,22 @@ class StepEndings:
             else:
                 record.stopped_at = None
                 self.failed(name, record, exc)
+
+    async def let_cancellation_through(self) -> None:
+        """Raise the cancellation of the caller's scope, if one is pending when the run ends unfinished.
+
+        A shield, or a step that stopped at a stopping point, may have let the task group exit
+        without an await to deliver it; the run must not return as if it had only been stopped.
+        """
+        control = self.control
+        if self.failure is None and control.bad_signal is None and control.store_error is None and not self.finished:
+            await anyio.lowlevel.checkpoint_if_cancelled()
+
+    def step_failed(self) -> StepFailed:
+        """The `StepFailed` of this level's failure, with its report and checkpoint."""
+        assert self.failure is not None
+        name, exc = self.failure
+        error = StepFailed(name, self.timeline.report(), self.checkpoint())
+        error.__cause__ = exc  # as `raise error from exc` would
+        error.__suppress_context__ = True
+        return error

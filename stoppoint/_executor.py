@@ -24,7 +24,7 @@ from ._checkpoint import Checkpoint
 from ._context import YIELD_INTERVAL, StepContext, yield_to_others
 from ._control import Control, cancellation_in_effect
 from ._endings import StepEndings
-from ._errors import StepFailed, StopRequested
+from ._errors import StopRequested
 from ._observers import step_ended, step_started
 from ._outcome import StepStatus
 from ._plan import Plan
@@ -129,11 +129,6 @@ class Run(StepEndings):
         self.is_top = False  # the top level: its end makes the run idle
         # The include steps leading to this level (stoppoint.testing names points by it).
         self.path: tuple[str, ...] = ()
-
-    @property
-    def finished(self) -> bool:
-        """Every step of this level completed."""
-        return len(self.outputs) == len(self.plan.specs)
 
     # ------------------------------------------------------------------------------------------------
     # Scheduling: which step starts when
@@ -442,24 +437,6 @@ class Run(StepEndings):
         if self.finished:
             return True, self.outputs[self.plan.result]
         return False, None
-
-    async def let_cancellation_through(self) -> None:
-        """Raise the cancellation of the caller's scope, if one is pending when the run ends unfinished.
-
-        A shield, or a step that stopped at a stopping point, may have let the task group exit
-        without an await to deliver it; the run must not return as if it had only been stopped.
-        """
-        control = self.control
-        if self.failure is None and control.bad_signal is None and control.store_error is None and not self.finished:
-            await anyio.lowlevel.checkpoint_if_cancelled()
-
-    def step_failed(self) -> StepFailed:
-        assert self.failure is not None
-        name, exc = self.failure
-        error = StepFailed(name, self.timeline.report(), self.checkpoint())
-        error.__cause__ = exc  # as `raise error from exc` would
-        error.__suppress_context__ = True
-        return error
 
     def checkpoint(self) -> Checkpoint:
         checkpoint = Checkpoint(
