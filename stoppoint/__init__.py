@@ -12,6 +12,8 @@ from ._errors import CheckpointError as CheckpointError
 from ._errors import CheckpointMismatch as CheckpointMismatch
 from ._errors import FlowDefinitionError as FlowDefinitionError
 from ._errors import FlowInputError as FlowInputError
+from ._errors import LeaseLost as LeaseLost
+from ._errors import RunOwned as RunOwned
 from ._errors import StepFailed as StepFailed
 from ._errors import StoppointError as StoppointError
 from ._errors import StopRequested as StopRequested
@@ -46,9 +48,15 @@ from ._signal import Interrupter as Interrupter
 from ._signal import InterruptSignal as InterruptSignal
 from ._signal import interrupt_channel as interrupt_channel
 from ._sqlite import SQLiteStore as SQLiteStore
+from ._lease import Claim as Claim
+from ._lease import Lease as Lease
+from ._lease import Queue as Queue
+from ._store import BasicStore as BasicStore
 from ._store import LabelStore as LabelStore
 from ._store import RunRecord as RunRecord
+from ._store import RunState as RunState
 from ._store import RunStatus as RunStatus
+from ._store import StepRow as StepRow
 from ._store import Store as Store
 from ._store import StoredRun as StoredRun
 from ._strategy import AtCheckpoint as AtCheckpoint
@@ -61,9 +69,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AtCheckpoint",
+    "BasicStore",
     "Checkpoint",
     "CheckpointError",
     "CheckpointMismatch",
+    "Claim",
     "Completed",
     "Event",
     "EventStream",
@@ -83,13 +93,18 @@ __all__ = [
     "Interrupter",
     "Interruptible",
     "LabelStore",
+    "Lease",
+    "LeaseLost",
     "MemoryStore",
     "OnSignals",
     "PollNextN",
     "Progress",
+    "Queue",
     "RunEvent",
+    "RunOwned",
     "RunRecord",
     "RunReport",
+    "RunState",
     "RunStatus",
     "SQLiteStore",
     "Shield",
@@ -99,6 +114,7 @@ __all__ = [
     "StepFailed",
     "StepFailedEvent",
     "StepReport",
+    "StepRow",
     "StepStartedEvent",
     "StepStatus",
     "StepStoppedEvent",

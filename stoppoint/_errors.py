@@ -10,6 +10,8 @@ The tree::
           +-- CheckpointError           a checkpoint cannot be read or used
           |    +-- CheckpointMismatch   a checkpoint of another flow, version or inputs
           +-- StoreError                a store cannot be read or written
+               +-- RunOwned             another live owner holds the run's lease
+               +-- LeaseLost            this process lost the run's lease (another may own it now)
 
     BaseException
      +-- StopRequested                  not an error: how a stopping point unwinds a step
@@ -20,6 +22,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from ._checkpoint import Checkpoint
     from ._outcome import RunReport
 
@@ -28,6 +32,8 @@ __all__ = [
     "CheckpointMismatch",
     "FlowDefinitionError",
     "FlowInputError",
+    "LeaseLost",
+    "RunOwned",
     "StepFailed",
     "StopRequested",
     "StoppointError",
@@ -121,6 +127,41 @@ class CheckpointMismatch(CheckpointError):
 
 class StoreError(StoppointError):
     """A store cannot be opened, read or written."""
+
+
+class RunOwned(StoreError):
+    """The run is held by a live lease: another attempt (in this process or another) is running it.
+
+    Attributes:
+        flow: The flow's name.
+        run_id: The run's id.
+        owner: Who holds it (`host:pid/token`, as `RunRecord.owner` shows it).
+        since: When the owner claimed it (UTC), if the store tells.
+    """
+
+    def __init__(self, flow: str, run_id: str, owner: str, since: datetime | None = None) -> None:
+        self.flow, self.run_id, self.owner, self.since = flow, run_id, owner, since
+        when = "" if since is None else f" since {since.isoformat(timespec='seconds')}"
+        super().__init__(
+            f"flow {flow!r}, run {run_id!r} is owned by {owner}{when}, whose lease is live: it is running there; "
+            "interrupt it (store.interrupt or `stoppoint interrupt`) or wait for it to end"
+        )
+
+
+class LeaseLost(StoreError):
+    """This attempt lost the run's lease: a write was refused because another claim came since (its
+    `epoch` moved on), or no renewal succeeded for 0.8 of the lease. The attempt stopped at once,
+    writing nothing more; whoever claimed the run after it owns what is stored.
+
+    Attributes:
+        flow: The flow's name.
+        run_id: The run's id.
+        epoch: The lease's epoch (the claim number this attempt held).
+    """
+
+    def __init__(self, flow: str, run_id: str, epoch: int, why: str) -> None:
+        self.flow, self.run_id, self.epoch = flow, run_id, epoch
+        super().__init__(f"flow {flow!r}, run {run_id!r}: lost the lease of epoch {epoch}: {why}")
 
 
 class StopRequested(BaseException):

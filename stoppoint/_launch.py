@@ -23,7 +23,7 @@ from ._observers import Observers
 from ._outcome import Completed, RunReport
 from ._plan import Plan
 from ._signal import InterruptSignal
-from ._store import RunStatus, Store
+from ._store import BasicStore, RunStatus
 from ._strategy import AtCheckpoint, Strategy
 
 __all__ = ["RunOptions", "open_run", "prepare"]
@@ -42,7 +42,7 @@ class RunOptions:
     interrupts: MemoryObjectReceiveStream[InterruptSignal] | None = None
     strategy: Strategy = _DEFAULT_STRATEGY
     resume: Checkpoint | None = None
-    store: Store | None = None
+    store: BasicStore | None = None
     run_id: str | None = None
     grace: float | None = None
     deadline: float | None = None
@@ -58,7 +58,7 @@ async def open_run(plan: Plan, options: RunOptions) -> Attempt | Completed[Any]:
     _check_run_id(flow, run_id)
     if isinstance(resume, Checkpoint):
         _check_run_id(flow, resume.run_id)
-    if store is not None and (isinstance(store, type) or not isinstance(store, Store)):
+    if store is not None and (isinstance(store, type) or not isinstance(store, BasicStore)):
         raise TypeError(
             f"flow {flow!r}: store must implement the Store protocol (save, load, list_runs, delete), "
             f"such as SQLiteStore(path); got {type(store).__name__}"

@@ -7,7 +7,8 @@ what either gives back is validated the same way.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -16,18 +17,26 @@ from pydantic_core import PydanticSerializationError
 
 from ._checkpoint import Checkpoint, CheckpointFile
 from ._errors import CheckpointError, StoreError
-from ._outcome import RunReport
-from ._store import RunRecord, StoredRun, run_status
+from ._outcome import RunReport, StepStatus
+from ._signal import InterruptSignal
+from ._store import RunRecord, RunState, RunStatus, StepRow, StoredRun, run_status
 
 __all__ = [
     "RECORD_COLUMNS",
     "ROW_COLUMNS",
     "Row",
     "check_names",
+    "check_state",
     "checked_labels",
+    "head_row",
+    "interrupted_report",
+    "lease_record",
+    "merge_rows",
+    "now",
     "to_record",
     "to_row",
     "to_stored",
+    "utc_text",
     "utf8",
 ]
 
@@ -226,3 +235,134 @@ def to_stored(columns: tuple[Any, ...] | Row, where: str) -> StoredRun:
         if (flow, run_id) != (record.flow, record.run_id):
             raise StoreError(f"{what}: the stored {column} is that of run {run_id!r} of flow {flow!r}")
     return StoredRun(record=record, checkpoint_json=checkpoint_json, report_json=report_json)
+
+
+# -- v0.2 stores: run heads and step rows ----------------------------------------------------------------
+
+
+def utc_text(moment: datetime) -> str:
+    """`moment` as a store keeps it: fixed-width ISO 8601 UTC text, so text order is time order."""
+    return _utc_text(moment)
+
+
+def now() -> datetime:
+    """The clock of leases (UTC): when a claim expires, whether a lease is live. Not `_now`, which tests
+    replace to control the times saves record."""
+    return datetime.now(UTC)
+
+
+def head_row(flow: str, run_id: str, state: RunState) -> Row:
+    """The run row of `state` (its head), with `updated_at` now."""
+    return Row(
+        flow=flow,
+        run_id=run_id,
+        flow_version=state.flow_version,
+        status=state.status.value,
+        started_at=_utc_text(state.started_at),
+        updated_at=_utc_text(_now()),
+        finished_at=None if state.finished_at is None else _utc_text(state.finished_at),
+        checkpoint=state.checkpoint_json,
+        report=state.report_json,
+    )
+
+
+def check_state(method: str, flow: str, run_id: str, state: object, steps: object = ()) -> None:
+    """A programming error in what the runtime (or a caller) hands a store is a TypeError naming the run."""
+    check_names(method, flow, run_id)
+    if not isinstance(state, RunState):
+        raise TypeError(
+            f"{method}(): flow {flow!r}, run {run_id!r}: state must be a RunState, got {type(state).__name__}"
+        )
+    if not isinstance(steps, list | tuple) or not all(isinstance(step, StepRow) for step in steps):
+        raise TypeError(f"{method}(): flow {flow!r}, run {run_id!r}: steps must be a sequence of StepRow")
+
+
+def merge_rows(
+    checkpoint_json: str, report_json: str, rows: Iterable[tuple[int, StepRow]], epoch: int
+) -> tuple[str, str]:
+    """A run's checkpoint and report as `Store.load()` gives them: its head's, with every step row's part
+    of the checkpoint added (outputs and nested checkpoints) and the reports of the rows of `epoch`
+    (the current attempt's) in place of their steps'. Text that is not JSON is left for `to_stored` to
+    refuse; rows whose text is not JSON are skipped here and refused there too (the head then lacks them).
+
+    Raises:
+        StoreError: never; what cannot be merged is returned unmerged, and validation says why.
+    """
+    try:
+        checkpoint = json.loads(checkpoint_json)
+        report = json.loads(report_json)
+    except (ValueError, TypeError):
+        return checkpoint_json, report_json
+    if not isinstance(checkpoint, dict) or not isinstance(report, dict):
+        return checkpoint_json, report_json
+    outputs = checkpoint.setdefault("outputs", {})
+    nested = checkpoint.setdefault("nested", {})
+    steps = report.setdefault("steps", {})
+    if not isinstance(outputs, dict) or not isinstance(nested, dict) or not isinstance(steps, dict):
+        return checkpoint_json, report_json
+    for row_epoch, row in rows:
+        if row.checkpoint_json is not None:
+            part = json.loads(row.checkpoint_json)
+            if row.step in part.get("outputs", {}):
+                outputs[row.step] = part["outputs"][row.step]
+                nested.pop(row.step, None)
+            elif row.step in part.get("nested", {}):
+                nested[row.step] = part["nested"][row.step]
+        if row_epoch == epoch:
+            steps[row.step] = json.loads(row.report_json)
+    return json.dumps(checkpoint, ensure_ascii=False), json.dumps(report, ensure_ascii=False)
+
+
+def lease_record(
+    columns: tuple[Any, ...] | Row,
+    where: str,
+    *,
+    owner: str | None,
+    epoch: int,
+    expires_at: str | None,
+    queue: str | None,
+    at: str,
+) -> RunRecord:
+    """The validated record of a run row with its lease: `ORPHANED` for a running run once claimed (epoch
+    above 0) whose lease expired before `at` (the store's now, as text) or that nobody holds. A run saved
+    running by `save()` alone (never claimed: epoch 0) stays running, as it was before leases: nothing
+    tells whether its writer lives.
+
+    Raises:
+        StoreError: The columns are not a valid record (naming the run).
+    """
+    record = to_record(columns, where)
+    status = record.status
+    if status is RunStatus.RUNNING and epoch > 0 and (expires_at is None or expires_at <= at):
+        status = RunStatus.ORPHANED
+    try:
+        return record.model_copy(
+            update={
+                "status": status,
+                "owner": owner,
+                "epoch": epoch,
+                "lease_expires_at": None if expires_at is None else datetime.fromisoformat(expires_at),
+                "queue": queue,
+            }
+        )
+    except (TypeError, ValueError) as exc:
+        raise StoreError(
+            f"{where}: the stored lease of run {record.run_id!r} of flow {record.flow!r} is invalid: {exc}"
+        ) from exc
+
+
+def interrupted_report(report_json: str, signal: InterruptSignal, at: datetime) -> str:
+    """The report of a run nobody holds, marked interrupted by `signal` at `at` (`Store.interrupt`): it
+    ends then, with the signal among its interrupts; steps it shows running or pending never finished."""
+    report = RunReport.model_validate_json(report_json)
+    steps = {
+        name: step.model_copy(update={"status": StepStatus.NOT_STARTED})
+        if step.status in (StepStatus.PENDING,)
+        else step.model_copy(update={"status": StepStatus.INTERRUPTED})
+        if step.status is StepStatus.RUNNING
+        else step
+        for name, step in report.steps.items()
+    }
+    return report.model_copy(
+        update={"finished_at": at, "interrupts": [*report.interrupts, signal], "steps": steps}
+    ).model_dump_json()

@@ -15,24 +15,46 @@ that cannot be serialised fails the same way in both; both are `LabelStore`s.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
 from ._checkpoint import Checkpoint
 from ._outcome import RunReport
+from ._signal import InterruptSignal
 
-__all__ = ["CLI_TARGET_LABEL", "LabelStore", "RunRecord", "RunStatus", "Store", "StoredRun", "run_status"]
+if TYPE_CHECKING:
+    from ._lease import Claim, Lease, Queue
+
+__all__ = [
+    "CLI_TARGET_LABEL",
+    "BasicStore",
+    "LabelStore",
+    "RunRecord",
+    "RunState",
+    "RunStatus",
+    "StepRow",
+    "Store",
+    "StoredRun",
+    "run_status",
+]
 
 
 class RunStatus(StrEnum):
     """Where a stored run stands."""
 
+    QUEUED = "queued"
+    """Submitted (`flow.submit`), waiting for a worker to claim it."""
     RUNNING = "running"
-    """Started and not finished (or its process died): `run()` with its id resumes it."""
+    """Started and not finished; its owner's lease is live (a store without leases cannot tell a
+    dead owner's run from a live one: it says running)."""
+    ORPHANED = "orphaned"
+    """Stored as running, but its lease expired: its owner died (or lost the store). A worker, or
+    `run()` with its id, claims and resumes it. Never stored: a store reports it when reading."""
     INTERRUPTED = "interrupted"
     """Stopped by an interrupt: `run()` with its id resumes it."""
     FAILED = "failed"
@@ -63,6 +85,11 @@ class RunRecord(BaseModel):
         started_at: When the run (its first attempt) started.
         updated_at: When it was last saved.
         finished_at: When its latest attempt ended; None while running (or after a crash).
+        owner: Who holds its lease (`host:pid/token`), None when nobody does (it ended, was
+            released, or is queued); a dead owner stays here until the run is claimed again.
+        epoch: How many times it was claimed (0: never, a queued run); each attempt writes under its own.
+        lease_expires_at: Until when the owner's lease holds without a renewal; None without owner.
+        queue: The queue it was submitted to (`flow.submit`), None if it was run directly.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -74,6 +101,10 @@ class RunRecord(BaseModel):
     started_at: datetime
     updated_at: datetime
     finished_at: datetime | None = None
+    owner: str | None = None
+    epoch: int = 0
+    lease_expires_at: datetime | None = None
+    queue: str | None = None
 
 
 class StoredRun(BaseModel):
@@ -94,9 +125,52 @@ class StoredRun(BaseModel):
     report_json: str
 
 
+@dataclass(frozen=True, slots=True)
+class RunState:
+    """A run's head, as `Store.write()` and `Store.finish()` store it (and `Store.claim()` and
+    `Store.submit()` a new run): everything of the run but its step rows.
+
+    Attributes:
+        flow_version: The flow's version.
+        status: Where the run stands (`run_status(report)` for a written run).
+        started_at: When the run (its first attempt) started; a store keeps the first one it got.
+        finished_at: When the attempt ended; None while running.
+        checkpoint_json: The run's checkpoint (`Checkpoint.to_json()`); step rows add to its outputs
+            and nested checkpoints (the runtime writes it with neither, and each step in a row).
+        report_json: The run's report (`RunReport.model_dump_json()`); the step rows of the current
+            epoch replace their steps' reports in it.
+    """
+
+    flow_version: str
+    status: RunStatus
+    started_at: datetime
+    finished_at: datetime | None
+    checkpoint_json: str
+    report_json: str
+
+
+@dataclass(frozen=True, slots=True)
+class StepRow:
+    """One step's row: what `Store.commit_step()` stores when a step completes.
+
+    Attributes:
+        step: The step's name.
+        report_json: Its report (`StepReport.model_dump_json()`).
+        checkpoint_json: Its part of the run's checkpoint, as a checkpoint of the run holding only that
+            part: its output (in `outputs`), or, for an include step that has not completed, the
+            included flow's own checkpoint (in `nested`); None for a row of progress alone.
+    """
+
+    step: str
+    report_json: str
+    checkpoint_json: str | None = None
+
+
 @runtime_checkable
-class Store(Protocol):
-    """Where `Flow.run(store=...)` persists runs. All methods are async, so network stores fit.
+class BasicStore(Protocol):
+    """The stores of stoppoint 0.1: whole saves, no leases. `Flow.run(store=...)` still takes one, saving
+    the whole checkpoint and report after every step, with no owner and no interrupts from other
+    processes; new stores implement `Store`. All methods are async, so network stores fit.
 
     `run()` calls `save()` once before the first step (so the run is listed as running), after
     every completed step (before any step that depends on it starts), and once more when the run
@@ -169,13 +243,186 @@ class Store(Protocol):
         ...
 
 
+@runtime_checkable
+class Store(BasicStore, Protocol):
+    """Where `Flow.run(store=...)` persists runs, with one owner per run: the protocol every store of
+    stoppoint implements, and a third-party store implements to get the same guarantees. All methods
+    are async, so network stores fit; `tests/test_store_conformance.py` checks any store against it.
+
+    **What a store keeps, per `(flow, run_id)`.** A *run row*: the run's head (`RunState`: its
+    checkpoint without step outputs, its report, status and times), its lease (`owner`, `epoch`,
+    `lease_expires_at`), its queue, and its pending interrupt requests. And *step rows*, one per step
+    name (`StepRow`): the step's part of the checkpoint (its output, or an unfinished include's own
+    checkpoint) and its report. `load()` returns the head merged with the rows (`merge_rows()` does
+    it): outputs and nested checkpoints of every row, reports of the rows of the current epoch.
+
+    **Ownership.** `claim()` and `claim_next()` make a lease; every write of a run (`write`,
+    `commit_step`, `progress`, `finish`, `release`, `renew`) takes the lease and is refused with
+    `LeaseLost`, writing nothing, unless the run's stored `(owner, epoch)` is still the lease's: the
+    check and the write are one transaction. A lease is live until its `expires_at`; a claim of a run
+    whose lease is live raises `RunOwned`, whoever asks (the same process too).
+
+    **Sizes.** `commit_step()` and `progress()` write one step row: their cost must not grow with the
+    steps already stored. `write()` and `finish()` (once at the start and once at the end of an
+    attempt) may write the whole head.
+
+    How `Flow.run` uses it, per attempt: `claim` (or a worker's `claim_next`); `write` (listed as
+    running); `commit_step` after each completed step, before any step that depends on it starts;
+    `progress` at most once a second per running step; `renew` every `lease / 3` s, and
+    `interrupts` every `interrupt_poll` s, in the background; `finish` at the end. Calls for one
+    lease never overlap, except `renew` and `interrupts`, which may overlap the others.
+
+    A native cancellation on asyncio (see `BasicStore`) may cut a call off; a store must then have
+    stopped what it was doing or finished it (`SQLiteStore` waits for its worker thread).
+    """
+
+    @property
+    def lease(self) -> float:
+        """Seconds a claim holds without renewal (the `lease=` the store was made with)."""
+        ...
+
+    @property
+    def interrupt_poll(self) -> float:
+        """Seconds between two `interrupts()` calls of an owner: how soon it notices a request."""
+        ...
+
+    async def claim(
+        self,
+        flow: str,
+        run_id: str,
+        owner: str,
+        *,
+        new: RunState | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> Claim | None:
+        """Claim one run, atomically: of any number of claims racing for one run, exactly one wins.
+
+        - No run of that id (in any flow): with `new`, it is created from it (status running), owned,
+          epoch 1, with `labels` (a `LabelStore`; others ignore them); without, returns None.
+        - A stored run whose status is completed: returns `Claim(None, stored)`, claiming nothing.
+        - A stored unfinished run (queued, interrupted, failed, running with an expired lease, or
+          released) of this flow: claimed, epoch + 1, status running, its pending interrupt requests
+          kept (the new owner receives them); returns `Claim(lease, stored)`, stored as it was.
+        - A run of that id in another flow: raises `StoreError` naming it.
+
+        Raises:
+            RunOwned: Its lease is live.
+            StoreError: The store cannot be read or written.
+        """
+        ...
+
+    async def claim_next(self, owner: str, flows: Collection[str], queues: Sequence[Queue]) -> Claim | None:
+        """Claim one run of one of `flows` that is queued in one of `queues`, or orphaned (running, lease
+        expired, in any queue or none), oldest first; None if there is none to claim. A queue with a
+        `concurrency` limit gets no claim while that many of its runs hold live leases (counted in the
+        claim's transaction, so the limit holds across every worker). Atomic like `claim()`.
+
+        Raises:
+            StoreError: The store cannot be read or written.
+        """
+        ...
+
+    async def renew(self, lease: Lease) -> Lease:
+        """Extend the lease to `lease` seconds from now; returns it with its new `expires_at`.
+
+        Raises:
+            LeaseLost: The run is no longer held under this lease.
+            StoreError: The store cannot be written.
+        """
+        ...
+
+    async def write(self, lease: Lease, state: RunState, steps: Sequence[StepRow] = ()) -> None:
+        """Replace the run's head with `state` and store `steps` (replacing rows of the same step names),
+        in one transaction. Step rows not named stay.
+
+        Raises:
+            LeaseLost: The run is no longer held under this lease; nothing is written.
+            StoreError: The store cannot be written.
+        """
+        ...
+
+    async def commit_step(self, lease: Lease, step: StepRow) -> None:
+        """Store one step row (replacing the row of that step name), in one transaction.
+
+        Raises:
+            LeaseLost: The run is no longer held under this lease; nothing is written.
+            StoreError: The store cannot be written.
+        """
+        ...
+
+    async def progress(self, lease: Lease, step: str, report_json: str) -> None:
+        """Store a running step's report (its progress), keeping the step row's checkpoint part if it has one.
+
+        Raises:
+            LeaseLost: The run is no longer held under this lease; nothing is written.
+            StoreError: The store cannot be written.
+        """
+        ...
+
+    async def finish(self, lease: Lease, state: RunState, steps: Sequence[StepRow] = ()) -> None:
+        """`write()`, then give the run up: no owner, no lease, its interrupt requests dropped (the
+        attempt that received them is over), all in one transaction.
+
+        Raises:
+            LeaseLost: The run is no longer held under this lease; nothing is written.
+            StoreError: The store cannot be written.
+        """
+        ...
+
+    async def release(self, lease: Lease) -> None:
+        """Give the run up as it is stored (no owner, no lease): a stored running run can then be claimed
+        at once. Nothing happens if the lease was lost already.
+
+        Raises:
+            StoreError: The store cannot be written.
+        """
+        ...
+
+    async def interrupt(
+        self, flow: str, run_id: str, reason: str = "interrupted", *, force: bool = False, source: str | None = "api"
+    ) -> bool:
+        """Ask a run to stop, durably. A run with a live owner gets the request (the owner's next
+        `interrupts()` returns it); a run nobody holds (queued, orphaned, released) is marked
+        interrupted at once (finished now, the signal added to its report's interrupts, its
+        checkpoint unchanged). False when there is no unfinished run of that id.
+
+        Raises:
+            TypeError: A name or the reason is not a str, `force` not a bool.
+            StoreError: The store cannot be written.
+        """
+        ...
+
+    async def interrupts(self, lease: Lease, after: int = 0) -> list[tuple[int, InterruptSignal]]:
+        """The run's pending interrupt requests numbered above `after`, in order, each with its number
+        (numbers only grow). Cheap when there are none: an owner calls it every `interrupt_poll` seconds.
+
+        Raises:
+            LeaseLost: The run is no longer held under this lease.
+            StoreError: The store cannot be read.
+        """
+        ...
+
+    async def submit(
+        self, flow: str, run_id: str, new: RunState, *, queue: str = "default", labels: Mapping[str, str] | None = None
+    ) -> bool:
+        """Queue a run for a worker: a new one from `new` (status queued, no owner, epoch 0), or a stored
+        unfinished one nobody holds (interrupted, failed, orphaned, queued), which keeps its checkpoint
+        and gets status queued in `queue`. False for a stored completed run (nothing to do).
+
+        Raises:
+            RunOwned: Its lease is live.
+            StoreError: A run of that id is stored in another flow, or the store cannot be written.
+        """
+        ...
+
+
 CLI_TARGET_LABEL = "stoppoint.target"
 """The label under which the `stoppoint` command keeps the `FILE.py:FLOW` a run was started from (the
 file's absolute path), so that `stoppoint resume RUN_ID` needs nothing else."""
 
 
 @runtime_checkable
-class LabelStore(Store, Protocol):
+class LabelStore(BasicStore, Protocol):
     """A `Store` that also keeps **labels** beside each run: str key/value pairs for the tools that run it.
 
     The `stoppoint` command keeps the `FILE.py:FLOW` a run was started from under `"stoppoint.target"`
