@@ -35,6 +35,9 @@ from ._flow import Flow as Flow
 from ._handle import FlowRun as FlowRun
 from ._interruptible import Interruptible as Interruptible
 from ._interruptible import interruptible as interruptible
+from ._lease import Claim as Claim
+from ._lease import Lease as Lease
+from ._lease import Queue as Queue
 from ._memory import MemoryStore as MemoryStore
 from ._os_signals import OnSignals as OnSignals
 from ._os_signals import interrupt_on_signals as interrupt_on_signals
@@ -48,9 +51,6 @@ from ._signal import Interrupter as Interrupter
 from ._signal import InterruptSignal as InterruptSignal
 from ._signal import interrupt_channel as interrupt_channel
 from ._sqlite import SQLiteStore as SQLiteStore
-from ._lease import Claim as Claim
-from ._lease import Lease as Lease
-from ._lease import Queue as Queue
 from ._store import BasicStore as BasicStore
 from ._store import LabelStore as LabelStore
 from ._store import RunRecord as RunRecord
