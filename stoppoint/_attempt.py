@@ -13,12 +13,12 @@ from typing import Any
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from ._checkpoint import Checkpoint
 from ._control import Control, cancellation_in_effect
 from ._events import RunEvent
 from ._executor import Run
 from ._observers import flow_ended, flow_started, past_events
-from ._outcome import Completed, Interrupted, RunReport
+from ._outcome import Completed, Interrupted
+from ._persist import Leased
 from ._probe import probe_of
 from ._signal import InterruptSignal, linked
 from ._timeline import Timeline
@@ -38,7 +38,6 @@ class Attempt:
         self.deadline = deadline
         level.is_top = True
         control.timeline = level.timeline
-        control.snapshot = self.snapshot
         control.unstorable = level.drop_unstorable
         self.told_end: RunEvent | None = None  # the end event, once told (streams opened after it get it too)
         self.over = False  # the run's outcome is being made: it is over
@@ -48,6 +47,10 @@ class Attempt:
         return self.level.run_id
 
     @property
+    def epoch(self) -> int:
+        return self.control.epoch
+
+    @property
     def flow(self) -> str:
         return self.level.name
 
@@ -55,16 +58,22 @@ class Attempt:
     def timeline(self) -> Timeline:
         return self.level.timeline
 
-    def snapshot(self) -> tuple[Checkpoint, RunReport]:
-        """What a save commits: the run's checkpoint and its report now."""
-        return self.level.checkpoint(), self.level.timeline.report()
-
     def interrupt(self, signal: InterruptSignal) -> bool:
         """Deliver `signal` as if it came on the interrupt stream; False once the run is over."""
         if self.over:
             return False
         self.control.on_signal(signal)
         return True
+
+    def requeue(self, reason: str) -> bool:
+        """A worker stopping: interrupt the run gracefully and, unless another interrupt came first, store
+        its interrupted end as queued (released), for another worker to resume. False once it is over."""
+        persist = self.control.persist
+        if self.over:
+            return False
+        if self.control.first is None and isinstance(persist, Leased):
+            persist.requeue = True
+        return self.interrupt(InterruptSignal(reason=reason, source="worker"))
 
     # -- the run --------------------------------------------------------------------------------------
 
@@ -96,9 +105,10 @@ class Attempt:
             if started is not None:
                 started()
 
+        persist = control.persist
         try:
-            if level.persist:
-                await control.save()  # listed as running before any step starts
+            if persist is not None:
+                await control.save(persist.start)  # listed as running before any step starts
                 if cancellation_in_effect():
                     control.close()  # cancelled during the (shielded) save: no step may start
             await level.drive(begin)
@@ -111,12 +121,12 @@ class Attempt:
                 bad_signal = control.bad_signal
                 control.drain(receiver)
                 control.bad_signal = bad_signal
-            if level.persist:
+            if persist is not None:
                 if not level.finished and cancellation_in_effect():
                     control.cancel_signal()  # the stored report says what the outcome will say
                 if level.timeline.ended is None:
                     level.timeline.ended = perf_counter()  # cancelled before its steps were driven
-                await control.save()  # how the run ended, also when it was cancelled
+                await control.save(persist.end)  # how the run ended, also when it was cancelled
         if level.fatal is not None:
             self.tell_end(level.fatal)
             raise level.fatal

@@ -40,7 +40,7 @@ from ._flow import Flow, plan_of
 from ._outcome import Interrupted, RunReport
 from ._signal import interrupt_channel
 from ._sqlite import SQLiteStore
-from ._store import CLI_TARGET_LABEL, LabelStore, RunRecord, RunStatus, Store
+from ._store import CLI_TARGET_LABEL, BasicStore, LabelStore, RunRecord, RunStatus
 from ._strategy import AtCheckpoint, FinishCurrent, IgnoreInterruptions, PollNextN, Strategy
 from ._types import Unresolved, adapter, input_type, type_name
 
@@ -231,7 +231,7 @@ async def _target_of(store: LabelStore, record: RunRecord) -> str | None:
     return (await store.labels(record.flow, record.run_id)).get(CLI_TARGET_LABEL)
 
 
-async def _find(store: Store, run_id: str) -> RunRecord | None:
+async def _find(store: BasicStore, run_id: str) -> RunRecord | None:
     """The stored record of `run_id`, whatever its flow."""
     for record in await store.list_runs():
         if record.run_id == run_id:
@@ -256,7 +256,7 @@ async def _stored_run(store_arg: str | None, run_id: str) -> AsyncIterator[tuple
 
 async def _run_flow(
     flow: Flow,
-    store: Store,
+    store: BasicStore,
     run_id: str,
     *,
     inputs: dict[str, Any] | None,

@@ -94,6 +94,7 @@ class StepContext:
 
     __slots__ = (
         "_countdown",
+        "_epoch",
         "_flow",
         "_forced",
         "_last_check",
@@ -110,19 +111,20 @@ class StepContext:
         "_stride",
     )
 
-    def __init__(self, *, run_id: str, flow: str, step: str) -> None:
-        self._setup(run_id, flow, step, _perf_counter())
+    def __init__(self, *, run_id: str, flow: str, step: str, epoch: int = 0) -> None:
+        self._setup(run_id, flow, step, _perf_counter(), epoch)
 
     @classmethod
-    def _for_step(cls, run_id: str, flow: str, step: str, now: float) -> StepContext:
+    def _for_step(cls, run_id: str, flow: str, step: str, now: float, epoch: int) -> StepContext:
         """The run's constructor, on the per-step hot path: no keyword parsing, and `now` is
         the step's start (one clock reading per step)."""
         self: StepContext = _new(cls)
-        self._setup(run_id, flow, step, now)
+        self._setup(run_id, flow, step, now, epoch)
         return self
 
-    def _setup(self, run_id: str, flow: str, step: str, now: float) -> None:
+    def _setup(self, run_id: str, flow: str, step: str, now: float, epoch: int) -> None:
         self._run_id = run_id
+        self._epoch = epoch
         self._flow = flow
         self._step = step
         self._stop = False
@@ -153,6 +155,14 @@ class StepContext:
     def step(self) -> str:
         """This step's name."""
         return self._step
+
+    @property
+    def epoch(self) -> int:
+        """The run's claim number in its store (1 for the first attempt, +1 at every claim after; 0
+        without a store that keeps leases). A step that reaches outside (a payment, an email) and may
+        run again after a crash (steps run at least once) builds its idempotency key from
+        `(run_id, step)`, or from `(run_id, step, epoch)` to tell attempts apart."""
+        return self._epoch
 
     @property
     def log(self) -> Any:

@@ -19,18 +19,17 @@ import anyio
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from ._checkpoint import Checkpoint
 from ._errors import CheckpointError
 from ._observers import Observers, interrupt_received
-from ._outcome import RunReport
 from ._probe import Probe
 from ._signal import InterruptSignal, take_buffered
-from ._store import Store
+from ._store import BasicStore
 from ._strategy import Strategy
 from ._timeline import Timeline
 
 if TYPE_CHECKING:
     from ._context import StepContext
+    from ._persist import Persist
 
 __all__ = ["Control", "cancellation_in_effect"]
 
@@ -65,11 +64,13 @@ class Control:
         "background",
         "bad_signal",
         "closed",
+        "epoch",
         "first",
         "flow",
         "forced",
         "grace",
         "observers",
+        "persist",
         "polled",
         "probe",
         "received",
@@ -78,7 +79,6 @@ class Control:
         "save_lock",
         "shut",
         "signals",
-        "snapshot",
         "started_since_interrupt",
         "store",
         "store_down",
@@ -95,7 +95,7 @@ class Control:
         run_id: str,
         strategy: Strategy,
         grace: float | None,
-        store: Store | None,
+        store: BasicStore | None,
         observers: Observers,
     ) -> None:
         self.flow = flow
@@ -103,9 +103,10 @@ class Control:
         self.observers = observers
         self.probe: Probe | None = None  # stoppoint.testing's view of the run's stopping points
         self.store = store
-        # The top-level run's timeline, and what a save writes: set by the run's attempt.
+        # The top-level run's timeline, and how the run writes to its store: set by the run's attempt.
         self.timeline: Timeline | None = None
-        self.snapshot: Callable[[], tuple[Checkpoint, RunReport]] | None = None
+        self.persist: Persist | None = None
+        self.epoch = 0  # the run's claim number (StepContext.epoch), with a leased store
         # Fail the steps whose outputs cannot be stored, leaving them out; True if any (the attempt's).
         self.unstorable: Callable[[], bool] | None = None
         self.save_lock = anyio.Lock() if store is not None else None  # saves of one run never overlap
@@ -238,8 +239,8 @@ class Control:
 
     # -- persistence ----------------------------------------------------------------------------------
 
-    async def save(self) -> None:
-        """Commit the top-level run's checkpoint and report to the store.
+    async def save(self, write: Callable[[], Awaitable[None]]) -> None:
+        """Make one of the run's writes to its store (`write`: a method of `self.persist`).
 
         Never cut off: a cancelled run still records how far it got. Shielded from anyio
         cancellation; on asyncio a native `Task.cancel()` of the caller, which an anyio shield does
@@ -250,34 +251,34 @@ class Control:
         fails its step, and the run is saved without it: the store still works, so the run's end is
         saved too (failed, not running for ever).
         """
-        if self.store is None or self.snapshot is None or self.store_down:
+        if self.persist is None or self.store_down:
             return
         with anyio.CancelScope(shield=True):
             try:
-                await self._save()
+                await self._save(write)
             except asyncio.CancelledError:  # native: nothing else reaches into the shield
                 # The run is being cancelled, but its other tasks do not know it yet (a native
                 # cancel reaches the task group only once it is raised on): no step may start
                 # while the save is made again.
                 self.close()
-                await _to_the_end(self._save())
+                await _to_the_end(self._save(write))
                 raise
 
-    async def _save(self) -> None:
-        store, snapshot, lock = self.store, self.snapshot, self.save_lock
-        assert store is not None
-        assert snapshot is not None
+    async def _save(self, write: Callable[[], Awaitable[None]]) -> None:
+        lock = self.save_lock
         assert lock is not None
         async with lock:
+            if self.store_down:  # (the lease was lost while this save waited)
+                return
             try:
-                await store.save(*snapshot())
+                await write()
             except CheckpointError as exc:
                 if self.unstorable is None or not self.unstorable():
                     self.store_failed(exc)
                     return
                 self.store_failed(exc, down=False)
                 try:
-                    await store.save(*snapshot())
+                    await write()
                 except Exception as again:
                     self.store_failed(again)
             except Exception as exc:
@@ -307,6 +308,8 @@ class Control:
                 self.on_signal(self.deadline_signal(deadline))
         if signalled_before and self.grace and self.strategy._escalates:
             self.spawn(self.grace_timer)
+        if self.persist is not None:
+            self.persist.background(self)
 
     async def grace_timer(self) -> None:
         assert self.grace is not None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from functools import partial
 from time import perf_counter as _perf_counter
 from typing import Any
 
@@ -260,7 +261,7 @@ class Run(StepEndings):
                 running = control.running
                 started = _perf_counter()
                 if spec.context_param is not None:
-                    ctx = _new_context(self.run_id, self.name, name, started)
+                    ctx = _new_context(self.run_id, self.name, name, started, control.epoch)
                     if control.probe is not None:
                         ctx._probe = control.probe.counter(self.path, self.name, name)
                     kwargs[spec.context_param] = ctx
@@ -297,7 +298,7 @@ class Run(StepEndings):
                     if self.persist:
                         # Durability: the output is committed before any step that needs it starts.
                         record.duration = now - started  # (the saved report reads the record)
-                        await self.commit_step()
+                        await self.commit_step(name)
                     if ctx is not None and ctx._shielded and cancellation_in_effect():
                         # A shield let the step finish while the run was being cancelled (say,
                         # its task group was): its output is kept, but no further step may start.
@@ -336,10 +337,12 @@ class Run(StepEndings):
         finally:
             self.active -= 1
 
-    async def commit_step(self) -> None:
-        """Save after a completed step. The save is shielded, so a cancellation of the run may
+    async def commit_step(self, name: str) -> None:
+        """Save after step `name` completed. The save is shielded, so a cancellation of the run may
         have come meanwhile unseen: then no further step may start."""
-        await self.control.save()
+        persist = self.control.persist
+        assert persist is not None
+        await self.control.save(partial(persist.step, self, name))
         if cancellation_in_effect():
             self.control.close()
 
@@ -377,7 +380,7 @@ class Run(StepEndings):
                 self.outputs[name] = value
                 del self.includes[name]
                 if self.persist:
-                    await self.commit_step()
+                    await self.commit_step(name)
             elif control.forced and stopped_at is None:
                 record.finish(StepStatus.CANCELLED)  # forced: it did not stop at a stopping point
             else:

@@ -24,7 +24,7 @@ from ._strategy import AtCheckpoint, Strategy
 
 if TYPE_CHECKING:
     from ._outcome import Interrupted
-    from ._store import Store
+    from ._store import BasicStore
 
 __all__ = ["Flow", "plan_of"]
 
@@ -399,7 +399,7 @@ class Flow:
         interrupts: MemoryObjectReceiveStream[InterruptSignal] | None = None,
         strategy: Strategy = _DEFAULT_STRATEGY,
         resume: Checkpoint | None = None,
-        store: Store | None = None,
+        store: BasicStore | None = None,
         run_id: str | None = None,
         grace: float | None = None,
         deadline: float | None = None,
@@ -480,7 +480,7 @@ class Flow:
         interrupts: MemoryObjectReceiveStream[InterruptSignal] | None = None,
         strategy: Strategy = _DEFAULT_STRATEGY,
         resume: Checkpoint | None = None,
-        store: Store | None = None,
+        store: BasicStore | None = None,
         run_id: str | None = None,
         grace: float | None = None,
         deadline: float | None = None,

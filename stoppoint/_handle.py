@@ -75,6 +75,16 @@ class FlowRun:
             return self._outcome.report
         return self._run.timeline.report()
 
+    def _requeue(self, reason: str) -> bool:
+        """For a `Worker` stopping: interrupt gracefully and, unless another interrupt came first, store
+        the run queued (released) when it stops, for another worker to resume. False once it is over."""
+        return self._run is not None and self._run.requeue(reason)
+
+    @property
+    def _epoch(self) -> int:
+        """The run's claim number (0 without a leased store)."""
+        return 0 if self._run is None else self._run.epoch
+
     def interrupt(self, reason: str = "interrupted", *, force: bool = False, source: str | None = "api") -> bool:
         """Ask this run to stop, like a signal on its interrupt stream would (call it in the loop's thread).
 

@@ -5,11 +5,14 @@ Everything here happens before any step starts, so a bad option raises before an
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import Any
 
+import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 from pydantic import ValidationError
 
@@ -19,14 +22,16 @@ from ._control import Control
 from ._errors import CheckpointMismatch, FlowInputError, StoreError
 from ._events import EventCallback
 from ._executor import Run
+from ._lease import Claim, Lease, process_owner
 from ._observers import Observers
-from ._outcome import Completed, RunReport
+from ._outcome import Completed, RunReport, StepReport, StepStatus
+from ._persist import Leased, WholeSaves
 from ._plan import Plan
 from ._signal import InterruptSignal
-from ._store import BasicStore, RunStatus
+from ._store import BasicStore, RunState, RunStatus, Store, StoredRun
 from ._strategy import AtCheckpoint, Strategy
 
-__all__ = ["RunOptions", "open_run", "prepare"]
+__all__ = ["RunOptions", "check_options", "new_state", "open_run", "prepare"]
 
 _DEFAULT_STRATEGY = AtCheckpoint()  # strategies are frozen: one instance serves every run
 
@@ -47,11 +52,12 @@ class RunOptions:
     grace: float | None = None
     deadline: float | None = None
     on_event: EventCallback | None = None
+    claim: Claim | None = None  # a worker's: the run is claimed already (the store is a Store)
 
 
 async def open_run(plan: Plan, options: RunOptions) -> Attempt | Completed[Any]:
-    """Check the options of one run of the flow of `plan` and set it up, not started; or, when
-    the store holds that run completed, its stored outcome."""
+    """Check the options of one run of the flow of `plan` and set it up, not started (claimed, with a
+    `Store`); or, when the store holds that run completed, its stored outcome."""
     flow, store, run_id, resume = plan.flow, options.store, options.run_id, options.resume
     # The run's id is the given one, else the checkpoint's, else a new hex id: checked here, before
     # a store is asked for it, and only here.
@@ -60,8 +66,8 @@ async def open_run(plan: Plan, options: RunOptions) -> Attempt | Completed[Any]:
         _check_run_id(flow, resume.run_id)
     if store is not None and (isinstance(store, type) or not isinstance(store, BasicStore)):
         raise TypeError(
-            f"flow {flow!r}: store must implement the Store protocol (save, load, list_runs, delete), "
-            f"such as SQLiteStore(path); got {type(store).__name__}"
+            f"flow {flow!r}: store must implement the Store protocol (such as SQLiteStore(path)), or at least "
+            f"save, load, list_runs and delete; got {type(store).__name__}"
         )
     if store is not None and resume is not None and isinstance(resume, Checkpoint):
         # Resuming a checkpoint into a store: refuse to overwrite a stored run that got further.
@@ -75,7 +81,9 @@ async def open_run(plan: Plan, options: RunOptions) -> Attempt | Completed[Any]:
                     + (f", with steps the checkpoint lacks ({', '.join(sorted(ahead))})" if ahead else "")
                     + "; run it with store= and run_id= alone to go on from there"
                 )
-    elif store is not None and isinstance(run_id, str) and run_id:
+    if isinstance(store, Store):
+        return await _claimed(plan, store, options)
+    if store is not None and resume is None and isinstance(run_id, str) and run_id:
         stored = await store.load(flow, run_id)
         if stored is not None:
             checkpoint = _load(plan, stored.checkpoint_json)
@@ -93,14 +101,104 @@ async def open_run(plan: Plan, options: RunOptions) -> Attempt | Completed[Any]:
     return prepare(plan, options)
 
 
+async def _claimed(plan: Plan, store: Store, options: RunOptions) -> Attempt | Completed[Any]:
+    """Claim the run (unless a worker did) and set it up under its lease; or its stored outcome."""
+    flow, claim, resume = plan.flow, options.claim, options.resume
+    check_options(plan, options)  # before the claim: a bad option must leave the store as it was
+    if claim is None:
+        run_id = options.run_id
+        if run_id is None:
+            run_id = resume.run_id if isinstance(resume, Checkpoint) else uuid.uuid4().hex
+        elif not isinstance(run_id, str) or not run_id:
+            raise TypeError(f"flow {flow!r}: run_id must be a non-empty str, got {run_id!r}")
+        options = replace(options, run_id=run_id)
+        # A new run is created by the claim itself, so its inputs must be complete and storable now;
+        # a stored run needs none (it has its own), so their absence only counts if there is none.
+        refusal: FlowInputError | None = None
+        try:
+            new = new_state(plan, run_id, resume.inputs if isinstance(resume, Checkpoint) else options.inputs)
+        except FlowInputError as exc:
+            new, refusal = None, exc
+        claim = await store.claim(flow, run_id, process_owner(), new=new)
+        if claim is None:
+            assert refusal is not None
+            raise refusal
+    lease, stored = claim.lease, claim.stored
+    if lease is None:  # completed
+        assert stored is not None
+        checkpoint = _load(plan, stored.checkpoint_json)
+        if set(checkpoint.outputs) == set(plan.specs):
+            return _stored_outcome(plan, options, stored, checkpoint)
+        # A flow that gained steps at the same version: the stored run is not complete for it.
+        claim = await store.claim(flow, stored.record.run_id, process_owner(), reopen=True)
+        assert claim is not None
+        assert claim.lease is not None
+        lease, stored = claim.lease, claim.stored
+    try:
+        if stored is not None and resume is None:
+            options = replace(options, resume=_load(plan, stored.checkpoint_json))
+        return prepare(plan, options, lease)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            with contextlib.suppress(StoreError):  # the lease expires anyway
+                await store.release(lease)
+        raise
+
+
+def new_state(plan: Plan, run_id: str, inputs: Mapping[str, Any] | None) -> RunState:
+    """The head of a new run of the flow of `plan`, as a claim or a submit creates it: its inputs,
+    checked (a resume must read them back), and every step pending.
+
+    Raises:
+        FlowInputError: An input is missing, unknown, or one a resume could not read back.
+        TypeError: `inputs` is not a mapping.
+    """
+    given = _check_inputs(plan, inputs, True)
+    started = datetime.now(UTC)
+    report = RunReport.model_construct(
+        run_id=run_id,
+        flow=plan.flow,
+        started_at=started,
+        finished_at=None,
+        steps={name: StepReport.model_construct(name=name, status=StepStatus.PENDING) for name in plan.steps},
+        interrupts=[],
+    )
+    head = Checkpoint(flow=plan.flow, flow_version=plan.version, run_id=run_id, inputs=given, outputs={})
+    return RunState(
+        flow_version=plan.version,
+        status=RunStatus.RUNNING,
+        started_at=started,
+        finished_at=None,
+        checkpoint_json=head.to_json(),
+        report_json=report.model_dump_json(),
+    )
+
+
+def _stored_outcome(plan: Plan, options: RunOptions, stored: StoredRun, checkpoint: Checkpoint) -> Completed[Any]:
+    """The outcome of a run the store holds completed: its stored result and report, nothing run."""
+    _check_resume_inputs(plan, options.inputs, checkpoint)
+    try:
+        report = RunReport.model_validate_json(stored.report_json)
+    except ValidationError as exc:
+        raise StoreError(
+            f"flow {plan.flow!r}, run {stored.record.run_id!r}: the stored report does not validate: {exc}"
+        ) from exc
+    return Completed(checkpoint.outputs[plan.result], report)
+
+
 def _load(plan: Plan, text: str) -> Checkpoint:
     return typed(plan, CheckpointFile.parse(text))
 
 
-def prepare(plan: Plan, options: RunOptions) -> Attempt:
-    """Check the options of one run of the flow of `plan` and set it up, not started."""
-    flow, strategy, interrupts, stored = plan.flow, options.strategy, options.interrupts, options.store is not None
-    inputs, resume, run_id, on_event = options.inputs, options.resume, options.run_id, options.on_event
+def check_options(plan: Plan, options: RunOptions) -> tuple[float | None, float | None]:
+    """Check the options that need no store (all but the inputs); (grace, deadline) as floats.
+
+    Raises:
+        TypeError: A bad strategy, interrupts, resume or on_event.
+        CheckpointMismatch: `resume` is a checkpoint of another flow or version, or of other inputs.
+        ValueError: A bad grace or deadline.
+    """
+    flow, strategy, interrupts, resume = plan.flow, options.strategy, options.interrupts, options.resume
     if not isinstance(strategy, Strategy) or type(strategy) is Strategy:
         raise TypeError(
             f"flow {flow!r}: strategy must be one of AtCheckpoint(), FinishCurrent(), PollNextN(n), "
@@ -115,7 +213,19 @@ def prepare(plan: Plan, options: RunOptions) -> Attempt:
         if not isinstance(resume, Checkpoint):
             raise TypeError(f"flow {flow!r}: resume must be a Checkpoint, got {type(resume).__name__}")
         check_belongs(plan, resume)
-        _check_resume_inputs(plan, inputs, resume)
+        _check_resume_inputs(plan, options.inputs, resume)
+    on_event = options.on_event
+    if on_event is not None and not callable(on_event):
+        raise TypeError(f"flow {flow!r}: on_event must be a callable taking an event, got {on_event!r}")
+    return _seconds(flow, "grace", options.grace), _seconds(flow, "deadline", options.deadline)
+
+
+def prepare(plan: Plan, options: RunOptions, lease: Lease | None = None) -> Attempt:
+    """Check the options of one run of the flow of `plan` and set it up, not started (`lease`: its
+    claim, with a `Store`)."""
+    grace, deadline = check_options(plan, options)
+    flow, inputs, resume, run_id, store = plan.flow, options.inputs, options.resume, options.run_id, options.store
+    if resume is not None:
         if inputs is None:
             inputs = resume.inputs
         if run_id is None:
@@ -125,12 +235,14 @@ def prepare(plan: Plan, options: RunOptions) -> Attempt:
     elif not isinstance(run_id, str) or not run_id:
         raise TypeError(f"flow {flow!r}: run_id must be a non-empty str, got {run_id!r}")
     # (open_run checked the run id already: the given one, or the checkpoint's)
-    if on_event is not None and not callable(on_event):
-        raise TypeError(f"flow {flow!r}: on_event must be a callable taking an event, got {on_event!r}")
-    grace = _seconds(flow, "grace", options.grace)
-    deadline = _seconds(flow, "deadline", options.deadline)
-    control = Control(flow, run_id, strategy, grace, options.store, Observers(on_event))
-    level = Run(plan, _check_inputs(plan, inputs, stored), control, run_id, signals=control.signals, resume=resume)
+    control = Control(flow, run_id, options.strategy, grace, store, Observers(options.on_event))
+    inputs = _check_inputs(plan, inputs, store is not None)
+    level = Run(plan, inputs, control, run_id, signals=control.signals, resume=resume)
+    if lease is not None:
+        assert isinstance(store, Store)
+        control.persist = Leased(level, store, lease)
+    elif store is not None:
+        control.persist = WholeSaves(level, store)
     return Attempt(level, control, deadline)
 
 

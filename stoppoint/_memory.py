@@ -141,6 +141,7 @@ class MemoryStore:
         owner: str,
         *,
         new: RunState | None = None,
+        reopen: bool = False,
         labels: Mapping[str, str] | None = None,
     ) -> Claim | None:
         """Claim one run (see `Store.claim`)."""
@@ -150,7 +151,9 @@ class MemoryStore:
         checked = None if labels is None else checked_labels(flow, run_id, labels)
         await anyio.lowlevel.checkpoint()
         with self._lock:
-            run = self._runs.get((flow, run_id)) or self._other_flow(flow, run_id)
+            run = self._runs.get((flow, run_id))
+            if run is None:
+                self._other_flow(flow, run_id)
             if run is None:
                 if new is None:
                     return None
@@ -158,7 +161,7 @@ class MemoryStore:
                 if checked:
                     self._run_labels.setdefault((flow, run_id), {}).update(checked)
                 return Claim(self._take(run, owner), None)
-            if run.row.status == RunStatus.COMPLETED.value:
+            if run.row.status == RunStatus.COMPLETED.value and not reopen:
                 return Claim(None, self._stored(run))
             stored = self._stored(run)
             return Claim(self._take(run, owner), stored)
@@ -175,8 +178,9 @@ class MemoryStore:
                 if run.row.flow in flows
                 and (
                     (run.row.status == RunStatus.QUEUED.value and run.queue in limits)
-                    or (run.row.status == RunStatus.RUNNING.value and not run.live(at))
+                    or run.row.status == RunStatus.RUNNING.value
                 )
+                and not run.live(at)
             ]
             candidates.sort(key=lambda run: run.row.started_at)
             for run in candidates:
@@ -281,7 +285,9 @@ class MemoryStore:
         checked = None if labels is None else checked_labels(flow, run_id, labels)
         await anyio.lowlevel.checkpoint()
         with self._lock:
-            run = self._runs.get((flow, run_id)) or self._other_flow(flow, run_id)
+            run = self._runs.get((flow, run_id))
+            if run is None:
+                self._other_flow(flow, run_id)
             if run is None:
                 run = self._runs[(flow, run_id)] = _Run(head_row(flow, run_id, new), queue=queue)
                 if checked:
@@ -328,7 +334,6 @@ class MemoryStore:
         for other, other_id in self._runs:
             if other_id == run_id and other != flow:
                 raise StoreError(f"MemoryStore: run {run_id!r} is a run of flow {other!r}, not of flow {flow!r}")
-        return None
 
     def _take(self, run: _Run, owner: str) -> Lease:
         at = now()
@@ -336,7 +341,6 @@ class MemoryStore:
             raise RunOwned(run.row.flow, run.row.run_id, run.owner or "?", run.claimed_at)
         run.owner, run.epoch, run.claimed_at = owner, run.epoch + 1, at
         run.expires_at = at + timedelta(seconds=self._lease)
-        run.row = run.row._replace(status=RunStatus.RUNNING.value, finished_at=None, updated_at=utc_text(at))
         return Lease(run.row.flow, run.row.run_id, owner, run.epoch, run.expires_at)
 
     def _held(self, lease: Lease, method: str) -> _Run:

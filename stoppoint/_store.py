@@ -294,15 +294,19 @@ class Store(BasicStore, Protocol):
         *,
         new: RunState | None = None,
         labels: Mapping[str, str] | None = None,
+        reopen: bool = False,
     ) -> Claim | None:
         """Claim one run, atomically: of any number of claims racing for one run, exactly one wins.
 
-        - No run of that id (in any flow): with `new`, it is created from it (status running), owned,
-          epoch 1, with `labels` (a `LabelStore`; others ignore them); without, returns None.
-        - A stored run whose status is completed: returns `Claim(None, stored)`, claiming nothing.
+        - No run of that id (in any flow): with `new`, it is created from it, owned, epoch 1, with
+          `labels` (a `LabelStore`; others ignore them); without, returns None.
+        - A stored run whose status is completed: returns `Claim(None, stored)`, claiming nothing;
+          with `reopen`, claims it like an unfinished one (a flow that gained steps at the same version).
         - A stored unfinished run (queued, interrupted, failed, running with an expired lease, or
-          released) of this flow: claimed, epoch + 1, status running, its pending interrupt requests
-          kept (the new owner receives them); returns `Claim(lease, stored)`, stored as it was.
+          released) of this flow: claimed, epoch + 1, its pending interrupt requests kept (the new owner
+          receives them); returns `Claim(lease, stored)`, stored as it was. Its status and head stay as
+          they are until the owner's first `write()`, so a claim given up at once (`release()`) changes
+          nothing but the epoch.
         - A run of that id in another flow: raises `StoreError` naming it.
 
         Raises:
@@ -312,10 +316,11 @@ class Store(BasicStore, Protocol):
         ...
 
     async def claim_next(self, owner: str, flows: Collection[str], queues: Sequence[Queue]) -> Claim | None:
-        """Claim one run of one of `flows` that is queued in one of `queues`, or orphaned (running, lease
-        expired, in any queue or none), oldest first; None if there is none to claim. A queue with a
-        `concurrency` limit gets no claim while that many of its runs hold live leases (counted in the
-        claim's transaction, so the limit holds across every worker). Atomic like `claim()`.
+        """Claim one run of one of `flows` that is queued in one of `queues` and not held, or orphaned
+        (stored running, lease expired, in any queue or none), oldest first; None if there is none to
+        claim. A queue with a `concurrency` limit gets no claim while that many of its runs hold live
+        leases (counted in the claim's transaction, so the limit holds across every worker). Atomic
+        like `claim()`.
 
         Raises:
             StoreError: The store cannot be read or written.
@@ -382,9 +387,10 @@ class Store(BasicStore, Protocol):
         self, flow: str, run_id: str, reason: str = "interrupted", *, force: bool = False, source: str | None = "api"
     ) -> bool:
         """Ask a run to stop, durably. A run with a live owner gets the request (the owner's next
-        `interrupts()` returns it); a run nobody holds (queued, orphaned, released) is marked
+        `interrupts()` returns it); a queued or orphaned run (stored running, nobody holds it) is marked
         interrupted at once (finished now, the signal added to its report's interrupts, its
-        checkpoint unchanged). False when there is no unfinished run of that id.
+        checkpoint unchanged). False when there is nothing to stop: no run of that id, or one that
+        ended (completed, interrupted, failed) and nobody holds.
 
         Raises:
             TypeError: A name or the reason is not a str, `force` not a bool.

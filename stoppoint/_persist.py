@@ -1,0 +1,218 @@
+"""Persist: what a run with a store writes, and when; and, with a leased store, keeping its lease.
+
+`Control.save()` (shielded, one at a time) calls one of these; the run's attempt made it:
+
+- `WholeSaves`, for a `BasicStore` (stoppoint 0.1's protocol): the whole checkpoint and report at
+  every save.
+- `Leased`, for a `Store`: the head at the attempt's start (`write`), one step row per completed
+  step (`commit_step`), the head and the unfinished includes' rows at its end (`finish`, which gives
+  the lease up); every write carries the lease, so once another claim came none lands. In the
+  background, while steps run, it renews the lease every `lease / 3` s, stops the run when no
+  renewal succeeded for `0.8 x lease` (self-fencing: another process may claim it at `lease`), and
+  asks the store for interrupt requests every `store.interrupt_poll` s, delivering them as signals.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import anyio
+
+from ._checkpoint import Checkpoint
+from ._errors import LeaseLost, StoreError
+from ._lease import Lease
+from ._store import BasicStore, RunState, RunStatus, StepRow, Store, run_status
+
+if TYPE_CHECKING:
+    from ._control import Control
+    from ._executor import Run
+
+__all__ = ["Leased", "Persist", "WholeSaves"]
+
+
+class Persist:
+    """How one attempt writes its run (see the module docstring)."""
+
+    __slots__ = ("control", "top")
+
+    def __init__(self, top: Run) -> None:
+        self.top = top  # the attempt's top level
+        self.control = top.control
+
+    async def start(self) -> None:
+        """The attempt begins: list the run as running, before any step starts."""
+        raise NotImplementedError
+
+    async def step(self, level: Run, name: str) -> None:
+        """Step `name` of `level` completed: commit its output before any step that depends on it starts."""
+        raise NotImplementedError
+
+    async def end(self) -> None:
+        """The attempt ended: write how."""
+        raise NotImplementedError
+
+    def background(self, control: Control) -> None:
+        """Spawn what keeps the run's claim while its steps run (nothing without a lease)."""
+
+
+class WholeSaves(Persist):
+    """A `BasicStore`: the whole checkpoint and report at every save."""
+
+    __slots__ = ("store",)
+
+    def __init__(self, top: Run, store: BasicStore) -> None:
+        super().__init__(top)
+        self.store = store
+
+    async def _save(self) -> None:
+        top = self.top
+        await self.store.save(top.checkpoint(), top.timeline.report())
+
+    async def start(self) -> None:
+        await self._save()
+
+    async def step(self, level: Run, name: str) -> None:
+        await self._save()
+
+    async def end(self) -> None:
+        await self._save()
+
+
+class Leased(Persist):
+    """A `Store`: fenced writes under the attempt's lease, renewed in the background."""
+
+    __slots__ = ("lease", "renewed", "requeue", "seen", "store")
+
+    def __init__(self, top: Run, store: Store, lease: Lease) -> None:
+        super().__init__(top)
+        self.store = store
+        self.lease = lease
+        self.control.epoch = lease.epoch
+        self.renewed = anyio.current_time()  # when the last successful renewal (or the claim) was sent
+        self.seen = 0  # the number of the last interrupt request delivered
+        self.requeue = False  # a worker stopping: an interrupted end is stored queued, for another worker
+
+    # -- writes ----------------------------------------------------------------------------------------
+
+    def state(self) -> RunState:
+        """The run's head now: its checkpoint without outputs (each is in its step's row) and its report."""
+        top = self.top
+        report = top.timeline.report()
+        status = run_status(report)
+        if self.requeue and status is RunStatus.INTERRUPTED:
+            status = RunStatus.QUEUED
+        head = Checkpoint(
+            flow=top.name, flow_version=top.plan.version, run_id=top.run_id, inputs=dict(top.inputs), outputs={}
+        )
+        head._fit = top.fit
+        return RunState(
+            flow_version=top.plan.version,
+            status=status,
+            started_at=report.started_at,
+            finished_at=report.finished_at,
+            checkpoint_json=head.to_json(),
+            report_json=report.model_dump_json(),
+        )
+
+    def row(self, step: str) -> StepRow | None:
+        """Top-level step `step`'s row: its output if it completed, else its include's checkpoint so far
+        (None if it has neither: an output a save dropped)."""
+        top = self.top
+        if step in top.outputs:
+            part = Checkpoint(
+                flow=top.name,
+                flow_version=top.plan.version,
+                run_id=top.run_id,
+                inputs={},
+                outputs={step: top.outputs[step]},
+            )
+        else:
+            inner = top.includes.get(step)
+            nested = inner.checkpoint() if inner is not None else top.partial.get(step)
+            if nested is None:
+                return None
+            part = Checkpoint(
+                flow=top.name,
+                flow_version=top.plan.version,
+                run_id=top.run_id,
+                inputs={},
+                outputs={},
+                nested={step: nested},
+            )
+        part._fit = top.fit
+        text = part.to_json()  # first: a CheckpointError leaves the store as it was
+        return StepRow(step, top.timeline.step_report(step).model_dump_json(), text)
+
+    async def start(self) -> None:
+        resumed = self.top.timeline.resumed
+        # A checkpoint given to run(resume=...) may hold outputs the store lacks: they go in with the head.
+        rows = [row for step in (*resumed, *self.top.partial) if (row := self.row(step)) is not None]
+        await self.store.write(self.lease, self.state(), rows)
+
+    async def step(self, level: Run, name: str) -> None:
+        row = self.row(level.path[0] if level.path else name)
+        if row is not None:
+            await self.store.commit_step(self.lease, row)
+
+    async def end(self) -> None:
+        top = self.top
+        rows = [row for step in (*top.partial, *top.includes) if (row := self.row(step)) is not None]
+        await self.store.finish(self.lease, self.state(), rows)
+
+    # -- in the background -------------------------------------------------------------------------------
+
+    def background(self, control: Control) -> None:
+        control.spawn(self.renew)
+        control.spawn(self.fence)
+        control.spawn(self.watch)
+
+    def lost(self, why: str | LeaseLost) -> None:
+        """The lease is gone: stop at once, writing nothing more; run() raises LeaseLost."""
+        lease = self.lease
+        error = why if isinstance(why, LeaseLost) else LeaseLost(lease.flow, lease.run_id, lease.epoch, why)
+        self.control.store_failed(error)
+
+    async def renew(self) -> None:
+        """Renew every third of the lease; a refusal loses it, a failing store is retried until `fence` gives up."""
+        period = self.store.lease / 3
+        while True:
+            await anyio.sleep(period)
+            sent = anyio.current_time()
+            try:
+                self.lease = await self.store.renew(self.lease)
+            except LeaseLost as exc:
+                self.lost(exc)
+                return
+            except StoreError:
+                continue  # a store down for a moment: `fence` stops the run if it stays down
+            self.renewed = sent
+
+    async def fence(self) -> None:
+        """Stop the run once no renewal has succeeded for 0.8 of the lease (another may claim it at 1.0)."""
+        limit = 0.8 * self.store.lease
+        while True:
+            left = self.renewed + limit - anyio.current_time()
+            if left <= 0:
+                self.lost(f"no renewal succeeded for {limit:g} s (0.8 of the {self.store.lease:g} s lease)")
+                return
+            await anyio.sleep(left)
+
+    async def watch(self) -> None:
+        """Deliver the store's interrupt requests for this run as ordinary signals."""
+        store, poll = self.store, self.store.interrupt_poll
+        if not (isinstance(poll, int | float) and math.isfinite(poll) and poll > 0):
+            poll = 0.05
+        while True:
+            await anyio.sleep(poll)
+            try:
+                requests = await store.interrupts(self.lease, self.seen)
+            except LeaseLost as exc:
+                self.lost(exc)
+                return
+            except StoreError:
+                continue  # the renewal says whether the store is gone
+            for number, signal in requests:
+                if number > self.seen:
+                    self.seen = number
+                    self.control.on_signal(signal)
