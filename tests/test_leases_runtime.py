@@ -12,7 +12,13 @@ import pytest
 
 import stoppoint as sp
 
+from .conftest import until
+
 pytestmark = pytest.mark.anyio
+
+
+async def orphaned(store: sp.Store) -> bool:
+    return (await store.list_runs())[0].status is sp.RunStatus.ORPHANED
 
 
 def gated_flow(entered: anyio.Event, release: anyio.Event, calls: list[str]) -> sp.Flow:
@@ -194,10 +200,9 @@ async def test_a_run_nobody_holds_is_marked_interrupted_at_once_and_resumes_late
         ).model_dump_json(),
     )
     claim = await store.claim("left", "r", "dead:1/x", new=new)
-    assert claim is not None and claim.lease is not None
-    with anyio.fail_after(5):
-        while (await store.list_runs())[0].status is not sp.RunStatus.ORPHANED:
-            await anyio.sleep(0.02)
+    assert claim is not None
+    assert claim.lease is not None
+    await until(lambda: orphaned(store))
     assert await store.interrupt("left", "r", "give up") is True
     stored = await store.load("left", "r")
     assert stored is not None
@@ -260,10 +265,11 @@ async def test_a_write_after_another_claim_is_refused_and_the_run_raises_lease_l
     async def taker() -> None:
         # Wait for the lease to expire, claim the run as another owner, then let the first one go on.
         await entered.wait()
-        while (await store.list_runs())[0].status is not sp.RunStatus.ORPHANED:
-            await anyio.sleep(0.01)
+        await until(lambda: orphaned(store))
         claim = await store.claim("gated", "r", "other:2/y")
-        assert claim is not None and claim.lease is not None and claim.lease.epoch == 2
+        assert claim is not None
+        assert claim.lease is not None
+        assert claim.lease.epoch == 2
         release.set()
 
     outcome: list[Any] = []
@@ -295,7 +301,7 @@ async def test_a_bad_option_with_a_store_claims_nothing() -> None:
 
     with pytest.raises(TypeError):
         await flow.run(store=store, run_id="r", strategy="fast")  # type: ignore[arg-type]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="grace"):
         await flow.run(store=store, run_id="r", grace=-1)
     assert await store.list_runs() == []
 
@@ -321,7 +327,8 @@ async def test_inputs_that_differ_from_the_stored_runs_leave_it_claimable_at_onc
     record = (await store.list_runs())[0]
     assert (record.status, record.owner) == (sp.RunStatus.INTERRUPTED, None)
     out = await flow.run(store=store, run_id="r")
-    assert isinstance(out, sp.Completed) and out.value == 2
+    assert isinstance(out, sp.Completed)
+    assert out.value == 2
 
 
 async def test_a_running_steps_progress_reaches_the_store() -> None:
@@ -339,14 +346,17 @@ async def test_a_running_steps_progress_reaches_the_store() -> None:
     async with anyio.create_task_group() as tg:
         handle = await flow.start(tg, store=store, run_id="r")
         await reported.wait()
-        with anyio.fail_after(5):
-            while True:
-                stored = await store.load("progress", "r")
-                assert stored is not None
-                step = sp.RunReport.model_validate_json(stored.report_json).steps["a"]
-                if step.progress is not None:
-                    break
-                await anyio.sleep(0.05)
+
+        async def shows_progress() -> bool:
+            stored = await store.load("progress", "r")
+            assert stored is not None
+            return sp.RunReport.model_validate_json(stored.report_json).steps["a"].progress is not None
+
+        await until(shows_progress)
+        stored = await store.load("progress", "r")
+        assert stored is not None
+        step = sp.RunReport.model_validate_json(stored.report_json).steps["a"]
+        assert step.progress is not None
         assert step.status is sp.StepStatus.RUNNING
         assert (step.progress.done, step.progress.total, step.progress.message) == (3, 10, "three")
         release.set()
