@@ -188,6 +188,8 @@ async def test_flowrun_cancelled_and_final_save_fails_raises_store_error(
     out = await flow.run(store=store, run_id="r")
     assert isinstance(out, sp.Completed)
     assert out.value == 1
+    [record] = await store.list_runs()
+    assert (record.status, record.epoch) == (sp.RunStatus.COMPLETED, 2 if isinstance(store, HookedStore) else 0)
 
 
 # -- asyncio native cancel: final save -----------------------------------------------------------
@@ -366,6 +368,8 @@ async def test_crash_mid_include_resume_reuses_inner_steps(path: str, monkeypatc
     assert isinstance(out, sp.Completed)
     assert out.value == 3
     assert calls == ["y"]
+    [record] = await snapshot.list_runs()
+    assert (record.status, record.epoch) == (sp.RunStatus.COMPLETED, 2 if isinstance(snapshot, sp.MemoryStore) else 0)
     inc = out.report.steps["inc"]
     assert inc.nested is not None
     assert inc.nested.steps["x"].resumed
@@ -496,6 +500,8 @@ async def test_store_fails_mid_run(path: str, monkeypatch: pytest.MonkeyPatch) -
     out = await flow.run(store=store, run_id="r")
     assert isinstance(out, sp.Completed)
     assert started == ["a", "a", "b"]  # a's output never reached the store: a runs again
+    [record] = await store.list_runs()
+    assert (record.status, record.epoch) == (sp.RunStatus.COMPLETED, 2 if isinstance(store, HookedStore) else 0)
 
 
 # -- PollNextN durability after an interrupt --------------------------------------------------
