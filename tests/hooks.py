@@ -116,8 +116,17 @@ async def _nothing(write: Write) -> None:
     pass
 
 
+_STORE_METHODS = frozenset(name for name in dir(sp.MemoryStore) if not name.startswith("_"))
+
+
 class _Hooks:
-    """The hooks, and the count of the writes begun."""
+    """The hooks, and the count of the writes begun. An attribute named as a store method (`release`,
+    `write`, ...) is refused: it would hide the method from the runtime that calls it."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in _STORE_METHODS:
+            raise AttributeError(f"{type(self).__name__}.{name} would hide the store's {name}(): name it otherwise")
+        super().__setattr__(name, value)
 
     def _setup_hooks(self, before: Hook | None, after: Hook | None) -> None:
         self.begun = 0

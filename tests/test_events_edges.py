@@ -158,17 +158,17 @@ async def test_a_stream_opened_by_a_listener_of_the_end_event_gets_the_end_event
 
 class HeldStore(HookedStore):
     """A MemoryStore whose commit of step `a` (the write after the one that lists the run) waits for
-    `release` (to open a stream mid-commit)."""
+    `let_go` (to open a stream mid-commit)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.saving = anyio.Event()
-        self.release = anyio.Event()
+        self.let_go = anyio.Event()
 
     async def before(self, write: Write) -> None:
         if write.outputs == {"a"} and not write.final:  # the commit of step `a`
             self.saving.set()
-            await self.release.wait()
+            await self.let_go.wait()
 
 
 async def test_a_stream_opened_while_a_completed_step_is_saved_tells_its_end_once() -> None:
@@ -191,7 +191,7 @@ async def test_a_stream_opened_while_a_completed_step_is_saved_tells_its_end_onc
             handle = await flow.start(tg, store=store, on_event=heard.append)
             await store.saving.wait()
             stream = handle.events()
-            store.release.set()
+            store.let_go.set()
             got = [event async for event in stream]
             assert isinstance(await handle.outcome(), sp.Completed)
     assert kinds(got) == kinds(heard)

@@ -119,7 +119,7 @@ async def test_an_output_utf8_cannot_encode_ends_the_run_stored_failed(store: sp
 
 
 class _Watched:
-    """Holds the first write matching `hold` until `release` is set (`held` is set once it is held, and
+    """Holds the first write matching `hold` until `let_go` is set (`held` is set once it is held, and
     `held_write` is that write), and keeps each write the store committed, in order (`written`)."""
 
     def __init__(self, hold: Callable[[Write], bool]) -> None:
@@ -127,14 +127,14 @@ class _Watched:
         self.hold = hold
         self.held = anyio.Event()
         self.held_write: Write | None = None
-        self.release = anyio.Event()
+        self.let_go = anyio.Event()
         self.written: list[Write] = []
 
     async def before(self, write: Write) -> None:
         if not self.held.is_set() and self.hold(write):
             self.held_write = write
             self.held.set()
-            await self.release.wait()  # a cancellation that cuts the write off here writes nothing
+            await self.let_go.wait()  # a cancellation that cuts the write off here writes nothing
 
     async def after(self, write: Write) -> None:
         self.written.append(write)
@@ -184,7 +184,7 @@ async def test_the_step_blamed_is_the_one_whose_output_cannot_be_stored_not_the_
     async def release_when_both_returned() -> None:
         await returned["good"].wait()
         await returned["bad"].wait()
-        store.release.set()
+        store.let_go.set()
 
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
@@ -307,7 +307,7 @@ async def test_a_native_cancel_of_the_caller_never_cuts_a_save_off(anyio_backend
         await store.held.wait()
         task.cancel()
         await anyio.lowlevel.checkpoint()  # the cancellation is delivered into the held save
-        store.release.set()
+        store.let_go.set()
         with pytest.raises(asyncio.CancelledError):
             await task
     await check_ended_as_expected(store, moment, calls)
@@ -336,7 +336,7 @@ async def test_a_native_cancel_delivered_twice_still_saves_how_the_run_ended(any
         await store.held.wait()
         task.cancel()
         await anyio.lowlevel.checkpoint()
-        store.release.set()
+        store.let_go.set()
         with pytest.raises(asyncio.CancelledError):
             await task
     assert store.written[-1] == store.held_write  # the run's end, written in the end
@@ -353,21 +353,21 @@ async def test_a_native_cancel_delivered_twice_still_saves_how_the_run_ended(any
 
 class _Marking:
     """Sets `written[key]` once the store has committed a write matching `marks[key]`; that write then
-    returns only once `release` is set if `key` is `hold`."""
+    returns only once `let_go` is set if `key` is `hold`."""
 
     def __init__(self, marks: dict[str, Callable[[Write], bool]], hold: str | None = None) -> None:
         super().__init__()
         self.marks = marks
         self.written = {key: anyio.Event() for key in marks}
         self.hold = hold
-        self.release = anyio.Event()
+        self.let_go = anyio.Event()
 
     async def after(self, write: Write) -> None:
         for key, mark in self.marks.items():
             if not self.written[key].is_set() and mark(write):
                 self.written[key].set()
                 if key == self.hold:
-                    await self.release.wait()
+                    await self.let_go.wait()
 
 
 class MarkingStore(_Marking, HookedStore):
@@ -430,7 +430,7 @@ async def test_no_step_starts_while_a_save_cut_off_by_a_native_cancel_is_made_ag
     with anyio.fail_after(10):
         caller.append(asyncio.ensure_future(flow.run(store=store, run_id="r")))
         await remaking.wait()  # a's commit, cut off, is being made again
-        store.release.set()  # b's commit ends: b's task goes on from there
+        store.let_go.set()  # b's commit ends: b's task goes on from there
         with pytest.raises(asyncio.CancelledError):
             await caller[0]
     assert calls == ["b", "a"]
@@ -579,7 +579,7 @@ async def test_a_step_handed_out_before_a_native_cancel_reached_the_run_does_not
     with anyio.fail_after(10):
         task = asyncio.ensure_future(flow.run(store=store, run_id="r"))
         await store.written["b"].wait()  # the caller's task, done with `a`, waits for `b`
-        store.release.set()
+        store.let_go.set()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -610,7 +610,7 @@ async def test_a_cancelled_scope_of_the_caller_never_cuts_a_save_off(path: str, 
             await store.held.wait()
             scope.cancel()
             await anyio.lowlevel.checkpoint()
-            store.release.set()
+            store.let_go.set()
     await check_ended_as_expected(store, moment, calls)
 
 

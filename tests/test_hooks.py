@@ -42,6 +42,15 @@ def test_the_two_paths() -> None:
 
 
 @pytest.mark.parametrize("path", ["leased", "whole"])
+def test_a_hooked_store_refuses_an_attribute_that_would_hide_a_store_method(path: str) -> None:
+    store = hooked_store(path)
+    for name in ("release", "write", "finish", "save", "load"):
+        with pytest.raises(AttributeError, match=f"would hide the store's {name}"):
+            setattr(store, name, object())
+    store.before_hook = store.after_hook  # hooks and the test's own attributes are fine
+
+
+@pytest.mark.parametrize("path", ["leased", "whole"])
 async def test_each_write_is_seen_before_and_after_in_order(path: str) -> None:
     """a, b and the include's x run one after the other here: the start, a's commit, b's, x's (inside
     the include), the include's, and the end: six writes, each seen before and after, one at a time."""
