@@ -10,7 +10,8 @@ cancel its caller during it, or record what it committed, whichever path the run
 and override the hooks, or give them as callables.
 
 The runtime never calls `MemoryStore.save()` during a run: overriding `save()` of a `MemoryStore` hooks
-into nothing.
+into nothing. A running step's `progress()` writes (at most once a second, not a save point) and the
+lease's `renew()` and `interrupts()` are not hooked.
 """
 
 from __future__ import annotations
