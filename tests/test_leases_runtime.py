@@ -252,10 +252,15 @@ async def test_an_owner_whose_renewals_stall_stops_itself_with_lease_lost_before
 
 class UnheldRenewals(StuckRenewals):
     """Renewals that answer at once without extending the lease (an owner whose clock runs slow, say): its
-    own fence is content, so only the store's fencing can stop its writes once another claims the run."""
+    own fence is content, so only the store's fencing can stop its writes once another claims the run. Its
+    polls for interrupt requests are not fenced either: the refused write, not a poll that happened to come
+    first (every 20 ms), is what stops the run."""
 
     async def renew(self, lease: sp.Lease) -> sp.Lease:
         return lease
+
+    async def interrupts(self, lease: sp.Lease, after: int = 0) -> list[tuple[int, sp.InterruptSignal]]:
+        return []
 
 
 async def test_a_write_after_another_claim_is_refused_and_the_run_raises_lease_lost() -> None:
