@@ -328,8 +328,10 @@ async def test_durability_include(path: str) -> None:
 async def test_crash_mid_include_resume_reuses_inner_steps(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     clock = LeaseClock(monkeypatch)
     store = recording(path)
-    memory = store if isinstance(store, HookedStore) else store.inner
     snapshot = sp.MemoryStore() if isinstance(store, HookedStore) else BasicOnly()
+    # The MemoryStores holding the runs of each (a BasicOnly keeps them in a MemoryStore of its own).
+    memory = store if isinstance(store, HookedStore) else store.inner
+    snapshot_memory = snapshot if isinstance(snapshot, sp.MemoryStore) else snapshot.inner
     calls: list[str] = []
 
     def build(crash: bool) -> sp.Flow:
@@ -344,9 +346,7 @@ async def test_crash_mid_include_resume_reuses_inner_steps(path: str, monkeypatc
         async def y(x: int) -> int:
             calls.append("y")
             if crash:  # what a kill -9 here leaves on disk: a copy of the store, sharing nothing with it
-                (snapshot if isinstance(snapshot, sp.MemoryStore) else snapshot.inner)._runs = copy.deepcopy(
-                    memory._runs
-                )
+                snapshot_memory._runs = copy.deepcopy(memory._runs)
             return x + 1
 
         outer = sp.Flow("outer", version="1")
