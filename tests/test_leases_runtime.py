@@ -372,7 +372,7 @@ async def test_a_running_steps_progress_reaches_the_store() -> None:
     assert sp.RunReport.model_validate_json(stored.report_json).steps["a"].status is sp.StepStatus.COMPLETED
 
 
-# -- found while porting the tests that hooked MemoryStore.save() (strict xfails until the runtime does it) --
+# -- found while porting the tests that hooked MemoryStore.save() --
 
 
 def a_then_b(ran: list[str]) -> sp.Flow:
@@ -391,14 +391,6 @@ def a_then_b(ran: list[str]) -> sp.Flow:
     return flow
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "an attempt that a failing write ended keeps its lease: nothing releases it (Control.store_failed "
-        "only stops writing), so the run reads back RUNNING, owned by this very process, and run() again "
-        "raises RunOwned ('it is running there') until the lease expires, though nothing runs it"
-    ),
-)
 @pytest.mark.parametrize("failing", ["write", "commit_step", "finish"])
 async def test_an_attempt_ended_by_a_failing_write_gives_its_lease_up(failing: str) -> None:
     """The store fails once (a blip), at the start, a commit or the end: run() raises the StoreError, and the
@@ -437,14 +429,6 @@ class ProgressSeen(sp.MemoryStore):
         self.progressed.set()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "a step whose progress was written and that then failed, was interrupted or cancelled is stored "
-        "RUNNING: Leased.end writes no row for it, so its progress row of the current epoch keeps its "
-        "running report, which merge_rows puts in place of the head's final one"
-    ),
-)
 @pytest.mark.parametrize("ending", ["failed", "interrupted", "cancelled"])
 async def test_a_step_that_wrote_progress_is_stored_as_it_ended(
     ending: str, channel: Any, monkeypatch: pytest.MonkeyPatch
