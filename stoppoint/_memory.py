@@ -11,7 +11,7 @@ import anyio.lowlevel
 
 from ._checkpoint import Checkpoint
 from ._errors import LeaseLost, RunOwned, StoreError
-from ._lease import Claim, Lease, Queue
+from ._lease import Claim, Lease, Queue, check_lease
 from ._outcome import RunReport
 from ._rows import (
     Row,
@@ -72,7 +72,7 @@ class MemoryStore:
     """An owner looks for interrupt requests this often (a dict lookup under a lock)."""
 
     def __init__(self, *, lease: float = 15.0) -> None:
-        self._lease = _check_lease("MemoryStore", lease)
+        self._lease = check_lease("MemoryStore", lease)
         self._runs: dict[tuple[str, str], _Run] = {}  # in the order of the runs' first saves
         self._run_labels: dict[tuple[str, str], dict[str, str]] = {}  # never holds an empty dict
         self._lock = threading.Lock()
@@ -378,9 +378,3 @@ class MemoryStore:
             queue=run.queue,
             at=utc_text(now()),
         )
-
-
-def _check_lease(store: str, lease: object) -> float:
-    if isinstance(lease, bool) or not isinstance(lease, int | float) or not 0 < lease < float("inf"):
-        raise TypeError(f"{store}(lease=...): lease must be a number of seconds > 0, got {lease!r}")
-    return float(lease)
