@@ -21,7 +21,6 @@ from ._rows import (
     head_row,
     interrupted_report,
     lease_record,
-    merge_rows,
     now,
     to_row,
     to_stored,
@@ -360,11 +359,7 @@ class MemoryStore:
             run.steps[step.step] = (lease.epoch, step)
 
     def _stored(self, run: _Run) -> StoredRun:
-        row = run.row
-        if run.steps:
-            checkpoint, report = merge_rows(row.checkpoint, row.report, run.steps.values(), run.epoch)
-            row = row._replace(checkpoint=checkpoint, report=report)
-        stored = to_stored(row, "MemoryStore")
+        stored = to_stored(run.row, "MemoryStore", list(run.steps.values()), run.epoch)
         return stored.model_copy(update={"record": self._record(run)})
 
     def _record(self, run: _Run) -> RunRecord:

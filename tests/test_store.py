@@ -24,8 +24,9 @@ import pytest
 
 from stoppoint import Checkpoint, CheckpointError, RunReport, StepReport, StepStatus, StoreError
 from stoppoint._memory import MemoryStore
+from stoppoint._rows import to_row, to_stored
 from stoppoint._sqlite import SQLiteStore
-from stoppoint._store import LabelStore, RunRecord, RunStatus, Store, StoredRun
+from stoppoint._store import LabelStore, RunRecord, RunStatus, StepRow, Store, StoredRun
 
 pytestmark = pytest.mark.anyio
 
@@ -917,3 +918,24 @@ async def test_two_processes_share_one_file(tmp_path: Path) -> None:
             assert stored is not None
             assert len(json.loads(stored.checkpoint_json)["outputs"]) == 5
             assert record.started_at < record.updated_at
+
+
+# -- step rows that do not merge --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        (StepRow("a", "not json"), r"the stored row of step 'a': its report is not JSON"),
+        (StepRow("a", "[1]"), r"the stored row of step 'a': its report is not a JSON object"),
+        (StepRow("a", "{}", "{broken"), r"the stored row of step 'a': its checkpoint is not JSON"),
+        (StepRow("a", "{}", '{"outputs": 3}'), r"the stored row of step 'a': its checkpoint part is not a checkpoint"),
+        (StepRow("a", b"\xff"), r"the stored row of step 'a': its report is not JSON"),  # type: ignore[arg-type]
+        (StepRow("a", None), r"the stored row of step 'a': its report holds NoneType"),  # type: ignore[arg-type]
+    ],
+)
+def test_a_step_row_that_does_not_merge_is_a_store_error_naming_the_run(row: StepRow, message: str) -> None:
+    """`merge_rows` raised a bare ValueError (json's) for a damaged row; `to_stored` says which run and step."""
+    checkpoint, report = completed()
+    with pytest.raises(StoreError, match=rf"^here: run 'r1' of flow 'f': {message}"):
+        to_stored(to_row(checkpoint, report), "here", [(1, row)], 1)
