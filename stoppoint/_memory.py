@@ -19,6 +19,7 @@ from ._rows import (
     check_state,
     checked_labels,
     head_row,
+    interrupt_signal,
     interrupted_report,
     lease_record,
     now,
@@ -247,8 +248,7 @@ class MemoryStore:
         self, flow: str, run_id: str, reason: str = "interrupted", *, force: bool = False, source: str | None = "api"
     ) -> bool:
         """Ask a run to stop, durably (see `Store.interrupt`)."""
-        check_names("interrupt", flow, run_id)
-        signal = InterruptSignal(reason=reason, force=force, source=source)
+        signal = interrupt_signal(flow, run_id, reason, force, source)
         await anyio.lowlevel.checkpoint()
         with self._lock:
             run = self._runs.get((flow, run_id))

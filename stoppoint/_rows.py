@@ -29,6 +29,7 @@ __all__ = [
     "check_state",
     "checked_labels",
     "head_row",
+    "interrupt_signal",
     "interrupted_report",
     "lease_record",
     "merge_rows",
@@ -183,8 +184,9 @@ def _escape_surrogates(value: Any) -> Any:
     return value
 
 
-def to_record(columns: tuple[Any, ...] | Row, where: str) -> RunRecord:
-    """The validated record of a row's first seven columns (see `RECORD_COLUMNS`).
+def to_record(columns: tuple[Any, ...] | Row, where: str, lease: Mapping[str, Any] | None = None) -> RunRecord:
+    """The validated record of a row's first seven columns (see `RECORD_COLUMNS`), with the fields of its
+    `lease` (see `lease_record`).
 
     Raises:
         StoreError: The columns are not a valid record (naming the run).
@@ -200,6 +202,7 @@ def to_record(columns: tuple[Any, ...] | Row, where: str) -> RunRecord:
                 "started_at": started_at,
                 "updated_at": updated_at,
                 "finished_at": finished_at,
+                **(lease or {}),
             }
         )
     except ValidationError as exc:
@@ -357,26 +360,32 @@ def lease_record(
     tells whether its writer lives.
 
     Raises:
-        StoreError: The columns are not a valid record (naming the run).
+        StoreError: The columns or the lease are not a valid record (naming the run).
     """
-    record = to_record(columns, where)
-    status = record.status
-    if status is RunStatus.RUNNING and epoch > 0 and (expires_at is None or expires_at <= at):
-        status = RunStatus.ORPHANED
-    try:
-        return record.model_copy(
-            update={
-                "status": status,
-                "owner": owner,
-                "epoch": epoch,
-                "lease_expires_at": None if expires_at is None else datetime.fromisoformat(expires_at),
-                "queue": queue,
-            }
-        )
-    except (TypeError, ValueError) as exc:
-        raise StoreError(
-            f"{where}: the stored lease of run {record.run_id!r} of flow {record.flow!r} is invalid: {exc}"
-        ) from exc
+    status = columns[3]
+    expired = expires_at is None or (isinstance(expires_at, str) and expires_at <= at)
+    if status == RunStatus.RUNNING.value and isinstance(epoch, int) and epoch > 0 and expired:
+        status = RunStatus.ORPHANED.value
+    lease = {"owner": owner, "epoch": epoch, "lease_expires_at": expires_at, "queue": queue}
+    return to_record((*columns[:3], status, *columns[4:7]), where, lease)
+
+
+def interrupt_signal(flow: str, run_id: str, reason: object, force: object, source: object) -> InterruptSignal:
+    """The signal `Store.interrupt(flow, run_id, reason, force=, source=)` records.
+
+    Raises:
+        TypeError: A name or the reason is not a str, `force` not a bool, `source` not a str or None (a
+            programming error, not a signal pydantic would refuse with a ValidationError).
+    """
+    check_names("interrupt", flow, run_id)
+    what = f"interrupt(): flow {flow!r}, run {run_id!r}"
+    if not isinstance(reason, str):
+        raise TypeError(f"{what}: reason must be a str, got {type(reason).__name__}")
+    if not isinstance(force, bool):
+        raise TypeError(f"{what}: force must be a bool, got {type(force).__name__}")
+    if source is not None and not isinstance(source, str):
+        raise TypeError(f"{what}: source must be a str or None, got {type(source).__name__}")
+    return InterruptSignal(reason=reason, force=force, source=source)
 
 
 def interrupted_report(report_json: str, signal: InterruptSignal, at: datetime) -> str:
