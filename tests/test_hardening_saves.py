@@ -25,6 +25,7 @@ import anyio
 import pytest
 
 import stoppoint as sp
+import stoppoint._sqlite_runs
 
 from .conftest import statuses
 from .test_store import completed, make_checkpoint, make_report
@@ -690,7 +691,7 @@ class GatedSQLiteStore(sp.SQLiteStore):
         self.gate = threading.Event()
 
     def _locked(self, operation: Callable[..., Any], *args: Any) -> Any:
-        if operation == self._save and not self.in_thread.is_set():
+        if operation is stoppoint._sqlite_runs.save and not self.in_thread.is_set():
             self.in_thread.set()
             self.gate.wait(10)
         return super()._locked(operation, *args)

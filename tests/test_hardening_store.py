@@ -386,17 +386,20 @@ async def test_a_store_opens_with_its_own_log_beside_it(tmp_path: Path) -> None:
             assert [record.run_id for record in await second.list_runs()] == ["a1", "a2"]
 
 
-async def test_a_file_written_before_store_ids_gets_one_when_opened(tmp_path: Path) -> None:
+async def test_a_file_written_before_store_ids_gets_one_at_its_first_write(tmp_path: Path) -> None:
     path = tmp_path / "runs.db"
     await new_store(path, "a1")
     raw_sql(path, ("PRAGMA user_version = 0", ()))  # as a stoppoint without store ids left it
     assert store_id(path) == 0
     async with SQLiteStore(path) as store:
         assert [record.run_id for record in await store.list_runs()] == ["a1"]
-    given = store_id(path)  # in the file itself, not only in its log
-    assert given != 0
+    assert store_id(path) == 0  # reading modifies nothing
     async with SQLiteStore(path) as store:
         await store.save(*completed("a2"))
+        given = store_id(path)  # in the file itself, not only in its log
+        assert given != 0
+    async with SQLiteStore(path) as store:
+        await store.save(*completed("a3"))
     assert store_id(path) == given  # given once
     assert pragma(path, "user_version") == [given]
 

@@ -26,7 +26,9 @@ from stoppoint import Checkpoint, CheckpointError, RunReport, StepReport, StepSt
 from stoppoint._memory import MemoryStore
 from stoppoint._rows import to_row, to_stored
 from stoppoint._sqlite import SQLiteStore
-from stoppoint._store import LabelStore, RunRecord, RunStatus, StepRow, Store, StoredRun
+from stoppoint._store import BasicStore, LabelStore, RunRecord, RunStatus, StepRow, Store, StoredRun
+
+from .sqlite_v1 import write_schema_1
 
 pytestmark = pytest.mark.anyio
 
@@ -258,7 +260,7 @@ def label_store(store: Store) -> LabelStore:
 
 
 class OnlyAStore:
-    """A third-party store with the `Store` methods alone."""
+    """A third-party store with the `BasicStore` methods alone (stoppoint 0.1's `Store`)."""
 
     async def save(self, checkpoint: Checkpoint, report: RunReport) -> None: ...
 
@@ -271,7 +273,8 @@ class OnlyAStore:
 
 async def test_both_stores_keep_labels_and_a_store_need_not(store: Store) -> None:
     assert isinstance(store, LabelStore)
-    assert isinstance(OnlyAStore(), Store)
+    assert isinstance(OnlyAStore(), BasicStore)  # what flow.run(store=) takes, as in 0.1
+    assert not isinstance(OnlyAStore(), Store)  # no leases
     assert not isinstance(OnlyAStore(), LabelStore)
 
 
@@ -401,7 +404,7 @@ async def test_sqlite_uses_wal_and_writes_its_meta(tmp_path: Path) -> None:
         assert store._connection.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
         with sqlite3.connect(path) as other:
             assert other.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-            assert dict(other.execute("SELECT key, value FROM meta")) == {"app": "stoppoint", "schema_version": "1"}
+            assert dict(other.execute("SELECT key, value FROM meta")) == {"app": "stoppoint", "schema_version": "2"}
             assert other.execute("SELECT flow, run_id, status FROM runs").fetchall() == [("f", "r1", "completed")]
         other.close()
 
@@ -533,8 +536,8 @@ BAD_FILES: dict[str, tuple[Callable[[Path], Awaitable[None]], str]] = {
     "foreign database": (write_foreign, r"is a SQLite database that is not a stoppoint store \(it has no meta table"),
     "foreign database with a meta table": (write_foreign_with_meta, r"not a stoppoint store \(its meta table is not"),
     "another app's meta": (write_meta("1", app="other"), r"not a stoppoint store \(its meta table has no app"),
-    "newer schema": (write_meta("99"), r"newer schema version \(99\) than this stoppoint reads \(1\); upgrade"),
-    "newer schema, as an integer": (write_meta(2), r"newer schema version \(2\)"),
+    "newer schema": (write_meta("99"), r"newer schema version \(99\) than this stoppoint reads \(2\); upgrade"),
+    "newer schema, as an integer": (write_meta(3), r"newer schema version \(3\)"),
     "unknown schema": (write_meta("one"), "unknown schema version 'one'"),
 }
 
@@ -695,13 +698,8 @@ def label_rows(path: Path) -> list[tuple[str, ...]]:
 
 
 async def write_before_labels(path: Path, *runs: tuple[str, str]) -> None:
-    """A store as a stoppoint without labels left it: runs, no labels table."""
-    async with SQLiteStore(path) as store:
-        for flow, run_id in runs:
-            await store.save(*completed(run_id, flow))
-    with sqlite3.connect(path) as db:
-        db.execute("DROP TABLE IF EXISTS labels")
-    db.close()
+    """A store as a stoppoint without labels left it: schema 1, runs, no labels table."""
+    write_schema_1(path, [completed(run_id, flow) for flow, run_id in runs], labels_table=False)
 
 
 OLD_TARGETS = (
@@ -724,7 +722,7 @@ async def test_sqlite_a_new_file_has_the_labels_table(tmp_path: Path) -> None:
     path = tmp_path / "runs.db"
     async with SQLiteStore(path):
         pass
-    assert tables_of(path) == {"meta", "runs", "labels"}
+    assert tables_of(path) == {"meta", "runs", "steps", "interrupts", "labels", "sqlite_sequence"}
     with sqlite3.connect(path) as db:
         columns = [
             (name, kind, notnull, pk) for _, name, kind, notnull, _, pk in db.execute("PRAGMA table_info(labels)")
@@ -732,7 +730,7 @@ async def test_sqlite_a_new_file_has_the_labels_table(tmp_path: Path) -> None:
         meta = dict(db.execute("SELECT key, value FROM meta"))
     db.close()
     assert columns == [("flow", "TEXT", 1, 1), ("run_id", "TEXT", 1, 2), ("key", "TEXT", 1, 3), ("value", "TEXT", 1, 0)]
-    assert meta == {"app": "stoppoint", "schema_version": "1"}
+    assert meta == {"app": "stoppoint", "schema_version": "2"}
 
 
 async def test_sqlite_a_file_written_before_labels_gets_the_table(tmp_path: Path) -> None:
@@ -740,14 +738,15 @@ async def test_sqlite_a_file_written_before_labels_gets_the_table(tmp_path: Path
     await write_before_labels(path, ("f", "r1"))
     assert tables_of(path) == {"meta", "runs"}
     async with SQLiteStore(path) as store:
-        assert tables_of(path) == {"meta", "runs", "labels"}  # on opening, not on the first set_labels
         assert await store.labels("f", "r1") == {}
-        await store.set_labels("f", "r1", {"a": "1"})
+        assert tables_of(path) == {"meta", "runs"}  # opening and reading modify nothing
+        await store.set_labels("f", "r1", {"a": "1"})  # the first write adds it (and upgrades to schema 2)
+        assert {"labels", "steps"} <= tables_of(path)
         assert [r.run_id for r in await store.list_runs()] == ["r1"]
     async with SQLiteStore(path) as store:
         assert await store.labels("f", "r1") == {"a": "1"}
     with sqlite3.connect(path) as db:
-        assert dict(db.execute("SELECT key, value FROM meta")) == {"app": "stoppoint", "schema_version": "1"}
+        assert dict(db.execute("SELECT key, value FROM meta")) == {"app": "stoppoint", "schema_version": "2"}
     db.close()
 
 
@@ -764,12 +763,15 @@ async def test_sqlite_the_old_commands_targets_are_moved_into_labels(tmp_path: P
         db.execute("INSERT INTO cli_targets VALUES (NULL, 'f', '/srv/flows.py:f')")  # SQLite allows it; never found
     db.close()
     async with SQLiteStore(path) as store:
-        assert tables_of(path) == {"meta", "runs", "labels"}  # the old table is gone
-        assert await store.labels("f", "r1") == {"stoppoint.target": "/srv/flows.py:f"}
-        assert await store.labels("g", "r2") == {"stoppoint.target": "/srv/other.py:g"}
-        assert await store.labels("f", "started") == {"stoppoint.target": "/srv/flows.py:f"}  # never saved
-        assert await store.labels("g", "r1") == {}
-        assert len(await store.list_runs()) == 2
+        for _ in range(2):  # read where they are, then where the first write moved them
+            assert await store.labels("f", "r1") == {"stoppoint.target": "/srv/flows.py:f"}
+            assert await store.labels("g", "r2") == {"stoppoint.target": "/srv/other.py:g"}
+            assert await store.labels("f", "started") == {"stoppoint.target": "/srv/flows.py:f"}  # never saved
+            assert await store.labels("g", "r1") == {}
+            assert len(await store.list_runs()) == 2
+            assert ("cli_targets" in tables_of(path)) is (_ == 0)  # reading moved nothing
+            await store.delete("f", "no such run")  # deletes nothing: the upgrade alone
+    assert "cli_targets" not in tables_of(path)  # the old table is gone
     assert label_rows(path) == [
         ("f", "r1", "stoppoint.target", "/srv/flows.py:f"),
         ("f", "started", "stoppoint.target", "/srv/flows.py:f"),
@@ -788,6 +790,9 @@ async def test_sqlite_targets_an_older_command_wrote_after_the_move_are_moved_to
         db.execute("INSERT INTO cli_targets VALUES ('r1', 'f', '/new.py:f')")
     db.close()
     async with SQLiteStore(path) as store:
+        assert await store.labels("f", "r1") == {"other": "kept", "stoppoint.target": "/new.py:f"}
+        assert "cli_targets" in tables_of(path)  # moved by the first write, not by opening or reading
+        await store.save(*completed("r2"))
         assert await store.labels("f", "r1") == {"other": "kept", "stoppoint.target": "/new.py:f"}
     assert "cli_targets" not in tables_of(path)
 
