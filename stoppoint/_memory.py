@@ -178,7 +178,7 @@ class MemoryStore:
                 if run.row.flow in flows
                 and (
                     (run.row.status == RunStatus.QUEUED.value and run.queue in limits)
-                    or run.row.status == RunStatus.RUNNING.value
+                    or (run.row.status == RunStatus.RUNNING.value and run.epoch > 0)
                 )
                 and not run.live(at)
             ]
@@ -267,6 +267,8 @@ class MemoryStore:
                 updated_at=utc_text(at),
                 report=interrupted_report(self._stored(run).report_json, signal, at),
             )
+            # The head has the rows' reports now, marked as they ended: the rows must not replace them again.
+            run.steps = {name: (0, row) for name, (_, row) in run.steps.items()}
             run.owner = run.expires_at = run.claimed_at = None
             return True
 
@@ -288,7 +290,8 @@ class MemoryStore:
             if run is None:
                 self._other_flow(flow, run_id)
             if run is None:
-                run = self._runs[(flow, run_id)] = _Run(head_row(flow, run_id, new), queue=queue)
+                row = head_row(flow, run_id, new)._replace(status=RunStatus.QUEUED.value, finished_at=None)
+                run = self._runs[(flow, run_id)] = _Run(row, queue=queue)
                 if checked:
                     self._run_labels.setdefault((flow, run_id), {}).update(checked)
                 return True
