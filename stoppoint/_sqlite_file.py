@@ -313,14 +313,15 @@ class StoreFile:
             _wal_mode(connection, self.path)
             self._wal = True
         connection.execute("BEGIN IMMEDIATE")
-        gave_id = False
+        gave_id, schema = False, self.schema
         try:
             if not self._upgraded:
                 gave_id = upgrade(connection, self.path)
-                self.schema = SCHEMA_VERSION
+                self.schema = SCHEMA_VERSION  # for the statements, which see the file upgraded
             result = statements()
             connection.execute("COMMIT")
         except BaseException:
+            self.schema = schema  # the upgrade is rolled back with the rest
             _roll_back(connection)
             raise
         self.writes += 1
