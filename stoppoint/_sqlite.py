@@ -11,26 +11,31 @@ import asyncio
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
 import anyio
 import anyio.to_thread
 
+from . import _sqlite_leases as leases
 from . import _sqlite_runs as runs
 from ._checkpoint import Checkpoint
 from ._errors import StoreError
-from ._lease import check_lease
+from ._lease import Claim, Lease, Queue, check_lease
 from ._outcome import RunReport
 from ._rows import (
     check_names,
+    check_state,
     checked_labels,
+    head_row,
+    interrupt_signal,
     to_row,
     utf8,
 )
+from ._signal import InterruptSignal
 from ._sqlite_file import StoreFile, open_file, store_error
-from ._store import RunRecord, StoredRun
+from ._store import RunRecord, RunState, StepRow, StoredRun
 from ._threads import Job
 
 __all__ = ["SQLiteStore"]
@@ -163,6 +168,103 @@ class SQLiteStore:
         check_names("delete", flow, run_id)
         if utf8(flow, run_id):
             await self._call(runs.delete, flow, run_id)
+
+    # -- ownership (the Store protocol) ------------------------------------------------------------
+
+    async def claim(
+        self,
+        flow: str,
+        run_id: str,
+        owner: str,
+        *,
+        new: RunState | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> Claim | None:
+        """Claim one run, in one IMMEDIATE transaction (see `Store.claim`)."""
+        check_names("claim", flow, run_id)
+        head = None
+        if new is not None:
+            check_state("claim", flow, run_id, new)
+            head = head_row(flow, run_id, new)
+        checked = {} if labels is None else checked_labels(flow, run_id, labels)
+        if head is None and utf8(owner) and not utf8(flow, run_id):
+            return None  # as in load(): no run of that name is stored
+        if not utf8(flow, run_id, owner):
+            raise StoreError(
+                f"{self._where}: claim(): flow {flow!r}, run {run_id!r}, owner {owner!r}: a lone surrogate, which "
+                "UTF-8 cannot encode, so no run of that name can be stored"
+            )
+        return await self._call(leases.claim, flow, run_id, owner, head, checked, self._lease)
+
+    async def claim_next(self, owner: str, flows: Collection[str], queues: Sequence[Queue]) -> Claim | None:
+        """Claim the oldest queued run of `flows` in `queues`, or orphaned run of `flows`, in one IMMEDIATE
+        transaction that also counts the queues' live runs (see `Store.claim_next`)."""
+        if isinstance(flows, str) or not all(isinstance(flow, str) for flow in flows):
+            raise TypeError(f"claim_next(): flows must be a collection of str, got {flows!r}")
+        if isinstance(queues, str) or not all(isinstance(queue, Queue) for queue in queues):
+            raise TypeError(f"claim_next(): queues must be a sequence of Queue, got {queues!r}")
+        names = [flow for flow in flows if utf8(flow)]  # (a name SQLite cannot take is no stored run's)
+        return await self._call(
+            leases.claim_next, owner, names, [queue for queue in queues if utf8(queue.name)], self._lease
+        )
+
+    async def renew(self, lease: Lease) -> Lease:
+        """Extend the lease (see `Store.renew`)."""
+        return await self._call(leases.renew, lease, self._lease)
+
+    async def write(self, lease: Lease, state: RunState, steps: Sequence[StepRow] = ()) -> None:
+        """Replace the run's head and store `steps`, fenced, in one transaction (see `Store.write`)."""
+        check_state("write", lease.flow, lease.run_id, state, steps)
+        await self._call(leases.write, lease, head_row(lease.flow, lease.run_id, state), steps, False)
+
+    async def commit_step(self, lease: Lease, step: StepRow) -> None:
+        """Store one step row, fenced: one small transaction (see `Store.commit_step`)."""
+        await self._call(leases.commit_step, lease, step)
+
+    async def progress(self, lease: Lease, step: str, report_json: str) -> None:
+        """Store a running step's report, fenced (see `Store.progress`)."""
+        await self._call(leases.progress, lease, step, report_json)
+
+    async def finish(self, lease: Lease, state: RunState, steps: Sequence[StepRow] = ()) -> None:
+        """Write the run's end and give it up, fenced, in one transaction (see `Store.finish`)."""
+        check_state("finish", lease.flow, lease.run_id, state, steps)
+        await self._call(leases.write, lease, head_row(lease.flow, lease.run_id, state), steps, True)
+
+    async def release(self, lease: Lease) -> None:
+        """Give the run up as it is stored (see `Store.release`)."""
+        await self._call(leases.release, lease)
+
+    # -- control from anywhere ---------------------------------------------------------------------
+
+    async def interrupt(
+        self, flow: str, run_id: str, reason: str = "interrupted", *, force: bool = False, source: str | None = "api"
+    ) -> bool:
+        """Ask a run to stop, durably (see `Store.interrupt`): its live owner, in any process sharing the
+        file, gets the request at its next `interrupts()`."""
+        signal = interrupt_signal(flow, run_id, reason, force, source)
+        if not utf8(flow, run_id):
+            return False
+        return await self._call(leases.interrupt, flow, run_id, signal)
+
+    async def interrupts(self, lease: Lease, after: int = 0) -> list[tuple[int, InterruptSignal]]:
+        """The run's pending interrupt requests numbered above `after` (see `Store.interrupts`): cheap when
+        nothing changed in the file, in a worker thread all the same (never the event loop on the lock)."""
+        return await self._call(leases.interrupts, lease, after)
+
+    async def submit(
+        self, flow: str, run_id: str, new: RunState, *, queue: str = "default", labels: Mapping[str, str] | None = None
+    ) -> bool:
+        """Queue a run for a worker, in one IMMEDIATE transaction (see `Store.submit`)."""
+        check_state("submit", flow, run_id, new)
+        if not isinstance(queue, str) or not queue:
+            raise TypeError(f"submit(): flow {flow!r}, run {run_id!r}: queue must be a non-empty str, got {queue!r}")
+        checked = {} if labels is None else checked_labels(flow, run_id, labels)
+        if not utf8(flow, run_id, queue):
+            raise StoreError(
+                f"{self._where}: submit(): flow {flow!r}, run {run_id!r}, queue {queue!r}: a lone surrogate, which "
+                "UTF-8 cannot encode, so no run of that name can be stored"
+            )
+        return await self._call(leases.submit, flow, run_id, head_row(flow, run_id, new), queue, checked)
 
     # -- the LabelStore protocol -------------------------------------------------------------------
 
