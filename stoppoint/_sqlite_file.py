@@ -35,7 +35,9 @@ The on-disk schema of `SQLiteStore` (schema version 2), in SQLite's WAL journal 
         run_id     TEXT NOT NULL,
         step       TEXT NOT NULL,     -- the step's name
         epoch      INTEGER NOT NULL,  -- the lease's epoch that wrote it: load() uses the report of the
-                                      -- current epoch's rows only, the checkpoint part of every row
+                                      -- current epoch's rows only, the checkpoint part of every row; 0
+                                      -- once the head took its report over (an interrupt of a run
+                                      -- nobody holds marks its steps there, as they ended)
         checkpoint TEXT,              -- JSON: a checkpoint of the run holding only this step's part; NULL
                                       -- for a row of progress alone
         report     TEXT NOT NULL,     -- JSON: StepReport.model_dump_json()
