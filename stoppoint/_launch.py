@@ -5,6 +5,7 @@ Everything here happens before any step starts, so a bad option raises before an
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from collections.abc import Mapping
@@ -18,7 +19,7 @@ from pydantic import ValidationError
 
 from ._attempt import Attempt
 from ._checkpoint import Checkpoint, CheckpointFile, check_belongs, input_refusal, same_value, typed
-from ._control import Control
+from ._control import Control, _to_the_end
 from ._errors import CheckpointMismatch, FlowInputError, StoreError
 from ._events import EventCallback
 from ._executor import Run
@@ -112,6 +113,15 @@ async def _claimed(plan: Plan, store: Store, options: RunOptions) -> Attempt | C
         elif not isinstance(run_id, str) or not run_id:
             raise TypeError(f"flow {flow!r}: run_id must be a non-empty str, got {run_id!r}")
         options = replace(options, run_id=run_id)
+        if resume is None:
+            # What can be checked of a stored run is checked before claiming it: a claim given up
+            # leaves it stored running, for a worker to resume, which a mistyped input must not do.
+            found = await store.load(flow, run_id)
+            if found is not None:
+                checkpoint = _load(plan, found.checkpoint_json)
+                _check_resume_inputs(plan, options.inputs, checkpoint)
+                if found.record.status is RunStatus.COMPLETED and set(checkpoint.outputs) == set(plan.specs):
+                    return _stored_outcome(plan, options, found, checkpoint)
         # A new run is created by the claim itself, so its inputs must be complete and storable now;
         # a stored run needs none (it has its own), so their absence only counts if there is none.
         refusal: FlowInputError | None = None
@@ -119,7 +129,7 @@ async def _claimed(plan: Plan, store: Store, options: RunOptions) -> Attempt | C
             new = new_state(plan, run_id, resume.inputs if isinstance(resume, Checkpoint) else options.inputs)
         except FlowInputError as exc:
             new, refusal = None, exc
-        claim = await store.claim(flow, run_id, process_owner(), new=new)
+        claim = await _claim(store, flow, run_id, new=new)
         if claim is None:
             assert refusal is not None
             raise refusal
@@ -130,7 +140,7 @@ async def _claimed(plan: Plan, store: Store, options: RunOptions) -> Attempt | C
         if set(checkpoint.outputs) == set(plan.specs):
             return _stored_outcome(plan, options, stored, checkpoint)
         # A flow that gained steps at the same version: the stored run is not complete for it.
-        claim = await store.claim(flow, stored.record.run_id, process_owner(), reopen=True)
+        claim = await _claim(store, flow, stored.record.run_id, reopen=True)
         assert claim is not None
         assert claim.lease is not None
         lease, stored = claim.lease, claim.stored
@@ -143,6 +153,40 @@ async def _claimed(plan: Plan, store: Store, options: RunOptions) -> Attempt | C
             with contextlib.suppress(StoreError):  # the lease expires anyway
                 await store.release(lease)
         raise
+
+
+async def _claim(store: Store, flow: str, run_id: str, **how: Any) -> Claim | None:
+    """`store.claim(...)` for this process, never cut off: a claim that took effect but whose answer a
+    cancellation dropped would hold the run, running, until its lease expired. Shielded from anyio
+    cancellation (the attempt then sees it, and ends at once, writing its end); on asyncio, a native
+    `Task.cancel()` (which no anyio shield stops) lets the claim finish, then gives the run up marked
+    interrupted (as a run cancelled before its first step is), and the cancellation goes on."""
+    work = store.claim(flow, run_id, process_owner(), **how)
+    with anyio.CancelScope(shield=True):
+        if anyio.get_cancelled_exc_class() is not asyncio.CancelledError:
+            claim = await work
+        else:
+            task = asyncio.ensure_future(work)
+            try:
+                claim = await asyncio.shield(task)
+            except asyncio.CancelledError:
+                await _to_the_end(_give_up(store, task))
+                raise
+    return claim
+
+
+async def _give_up(store: Store, task: asyncio.Future[Claim | None]) -> None:
+    """A claim whose caller was cancelled: once it is made, release it and mark the run interrupted."""
+    await asyncio.wait([task])
+    claim = None if task.cancelled() or task.exception() is not None else task.result()
+    if claim is None or claim.lease is None:
+        return
+    lease = claim.lease
+    with contextlib.suppress(StoreError):  # a lease left behind expires anyway
+        await store.release(lease)
+        await store.interrupt(
+            lease.flow, lease.run_id, "the task running the flow was cancelled", force=True, source="cancel"
+        )
 
 
 def new_state(plan: Plan, run_id: str, inputs: Mapping[str, Any] | None) -> RunState:

@@ -15,7 +15,7 @@ from datetime import datetime
 
 from ._store import StoredRun
 
-__all__ = ["Claim", "Lease", "Queue", "process_owner"]
+__all__ = ["Claim", "Lease", "Queue", "check_lease", "process_owner"]
 
 _OWNER: str | None = None
 _OWNER_PID: int | None = None
@@ -29,6 +29,17 @@ def process_owner() -> str:
     if _OWNER is None or pid != _OWNER_PID:
         _OWNER, _OWNER_PID = f"{socket.gethostname()}:{pid}/{secrets.token_hex(4)}", pid
     return _OWNER
+
+
+def check_lease(store: str, lease: object) -> float:
+    """The `lease=` a store was made with, as seconds (`store` names the store in the message).
+
+    Raises:
+        TypeError: `lease` is not a finite number of seconds > 0 (a bool is not a number here).
+    """
+    if isinstance(lease, bool) or not isinstance(lease, int | float) or not 0 < lease < float("inf"):
+        raise TypeError(f"{store}(lease=...): lease must be a number of seconds > 0, got {lease!r}")
+    return float(lease)
 
 
 @dataclass(frozen=True, slots=True)

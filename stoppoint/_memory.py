@@ -11,7 +11,7 @@ import anyio.lowlevel
 
 from ._checkpoint import Checkpoint
 from ._errors import LeaseLost, RunOwned, StoreError
-from ._lease import Claim, Lease, Queue
+from ._lease import Claim, Lease, Queue, check_lease
 from ._outcome import RunReport
 from ._rows import (
     Row,
@@ -19,9 +19,9 @@ from ._rows import (
     check_state,
     checked_labels,
     head_row,
+    interrupt_signal,
     interrupted_report,
     lease_record,
-    merge_rows,
     now,
     to_row,
     to_stored,
@@ -72,7 +72,7 @@ class MemoryStore:
     """An owner looks for interrupt requests this often (a dict lookup under a lock)."""
 
     def __init__(self, *, lease: float = 15.0) -> None:
-        self._lease = _check_lease("MemoryStore", lease)
+        self._lease = check_lease("MemoryStore", lease)
         self._runs: dict[tuple[str, str], _Run] = {}  # in the order of the runs' first saves
         self._run_labels: dict[tuple[str, str], dict[str, str]] = {}  # never holds an empty dict
         self._lock = threading.Lock()
@@ -178,7 +178,7 @@ class MemoryStore:
                 if run.row.flow in flows
                 and (
                     (run.row.status == RunStatus.QUEUED.value and run.queue in limits)
-                    or run.row.status == RunStatus.RUNNING.value
+                    or (run.row.status == RunStatus.RUNNING.value and run.epoch > 0)
                 )
                 and not run.live(at)
             ]
@@ -248,8 +248,7 @@ class MemoryStore:
         self, flow: str, run_id: str, reason: str = "interrupted", *, force: bool = False, source: str | None = "api"
     ) -> bool:
         """Ask a run to stop, durably (see `Store.interrupt`)."""
-        check_names("interrupt", flow, run_id)
-        signal = InterruptSignal(reason=reason, force=force, source=source)
+        signal = interrupt_signal(flow, run_id, reason, force, source)
         await anyio.lowlevel.checkpoint()
         with self._lock:
             run = self._runs.get((flow, run_id))
@@ -268,6 +267,8 @@ class MemoryStore:
                 updated_at=utc_text(at),
                 report=interrupted_report(self._stored(run).report_json, signal, at),
             )
+            # The head has the rows' reports now, marked as they ended: the rows must not replace them again.
+            run.steps = {name: (0, row) for name, (_, row) in run.steps.items()}
             run.owner = run.expires_at = run.claimed_at = None
             return True
 
@@ -289,7 +290,8 @@ class MemoryStore:
             if run is None:
                 self._other_flow(flow, run_id)
             if run is None:
-                run = self._runs[(flow, run_id)] = _Run(head_row(flow, run_id, new), queue=queue)
+                row = head_row(flow, run_id, new)._replace(status=RunStatus.QUEUED.value, finished_at=None)
+                run = self._runs[(flow, run_id)] = _Run(row, queue=queue)
                 if checked:
                     self._run_labels.setdefault((flow, run_id), {}).update(checked)
                 return True
@@ -341,6 +343,7 @@ class MemoryStore:
             raise RunOwned(run.row.flow, run.row.run_id, run.owner or "?", run.claimed_at)
         run.owner, run.epoch, run.claimed_at = owner, run.epoch + 1, at
         run.expires_at = at + timedelta(seconds=self._lease)
+        run.row = run.row._replace(status=RunStatus.RUNNING.value, finished_at=None, updated_at=utc_text(at))
         return Lease(run.row.flow, run.row.run_id, owner, run.epoch, run.expires_at)
 
     def _held(self, lease: Lease, method: str) -> _Run:
@@ -360,11 +363,7 @@ class MemoryStore:
             run.steps[step.step] = (lease.epoch, step)
 
     def _stored(self, run: _Run) -> StoredRun:
-        row = run.row
-        if run.steps:
-            checkpoint, report = merge_rows(row.checkpoint, row.report, run.steps.values(), run.epoch)
-            row = row._replace(checkpoint=checkpoint, report=report)
-        stored = to_stored(row, "MemoryStore")
+        stored = to_stored(run.row, "MemoryStore", list(run.steps.values()), run.epoch)
         return stored.model_copy(update={"record": self._record(run)})
 
     def _record(self, run: _Run) -> RunRecord:
@@ -378,9 +377,3 @@ class MemoryStore:
             queue=run.queue,
             at=utc_text(now()),
         )
-
-
-def _check_lease(store: str, lease: object) -> float:
-    if isinstance(lease, bool) or not isinstance(lease, int | float) or not 0 < lease < float("inf"):
-        raise TypeError(f"{store}(lease=...): lease must be a number of seconds > 0, got {lease!r}")
-    return float(lease)

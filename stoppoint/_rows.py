@@ -8,7 +8,7 @@ what either gives back is validated the same way.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -29,6 +29,7 @@ __all__ = [
     "check_state",
     "checked_labels",
     "head_row",
+    "interrupt_signal",
     "interrupted_report",
     "lease_record",
     "merge_rows",
@@ -183,8 +184,9 @@ def _escape_surrogates(value: Any) -> Any:
     return value
 
 
-def to_record(columns: tuple[Any, ...] | Row, where: str) -> RunRecord:
-    """The validated record of a row's first seven columns (see `RECORD_COLUMNS`).
+def to_record(columns: tuple[Any, ...] | Row, where: str, lease: Mapping[str, Any] | None = None) -> RunRecord:
+    """The validated record of a row's first seven columns (see `RECORD_COLUMNS`), with the fields of its
+    `lease` (see `lease_record`).
 
     Raises:
         StoreError: The columns are not a valid record (naming the run).
@@ -200,19 +202,23 @@ def to_record(columns: tuple[Any, ...] | Row, where: str) -> RunRecord:
                 "started_at": started_at,
                 "updated_at": updated_at,
                 "finished_at": finished_at,
+                **(lease or {}),
             }
         )
     except ValidationError as exc:
         raise StoreError(f"{where}: the stored record of run {run_id!r} of flow {flow!r} is invalid: {exc}") from exc
 
 
-def to_stored(columns: tuple[Any, ...] | Row, where: str) -> StoredRun:
-    """The validated `StoredRun` of a row (its columns in `ROW_COLUMNS` order).
+def to_stored(
+    columns: tuple[Any, ...] | Row, where: str, rows: Collection[tuple[int, StepRow]] = (), epoch: int = 0
+) -> StoredRun:
+    """The validated `StoredRun` of a row (its columns in `ROW_COLUMNS` order), merged with the run's step
+    `rows` (each with its epoch; `epoch` is the run's: see `merge_rows`).
 
     The checkpoint must be a stoppoint checkpoint and the report a `RunReport`, both of this run.
 
     Raises:
-        StoreError: The row is not a valid stored run (naming the run).
+        StoreError: The row, or one of the step rows, is not a valid stored run (naming the run).
     """
     record = to_record(columns, where)
     checkpoint_json, report_json = columns[7], columns[8]
@@ -220,6 +226,11 @@ def to_stored(columns: tuple[Any, ...] | Row, where: str) -> StoredRun:
     for column, text in (("checkpoint", checkpoint_json), ("report", report_json)):
         if not isinstance(text, str):
             raise StoreError(f"{what}: the {column} column holds {type(text).__name__}, not JSON text")
+    if rows:
+        try:
+            checkpoint_json, report_json = merge_rows(checkpoint_json, report_json, rows, epoch)
+        except ValueError as exc:
+            raise StoreError(f"{what}: {exc}") from exc
     try:
         checkpoint = CheckpointFile.parse(checkpoint_json)
     except CheckpointError as exc:
@@ -282,11 +293,11 @@ def merge_rows(
 ) -> tuple[str, str]:
     """A run's checkpoint and report as `Store.load()` gives them: its head's, with every step row's part
     of the checkpoint added (outputs and nested checkpoints) and the reports of the rows of `epoch`
-    (the current attempt's) in place of their steps'. Text that is not JSON is left for `to_stored` to
-    refuse; rows whose text is not JSON are skipped here and refused there too (the head then lacks them).
+    (the current attempt's) in place of their steps'. A head that is not JSON objects is returned as it
+    is, for `to_stored` to refuse saying why.
 
     Raises:
-        StoreError: never; what cannot be merged is returned unmerged, and validation says why.
+        ValueError: A step row's text is not what `commit_step` or `progress` stores (naming the step).
     """
     try:
         checkpoint = json.loads(checkpoint_json)
@@ -302,15 +313,35 @@ def merge_rows(
         return checkpoint_json, report_json
     for row_epoch, row in rows:
         if row.checkpoint_json is not None:
-            part = json.loads(row.checkpoint_json)
-            if row.step in part.get("outputs", {}):
-                outputs[row.step] = part["outputs"][row.step]
+            part = _json_object(row.step, "checkpoint", row.checkpoint_json)
+            part_outputs, part_nested = part.get("outputs", {}), part.get("nested", {})
+            if not isinstance(part_outputs, dict) or not isinstance(part_nested, dict):
+                raise ValueError(f"the stored row of step {row.step!r}: its checkpoint part is not a checkpoint")
+            if row.step in part_outputs:
+                outputs[row.step] = part_outputs[row.step]
                 nested.pop(row.step, None)
-            elif row.step in part.get("nested", {}):
-                nested[row.step] = part["nested"][row.step]
+            elif row.step in part_nested:
+                nested[row.step] = part_nested[row.step]
         if row_epoch == epoch:
-            steps[row.step] = json.loads(row.report_json)
+            steps[row.step] = _json_object(row.step, "report", row.report_json)
     return json.dumps(checkpoint, ensure_ascii=False), json.dumps(report, ensure_ascii=False)
+
+
+def _json_object(step: str, column: str, text: object) -> dict[str, Any]:
+    """The JSON object a step row's column holds.
+
+    Raises:
+        ValueError: It holds something else (a tampered or damaged row), naming the step.
+    """
+    if not isinstance(text, str | bytes):
+        raise ValueError(f"the stored row of step {step!r}: its {column} holds {type(text).__name__}, not JSON text")
+    try:
+        value = json.loads(text)
+    except ValueError as exc:  # (a UnicodeDecodeError of bytes too)
+        raise ValueError(f"the stored row of step {step!r}: its {column} is not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"the stored row of step {step!r}: its {column} is not a JSON object")
+    return value
 
 
 def lease_record(
@@ -329,26 +360,32 @@ def lease_record(
     tells whether its writer lives.
 
     Raises:
-        StoreError: The columns are not a valid record (naming the run).
+        StoreError: The columns or the lease are not a valid record (naming the run).
     """
-    record = to_record(columns, where)
-    status = record.status
-    if status is RunStatus.RUNNING and epoch > 0 and (expires_at is None or expires_at <= at):
-        status = RunStatus.ORPHANED
-    try:
-        return record.model_copy(
-            update={
-                "status": status,
-                "owner": owner,
-                "epoch": epoch,
-                "lease_expires_at": None if expires_at is None else datetime.fromisoformat(expires_at),
-                "queue": queue,
-            }
-        )
-    except (TypeError, ValueError) as exc:
-        raise StoreError(
-            f"{where}: the stored lease of run {record.run_id!r} of flow {record.flow!r} is invalid: {exc}"
-        ) from exc
+    status = columns[3]
+    expired = expires_at is None or (isinstance(expires_at, str) and expires_at <= at)
+    if status == RunStatus.RUNNING.value and isinstance(epoch, int) and epoch > 0 and expired:
+        status = RunStatus.ORPHANED.value
+    lease = {"owner": owner, "epoch": epoch, "lease_expires_at": expires_at, "queue": queue}
+    return to_record((*columns[:3], status, *columns[4:7]), where, lease)
+
+
+def interrupt_signal(flow: str, run_id: str, reason: object, force: object, source: object) -> InterruptSignal:
+    """The signal `Store.interrupt(flow, run_id, reason, force=, source=)` records.
+
+    Raises:
+        TypeError: A name or the reason is not a str, `force` not a bool, `source` not a str or None (a
+            programming error, not a signal pydantic would refuse with a ValidationError).
+    """
+    check_names("interrupt", flow, run_id)
+    what = f"interrupt(): flow {flow!r}, run {run_id!r}"
+    if not isinstance(reason, str):
+        raise TypeError(f"{what}: reason must be a str, got {type(reason).__name__}")
+    if not isinstance(force, bool):
+        raise TypeError(f"{what}: force must be a bool, got {type(force).__name__}")
+    if source is not None and not isinstance(source, str):
+        raise TypeError(f"{what}: source must be a str or None, got {type(source).__name__}")
+    return InterruptSignal(reason=reason, force=force, source=source)
 
 
 def interrupted_report(report_json: str, signal: InterruptSignal, at: datetime) -> str:

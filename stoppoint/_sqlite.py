@@ -1,7 +1,8 @@
 """SQLiteStore: runs in one SQLite file, which several processes may share.
 
-The store's operations, each in a worker thread under the store's one connection; the file itself (its schema,
-opening and checking it) is `_sqlite_file`'s.
+The store's operations, each in a worker thread under the store's one connection; their statements are
+`_sqlite_runs`'s (whole runs, labels) and `_sqlite_leases`'s (claims, fenced writes, queues, interrupts), and
+the file itself (its schema, opening and checking it, its transactions) is `_sqlite_file`'s.
 """
 
 from __future__ import annotations
@@ -10,19 +11,31 @@ import asyncio
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar, cast
 
 import anyio
 import anyio.to_thread
 
+from . import _sqlite_leases as leases
+from . import _sqlite_runs as runs
 from ._checkpoint import Checkpoint
 from ._errors import StoreError
+from ._lease import Claim, Lease, Queue, check_lease
 from ._outcome import RunReport
-from ._rows import RECORD_COLUMNS, ROW_COLUMNS, Row, check_names, checked_labels, to_record, to_row, to_stored, utf8
-from ._sqlite_file import open_file, store_error, write
-from ._store import RunRecord, StoredRun
+from ._rows import (
+    check_names,
+    check_state,
+    checked_labels,
+    head_row,
+    interrupt_signal,
+    to_row,
+    utf8,
+)
+from ._signal import InterruptSignal
+from ._sqlite_file import StoreFile, open_file, store_error
+from ._store import RunRecord, RunState, StepRow, StoredRun
 from ._threads import Job
 
 __all__ = ["SQLiteStore"]
@@ -31,22 +44,25 @@ T = TypeVar("T")
 
 
 class SQLiteStore:
-    """A store in one SQLite file (stdlib `sqlite3`), which several processes may share.
+    """A store in one SQLite file (stdlib `sqlite3`), which several processes may share, with one owner per
+    run (the `Store` protocol: leases, fenced writes, queues and interrupt requests across processes).
 
     Use it as `async with SQLiteStore(path) as store:` (or call `await store.aclose()`, or `close()`
     from synchronous code, when done). Constructing it touches nothing: the file is opened, and
     checked, on entering `async with` or on first use. A path that does not exist (or an empty file)
     becomes a new store; an existing file is used only if it is an undamaged stoppoint store of a
     schema version this stoppoint knows, without another database's write-ahead log beside it, and is
-    never modified otherwise. The schema is in `_sqlite_file`'s docstring; a file written before the
-    labels table gets it (and the `stoppoint` command's old targets moved into it), and one written
-    before store ids gets one, the first time it is opened. It is a `LabelStore`: it keeps labels
-    beside the runs.
+    never modified otherwise. The schema is in `_sqlite_file`'s docstring. Reading (`load`,
+    `list_runs`, `labels`) never modifies a file; a file of stoppoint 0.1 (schema 1) is upgraded in place,
+    in one transaction, by the first operation that writes. It is a `LabelStore`: it keeps labels beside
+    the runs.
 
-    Each `save()` is one transaction, committed (and, with `synchronous=FULL`, flushed to disk) when it
-    returns. All file I/O runs in a worker thread (`anyio.to_thread.run_sync`), so the event loop never
-    waits on the disk; the checkpoint is serialised to JSON in the caller's thread first, since step
-    outputs belong to the event loop's thread.
+    Each operation is one transaction, committed (and, with `synchronous=FULL`, flushed to disk) when it
+    returns; a completed step (`commit_step`) is one small one, whatever the number of steps stored before
+    it. A claim, and a fenced write's check of the lease with the write, are one IMMEDIATE transaction, so
+    of processes racing for a run exactly one wins. All file I/O runs in a worker thread
+    (`anyio.to_thread.run_sync`), so the event loop never waits on the disk; a checkpoint is serialised to
+    JSON in the caller's thread first, since step outputs belong to the event loop's thread.
 
     One connection serves the whole store, used by one thread at a time under a lock: SQLite
     connections must not be used concurrently, a per-thread connection would have to be opened (and
@@ -60,13 +76,18 @@ class SQLiteStore:
     Args:
         path: The database file (`str` or `os.PathLike`). SQLite keeps its write-ahead log next to
             it (`<path>-wal`, `<path>-shm`), so its directory must be writable.
+        lease: Seconds a claim holds without renewal (owners renew every third of it).
 
     Raises:
-        TypeError: `path` is not a `str` or `os.PathLike[str]`.
+        TypeError: `path` is not a `str` or `os.PathLike[str]`, or `lease` not a number of seconds > 0.
         ValueError: `path` is empty, `":memory:"` (use `MemoryStore`) or holds a NUL character.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    interrupt_poll = 0.05
+    """An owner looks for interrupt requests this often: a thread hop and `PRAGMA data_version`, unless
+    another connection committed (or this one wrote) since, when it reads the run's requests again."""
+
+    def __init__(self, path: str | os.PathLike[str], *, lease: float = 15.0) -> None:
         if not isinstance(path, str | os.PathLike):
             raise TypeError(f"SQLiteStore(path): path must be a str or os.PathLike, got {type(path).__name__}")
         fspath = os.fspath(path)
@@ -78,9 +99,10 @@ class SQLiteStore:
             )
         if "\x00" in fspath:
             raise ValueError("SQLiteStore(path): the path holds a NUL character")
+        self._lease = check_lease("SQLiteStore", lease)
         self._path = fspath
-        self._lock = threading.Lock()  # guards _connection and _closed, and serialises all use of the connection
-        self._connection: sqlite3.Connection | None = None
+        self._lock = threading.Lock()  # guards _file and _closed, and serialises all use of the connection
+        self._file: StoreFile | None = None
         self._closed = False
 
     @property
@@ -88,34 +110,46 @@ class SQLiteStore:
         """The database file's path, as given."""
         return self._path
 
+    @property
+    def lease(self) -> float:
+        """Seconds a claim holds without renewal."""
+        return self._lease
+
+    @property
+    def _connection(self) -> sqlite3.Connection | None:
+        """The open connection, if any (for tests)."""
+        return None if self._file is None else self._file.connection
+
     def __repr__(self) -> str:
         return f"SQLiteStore({self._path!r})"
 
-    # -- the Store protocol ------------------------------------------------------------------------
+    # -- the BasicStore protocol -------------------------------------------------------------------
 
     async def save(self, checkpoint: Checkpoint, report: RunReport) -> None:
-        """Store the run's checkpoint and report in one transaction (see `Store.save`).
+        """Store the run's checkpoint and report in one transaction, unfenced, dropping its step rows (see
+        `BasicStore.save`).
 
         Raises:
             StoreError: The file cannot be opened or written.
             CheckpointError: An output cannot be serialised; what was stored for the run is kept.
         """
         row = to_row(checkpoint, report)
-        await self._call(self._save, row)
+        await self._call(runs.save, row)
 
     async def load(self, flow: str, run_id: str) -> StoredRun | None:
-        """The stored run, or None (see `Store.load`).
+        """The stored run, or None (see `Store.load`); never modifies the file.
 
         Raises:
-            StoreError: The file cannot be opened or read, or the run's row is invalid.
+            StoreError: The file cannot be opened or read, or the run's row (or a step row) is invalid.
         """
         check_names("load", flow, run_id)
         if not utf8(flow, run_id):  # SQLite could not even take the query; no run of that name is stored
             return None
-        return await self._call(self._load, flow, run_id)
+        return await self._call(runs.load, flow, run_id)
 
     async def list_runs(self, flow: str | None = None) -> list[RunRecord]:
-        """Records of the stored runs (of `flow` only, if given), oldest first (see `Store.list_runs`).
+        """Records of the stored runs (of `flow` only, if given), oldest first (see `Store.list_runs`); never
+        modifies the file.
 
         Raises:
             StoreError: The file cannot be opened or read, or a row is invalid.
@@ -123,17 +157,115 @@ class SQLiteStore:
         check_names("list_runs", flow)
         if flow is not None and not utf8(flow):
             return []
-        return await self._call(self._list_runs, flow)
+        return await self._call(runs.list_runs, flow)
 
     async def delete(self, flow: str, run_id: str) -> None:
-        """Forget a run; nothing happens if there is none (see `Store.delete`).
+        """Forget a run (its step rows, interrupt requests and labels too); nothing happens if there is none.
 
         Raises:
             StoreError: The file cannot be opened or written.
         """
         check_names("delete", flow, run_id)
         if utf8(flow, run_id):
-            await self._call(self._delete, flow, run_id)
+            await self._call(runs.delete, flow, run_id)
+
+    # -- ownership (the Store protocol) ------------------------------------------------------------
+
+    async def claim(
+        self,
+        flow: str,
+        run_id: str,
+        owner: str,
+        *,
+        new: RunState | None = None,
+        labels: Mapping[str, str] | None = None,
+        reopen: bool = False,
+    ) -> Claim | None:
+        """Claim one run, in one IMMEDIATE transaction (see `Store.claim`)."""
+        check_names("claim", flow, run_id)
+        head = None
+        if new is not None:
+            check_state("claim", flow, run_id, new)
+            head = head_row(flow, run_id, new)
+        checked = {} if labels is None else checked_labels(flow, run_id, labels)
+        if head is None and utf8(owner) and not utf8(flow, run_id):
+            return None  # as in load(): no run of that name is stored
+        if not utf8(flow, run_id, owner):
+            raise StoreError(
+                f"{self._where}: claim(): flow {flow!r}, run {run_id!r}, owner {owner!r}: a lone surrogate, which "
+                "UTF-8 cannot encode, so no run of that name can be stored"
+            )
+        return await self._call(leases.claim, flow, run_id, owner, head, checked, self._lease, reopen)
+
+    async def claim_next(self, owner: str, flows: Collection[str], queues: Sequence[Queue]) -> Claim | None:
+        """Claim the oldest queued run of `flows` in `queues`, or orphaned run of `flows`, in one IMMEDIATE
+        transaction that also counts the queues' live runs (see `Store.claim_next`)."""
+        if isinstance(flows, str) or not all(isinstance(flow, str) for flow in flows):
+            raise TypeError(f"claim_next(): flows must be a collection of str, got {flows!r}")
+        if isinstance(queues, str) or not all(isinstance(queue, Queue) for queue in queues):
+            raise TypeError(f"claim_next(): queues must be a sequence of Queue, got {queues!r}")
+        names = [flow for flow in flows if utf8(flow)]  # (a name SQLite cannot take is no stored run's)
+        return await self._call(
+            leases.claim_next, owner, names, [queue for queue in queues if utf8(queue.name)], self._lease
+        )
+
+    async def renew(self, lease: Lease) -> Lease:
+        """Extend the lease (see `Store.renew`)."""
+        return await self._call(leases.renew, lease, self._lease)
+
+    async def write(self, lease: Lease, state: RunState, steps: Sequence[StepRow] = ()) -> None:
+        """Replace the run's head and store `steps`, fenced, in one transaction (see `Store.write`)."""
+        check_state("write", lease.flow, lease.run_id, state, steps)
+        await self._call(leases.write, lease, head_row(lease.flow, lease.run_id, state), steps, False)
+
+    async def commit_step(self, lease: Lease, step: StepRow) -> None:
+        """Store one step row, fenced: one small transaction (see `Store.commit_step`)."""
+        await self._call(leases.commit_step, lease, step)
+
+    async def progress(self, lease: Lease, step: str, report_json: str) -> None:
+        """Store a running step's report, fenced (see `Store.progress`)."""
+        await self._call(leases.progress, lease, step, report_json)
+
+    async def finish(self, lease: Lease, state: RunState, steps: Sequence[StepRow] = ()) -> None:
+        """Write the run's end and give it up, fenced, in one transaction (see `Store.finish`)."""
+        check_state("finish", lease.flow, lease.run_id, state, steps)
+        await self._call(leases.write, lease, head_row(lease.flow, lease.run_id, state), steps, True)
+
+    async def release(self, lease: Lease) -> None:
+        """Give the run up as it is stored (see `Store.release`)."""
+        await self._call(leases.release, lease)
+
+    # -- control from anywhere ---------------------------------------------------------------------
+
+    async def interrupt(
+        self, flow: str, run_id: str, reason: str = "interrupted", *, force: bool = False, source: str | None = "api"
+    ) -> bool:
+        """Ask a run to stop, durably (see `Store.interrupt`): its live owner, in any process sharing the
+        file, gets the request at its next `interrupts()`."""
+        signal = interrupt_signal(flow, run_id, reason, force, source)
+        if not utf8(flow, run_id):
+            return False
+        return await self._call(leases.interrupt, flow, run_id, signal)
+
+    async def interrupts(self, lease: Lease, after: int = 0) -> list[tuple[int, InterruptSignal]]:
+        """The run's pending interrupt requests numbered above `after` (see `Store.interrupts`): cheap when
+        nothing changed in the file, in a worker thread all the same (never the event loop on the lock)."""
+        return await self._call(leases.interrupts, lease, after)
+
+    async def submit(
+        self, flow: str, run_id: str, new: RunState, *, queue: str = "default", labels: Mapping[str, str] | None = None
+    ) -> bool:
+        """Queue a run for a worker, in one IMMEDIATE transaction (see `Store.submit`)."""
+        check_state("submit", flow, run_id, new)
+        if not isinstance(queue, str) or not queue:
+            raise TypeError(f"submit(): flow {flow!r}, run {run_id!r}: queue must be a non-empty str, got {queue!r}")
+        checked = {} if labels is None else checked_labels(flow, run_id, labels)
+        if not utf8(flow, run_id, queue):
+            raise StoreError(
+                f"{self._where}: submit(): flow {flow!r}, run {run_id!r}, queue {queue!r}: a lone surrogate, which "
+                "UTF-8 cannot encode, so no run of that name can be stored"
+            )
+        return await self._call(leases.submit, flow, run_id, head_row(flow, run_id, new), queue, checked)
 
     # -- the LabelStore protocol -------------------------------------------------------------------
 
@@ -147,10 +279,10 @@ class SQLiteStore:
                 the file cannot be opened or written.
         """
         checked = checked_labels(flow, run_id, labels)
-        await self._call(self._set_labels, flow, run_id, checked)
+        await self._call(runs.set_labels, flow, run_id, checked)
 
     async def labels(self, flow: str, run_id: str) -> dict[str, str]:
-        """The run's labels, in key order; `{}` if it has none (see `LabelStore.labels`).
+        """The run's labels, in key order; `{}` if it has none (see `LabelStore.labels`); never modifies the file.
 
         Raises:
             StoreError: The file cannot be opened or read, or a stored label is not text.
@@ -158,7 +290,7 @@ class SQLiteStore:
         check_names("labels", flow, run_id)
         if not utf8(flow, run_id):  # as in load(): no run of that name is stored
             return {}
-        return await self._call(self._labels, flow, run_id)
+        return await self._call(runs.labels, flow, run_id)
 
     # -- claiming a run id (the `stoppoint` command's) ---------------------------------------------
 
@@ -167,17 +299,17 @@ class SQLiteStore:
 
         One IMMEDIATE transaction checks and inserts, so of several processes claiming one id exactly
         one gets True; the others get False and write nothing. Private: for `stoppoint run --run-id`
-        until stores have leases (issue 14).
+        until the command claims runs with `claim()` (issue 14).
         """
         row = to_row(checkpoint, report)
         checked = checked_labels(row.flow, row.run_id, labels)
-        return await self._call(self._claim_row, row, checked)
+        return await self._call(runs.claim_id, row, checked)
 
     # -- opening and closing -----------------------------------------------------------------------
 
     async def __aenter__(self) -> SQLiteStore:
         """Open (and check) the file now, so that a file that cannot be used fails here."""
-        await self._call(lambda _connection: None)
+        await self._call(lambda _file: None)
         return self
 
     async def __aexit__(
@@ -195,10 +327,10 @@ class SQLiteStore:
         """`aclose()` for synchronous code: blocks until an operation in progress ends."""
         with self._lock:
             self._closed = True
-            connection, self._connection = self._connection, None
-            if connection is not None:
+            file, self._file = self._file, None
+            if file is not None:
                 try:
-                    connection.close()
+                    file.connection.close()
                 except (sqlite3.Error, UnicodeDecodeError) as exc:
                     raise store_error(exc, self._path, f"{self._where}: cannot close") from exc
 
@@ -215,97 +347,19 @@ class SQLiteStore:
         except asyncio.CancelledError:
             # asyncio: a native Task.cancel() of the caller (anyio's own cancellation does not reach the
             # wait) stops the wait, not the thread. The operation must not go on behind the caller's
-            # back, where a later one (the run's next save) could overtake it: it is dropped if it has
+            # back, where a later one (the run's next write) could overtake it: it is dropped if it has
             # not started, else waited for.
             await job.settled()
             raise
 
     def _locked(self, operation: Callable[..., T], *args: Any) -> T:
-        """Run `operation(connection, *args)` under the lock, opening the file on first use."""
+        """Run `operation(file, *args)` under the lock, opening the file on first use."""
         with self._lock:
             if self._closed:
                 raise StoreError(f"{self._where} is closed")
-            if self._connection is None:
-                self._connection = open_file(self._path)
+            if self._file is None:
+                self._file = open_file(self._path)
             try:
-                return operation(self._connection, *args)
-            except (sqlite3.Error, UnicodeDecodeError) as exc:
+                return operation(self._file, *args)
+            except (sqlite3.Error, UnicodeError) as exc:  # UnicodeEncodeError: a str SQLite cannot take
                 raise store_error(exc, self._path, self._where) from exc
-
-    def _save(self, connection: sqlite3.Connection, row: Row) -> None:
-        def statements() -> None:
-            updated = connection.execute(
-                "UPDATE runs SET flow_version = ?, status = ?, updated_at = ?, finished_at = ?, checkpoint = ?,"
-                " report = ? WHERE flow = ? AND run_id = ?",  # started_at stays the first save's
-                (*row[2:4], *row[5:], row.flow, row.run_id),
-            )
-            if updated.rowcount == 0:
-                _insert_run(connection, row)
-
-        write(connection, statements)
-
-    def _claim_row(self, connection: sqlite3.Connection, row: Row, labels: dict[str, str]) -> bool:
-        claimed = False
-
-        def statements() -> None:
-            nonlocal claimed
-            if connection.execute("SELECT 1 FROM runs WHERE run_id = ? LIMIT 1", (row.run_id,)).fetchone():
-                return
-            _insert_run(connection, row)
-            _merge_labels(connection, row.flow, row.run_id, labels)
-            claimed = True
-
-        write(connection, statements)
-        return claimed
-
-    def _load(self, connection: sqlite3.Connection, flow: str, run_id: str) -> StoredRun | None:
-        found = connection.execute(
-            f"SELECT {ROW_COLUMNS} FROM runs WHERE flow = ? AND run_id = ?", (flow, run_id)
-        ).fetchone()
-        return None if found is None else to_stored(found, self._where)
-
-    def _list_runs(self, connection: sqlite3.Connection, flow: str | None) -> list[RunRecord]:
-        if flow is None:
-            rows = connection.execute(f"SELECT {RECORD_COLUMNS} FROM runs ORDER BY started_at, rowid")
-        else:
-            rows = connection.execute(
-                f"SELECT {RECORD_COLUMNS} FROM runs WHERE flow = ? ORDER BY started_at, rowid", (flow,)
-            )
-        return [to_record(row, self._where) for row in rows]
-
-    def _delete(self, connection: sqlite3.Connection, flow: str, run_id: str) -> None:
-        def statements() -> None:
-            connection.execute("DELETE FROM runs WHERE flow = ? AND run_id = ?", (flow, run_id))
-            connection.execute("DELETE FROM labels WHERE flow = ? AND run_id = ?", (flow, run_id))
-
-        write(connection, statements)
-
-    def _set_labels(self, connection: sqlite3.Connection, flow: str, run_id: str, labels: dict[str, str]) -> None:
-        if labels:
-            write(connection, lambda: _merge_labels(connection, flow, run_id, labels))
-
-    def _labels(self, connection: sqlite3.Connection, flow: str, run_id: str) -> dict[str, str]:
-        rows = connection.execute(
-            "SELECT key, value FROM labels WHERE flow = ? AND run_id = ? ORDER BY key", (flow, run_id)
-        ).fetchall()
-        labels: dict[str, str] = {}
-        for key, value in rows:
-            for what, text in (("key", key), ("value", value)):
-                if not isinstance(text, str):
-                    raise StoreError(
-                        f"{self._where}: run {run_id!r} of flow {flow!r}: the {what} of a stored label "
-                        f"({key!r}) holds {type(text).__name__}, not text"
-                    )
-            labels[key] = value
-        return labels
-
-
-def _insert_run(connection: sqlite3.Connection, row: Row) -> None:
-    connection.execute(f"INSERT INTO runs ({ROW_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
-
-
-def _merge_labels(connection: sqlite3.Connection, flow: str, run_id: str, labels: dict[str, str]) -> None:
-    connection.executemany(
-        "INSERT OR REPLACE INTO labels (flow, run_id, key, value) VALUES (?, ?, ?, ?)",
-        [(flow, run_id, key, value) for key, value in labels.items()],
-    )

@@ -1,27 +1,60 @@
-"""The file of a `SQLiteStore`: its schema, and opening it (checked, or made) as a store.
+"""The file of a `SQLiteStore`: its schema, opening it (checked, or made) as a store, and its transactions.
 
-The on-disk schema of `SQLiteStore` (schema version 1), in SQLite's WAL journal mode::
+The on-disk schema of `SQLiteStore` (schema version 2), in SQLite's WAL journal mode::
 
     PRAGMA user_version = 1234567;  -- the store id: random, positive, 32 bits, in the file's header
 
     CREATE TABLE meta (
         key   TEXT PRIMARY KEY,
         value TEXT NOT NULL
-    );  -- two rows: ('app', 'stoppoint') and ('schema_version', '1')
+    );  -- two rows: ('app', 'stoppoint') and ('schema_version', '2')
 
-    CREATE TABLE runs (
+    CREATE TABLE runs (  -- one row per run: its head (see `Store`)
         flow         TEXT NOT NULL,  -- Checkpoint.flow (the flow's name)
-        run_id       TEXT NOT NULL,  -- Checkpoint.run_id
-        flow_version TEXT NOT NULL,  -- Checkpoint.flow_version at the latest save
-        status       TEXT NOT NULL,  -- a RunStatus value: run_status(report) at the latest save
-        started_at   TEXT NOT NULL,  -- the first save's report.started_at
-        updated_at   TEXT NOT NULL,  -- when the run was last saved
-        finished_at  TEXT,           -- report.finished_at at the latest save; NULL while running
-        checkpoint   TEXT NOT NULL,  -- JSON: Checkpoint.to_json()
-        report       TEXT NOT NULL,  -- JSON: RunReport.model_dump_json()
+        run_id       TEXT NOT NULL,  -- Checkpoint.run_id; one flow per run id (checked by claims and submits)
+        flow_version TEXT NOT NULL,  -- Checkpoint.flow_version at the latest write
+        status       TEXT NOT NULL,  -- a RunStatus value (never 'orphaned': that is read from the lease)
+        started_at   TEXT NOT NULL,  -- the first write's report.started_at
+        updated_at   TEXT NOT NULL,  -- when the run was last written
+        finished_at  TEXT,           -- when its latest attempt ended; NULL while running
+        checkpoint   TEXT NOT NULL,  -- JSON: Checkpoint.to_json(), without the outputs of the step rows
+        report       TEXT NOT NULL,  -- JSON: RunReport.model_dump_json(); step rows replace their steps'
+        owner            TEXT,                        -- the lease's holder (host:pid/token); NULL: nobody
+        epoch            INTEGER NOT NULL DEFAULT 0,  -- claims so far (the fencing token); 0: never claimed
+        lease_expires_at TEXT,                        -- until when the lease holds without a renewal
+        claimed_at       TEXT,                        -- when the owner claimed it
+        queue            TEXT,                        -- the queue it was submitted to; NULL: run directly
         PRIMARY KEY (flow, run_id)
     );
     CREATE INDEX runs_by_start ON runs (started_at);
+    CREATE INDEX runs_by_id ON runs (run_id);  -- a claim's check that no other flow has the id
+    CREATE INDEX runs_to_claim ON runs (status, queue, started_at);  -- claim_next, and its queue limits
+
+    CREATE TABLE steps (  -- one row per step name of a run: commit_step and progress write one
+        flow       TEXT NOT NULL,
+        run_id     TEXT NOT NULL,
+        step       TEXT NOT NULL,     -- the step's name
+        epoch      INTEGER NOT NULL,  -- the lease's epoch that wrote it: load() uses the report of the
+                                      -- current epoch's rows only, the checkpoint part of every row; 0
+                                      -- once the head took its report over (an interrupt of a run
+                                      -- nobody holds marks its steps there, as they ended)
+        checkpoint TEXT,              -- JSON: a checkpoint of the run holding only this step's part; NULL
+                                      -- for a row of progress alone
+        report     TEXT NOT NULL,     -- JSON: StepReport.model_dump_json()
+        PRIMARY KEY (flow, run_id, step)
+    );
+
+    CREATE TABLE interrupts (  -- pending interrupt requests of runs with a live owner (Store.interrupt)
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,  -- the request's number: AUTOINCREMENT, so that a
+                                                         -- number is never given twice, even once dropped
+        flow         TEXT NOT NULL,
+        run_id       TEXT NOT NULL,
+        reason       TEXT NOT NULL,
+        force        INTEGER NOT NULL,  -- 0 or 1
+        source       TEXT,
+        requested_at TEXT NOT NULL      -- the signal's sent_at
+    );
+    CREATE INDEX interrupts_by_run ON interrupts (flow, run_id, id);  -- the owner's poll
 
     CREATE TABLE labels (
         flow   TEXT NOT NULL,  -- the run's flow
@@ -31,22 +64,35 @@ The on-disk schema of `SQLiteStore` (schema version 1), in SQLite's WAL journal 
         PRIMARY KEY (flow, run_id, key)
     );
 
-A new file gets all three tables in one transaction. The labels table came after the first files
-were written: a stoppoint that opens a schema-1 file without it creates it (`CREATE TABLE IF NOT
-EXISTS`, in a write transaction), and the file stays schema version 1, since a stoppoint that does
-not know the table reads the file as before and never looks at it. In the same transaction, a file
-that still has the table in which the `stoppoint` command used to keep each run's target beside the
-store's own (`cli_targets (run_id TEXT PRIMARY KEY, flow TEXT NOT NULL, target TEXT NOT NULL)`) has
-its rows moved into `labels`, under the key `stoppoint.target` (`CLI_TARGET_LABEL`), and that table
-dropped. Both happen only after the file has passed the checks that every opening makes (a SQLite
-file, with no write-ahead log of another database beside it, stoppoint's, a schema version this
-stoppoint knows, not damaged: `PRAGMA integrity_check`, which also checks every index against its
-table), so a file that is refused is never modified.
+A new file gets it all in one transaction. A step's completion is one small transaction: its row in
+`steps` (an upsert, keeping the row's place) and the run row's `updated_at`, both conditional on the
+run's `(owner, epoch)`; the head (`runs.checkpoint`, `runs.report`) is written at the start and at the end
+of an attempt only, so the cost of a step does not grow with the steps stored before it.
+
+**Schema 1** (stoppoint 0.1) had the `runs` table without its last five columns, no `steps` and no
+`interrupts` table, the same indexes but `runs_by_id` and `runs_to_claim`, and `schema_version` '1'. A
+schema-1 file is upgraded to schema 2 in place, in one transaction, by the first operation of a store
+that writes to it (a save, a claim, a label, an interrupt, a delete...), in that operation's own
+transaction: the five columns are added (`ALTER TABLE ... ADD COLUMN`, which rewrites no row: its runs read
+as never claimed, epoch 0), the tables and indexes created, and `schema_version` set to '2'. Opening and
+reading never modify the file: `load()`, `list_runs()` and `labels()` (and so `stoppoint runs` and `show`)
+read a schema-1 file as it is, its runs with no lease. A file not yet in WAL mode is put in it by the first
+write too. A stoppoint that reads schema 1 only refuses a file once it is schema 2 (its version is newer),
+rather than miss the step rows.
+
+Before schema 1's labels table came, the first files were written without it. The first write adds it
+too (`CREATE TABLE IF NOT EXISTS`), and, in the same transaction, a file that still has the table in which
+the `stoppoint` command used to keep each run's target beside the store's own (`cli_targets (run_id TEXT
+PRIMARY KEY, flow TEXT NOT NULL, target TEXT NOT NULL)`) has its rows moved into `labels`, under the key
+`stoppoint.target` (`CLI_TARGET_LABEL`), and that table dropped; until then `labels()` reads the targets
+where they are. A `cli_targets` table of other columns is refused on opening, like any file that fails the
+checks every opening makes (a SQLite file, with no write-ahead log of another database beside it,
+stoppoint's, a schema version this stoppoint knows, not damaged: `PRAGMA integrity_check`, which also checks
+every index against its table), so a file that is refused is never modified.
 
 The store id came later too. A new file gets a random one in its header (`PRAGMA user_version`, bytes
-60-63 of page 1); a file written before store ids gets one the first time it is opened, in the same
-write transaction (then checkpointed into the file), and stays schema version 1: a stoppoint that does
-not know the id never reads it. The id tells the file's write-ahead log (`<path>-wal`) from another
+60-63 of page 1); a file written before store ids gets one in its first write transaction (then
+checkpointed into the file). The id tells the file's write-ahead log (`<path>-wal`) from another
 database's, left beside it when the file was replaced, say: SQLite replays any log whose frames are
 intact, whichever database wrote it, and its pages replace the file's (its runs vanish). Before a
 connection that could write opens the file, an opening compares the id in the file's own header with
@@ -60,27 +106,38 @@ or any log beside a file that has no id yet, cannot be told from the file's own 
 the file is made, so that no log would ever hold it.
 
 Times are ISO 8601 text in UTC with microseconds, `2026-01-31T12:00:00.000000+00:00` (a naive time in
-a report is taken as UTC), so text order is time order. `list_runs()` orders by `started_at`, then
-by `rowid` (the order of the runs' first saves). A later schema gets a higher `schema_version`; a
-stoppoint that finds a version it does not know refuses the file rather than guess.
+a report is taken as UTC), so text order is time order: a lease is live while `lease_expires_at` is
+above the reader's clock as text. `list_runs()` orders by `started_at`, then by `rowid` (the order of
+the runs' first saves). A later schema gets a higher `schema_version`; a stoppoint that finds a version it
+does not know refuses the file rather than guess.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from ._errors import StoreError
-from ._store import CLI_TARGET_LABEL
+from ._sqlite_schema import (
+    OLD_TARGETS_TABLE,
+    SCHEMA_VERSION,
+    check_old_targets,
+    check_schema,
+    initialise,
+    needs_upgrade,
+    read_version,
+    tables,
+    upgrade,
+)
 
-__all__ = ["open_file", "store_error", "write"]
+__all__ = ["StoreFile", "open_file", "store_error"]
 
-_APP = "stoppoint"
-_SCHEMA_VERSION = 1
+T = TypeVar("T")
+
 _SQLITE_HEADER = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
 _HEADER_SIZE = 100  # the database header, at the start of page 1
 _STORE_ID = slice(60, 64)  # where the header keeps `PRAGMA user_version`: the store id (see the module docstring)
@@ -116,39 +173,6 @@ every row up in every index. Measured on a 64 MB store (CPython 3.11, SQLite 3.4
 of 15): 2,000 runs of 30 KB, 21 ms against 22 ms; 16,500 runs of 4 KB, 49 ms against 66 ms; from a cold page
 cache both cost the reads, 395 against 410 ms and 724 against 770 ms."""
 
-_LABELS_TABLE = (  # IF NOT EXISTS: also how a file written before labels gets the table
-    "CREATE TABLE IF NOT EXISTS labels (flow TEXT NOT NULL, run_id TEXT NOT NULL, key TEXT NOT NULL,"
-    " value TEXT NOT NULL, PRIMARY KEY (flow, run_id, key))"
-)
-
-_SCHEMA = (
-    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-    "CREATE TABLE runs ("
-    " flow TEXT NOT NULL, run_id TEXT NOT NULL, flow_version TEXT NOT NULL, status TEXT NOT NULL,"
-    " started_at TEXT NOT NULL, updated_at TEXT NOT NULL, finished_at TEXT,"
-    " checkpoint TEXT NOT NULL, report TEXT NOT NULL, PRIMARY KEY (flow, run_id))",
-    "CREATE INDEX runs_by_start ON runs (started_at)",
-    _LABELS_TABLE,
-)
-
-_OLD_TARGETS_TABLE = "cli_targets"
-"""The table in which the `stoppoint` command kept each run's target before labels (see the module docstring)."""
-_OLD_TARGETS_COLUMNS = ("run_id", "flow", "target")
-
-
-def _version_number(value: object) -> int | None:
-    """The schema version in the meta table as a number (text of decimal digits, or an integer), else None."""
-    if isinstance(value, str) and value.isascii() and value.isdigit():
-        return int(value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    return None
-
-
-def _new_store_id() -> int:
-    """A random store id: a positive 32-bit signed integer, as `PRAGMA user_version` keeps it (0 is "none")."""
-    return secrets.randbelow(2**31 - 1) + 1
-
 
 def _primary_code(exc: sqlite3.Error) -> int | None:
     """The primary result code of SQLite's error (of an extended one too), or None for an error Python's `sqlite3`
@@ -157,7 +181,7 @@ def _primary_code(exc: sqlite3.Error) -> int | None:
     return None if code is None else code & 0xFF
 
 
-def _not_utf8(exc: sqlite3.Error | UnicodeDecodeError) -> str | None:
+def _not_utf8(exc: sqlite3.Error | UnicodeError) -> str | None:
     """What an error says about text in the file that is not UTF-8, or None if it is about something else.
 
     Python's `sqlite3` decodes every text it hands over as UTF-8: a column value or name that is not UTF-8 becomes
@@ -167,6 +191,8 @@ def _not_utf8(exc: sqlite3.Error | UnicodeDecodeError) -> str | None:
     """
     if isinstance(exc, UnicodeDecodeError):
         return bytes(exc.object).decode("utf-8", "backslashreplace")
+    if isinstance(exc, UnicodeError):  # an encoding error: text of this process, not of the file
+        return None
     if _primary_code(exc) is None and str(exc).startswith("Could not decode to UTF-8"):
         return str(exc)
     return None
@@ -217,7 +243,7 @@ def _lock_holder(path: str) -> str | None:
     return None
 
 
-def store_error(exc: sqlite3.Error | UnicodeDecodeError, path: str, where: str) -> StoreError:
+def store_error(exc: sqlite3.Error | UnicodeError, path: str, where: str) -> StoreError:
     """The `StoreError` for what SQLite, or Python's `sqlite3`, raised on the store at `path` (`where`: what was
     being done)."""
     if isinstance(exc, sqlite3.Error) and _primary_code(exc) == sqlite3.SQLITE_BUSY:
@@ -235,25 +261,105 @@ def store_error(exc: sqlite3.Error | UnicodeDecodeError, path: str, where: str) 
     return StoreError(f"{where}: {exc}")
 
 
-def write(connection: sqlite3.Connection, statements: Callable[[], object]) -> None:
-    """Run `statements` in one write transaction. IMMEDIATE takes the write lock at BEGIN, where the
-    busy timeout applies (a read upgraded to a write later could fail at once in WAL mode)."""
+class StoreFile:
+    """An open store file: its connection, and what this connection knows of the file. Used by one thread
+    at a time (the store's lock).
+
+    Attributes:
+        connection: The connection (autocommit: each operation makes its own transaction, `read` or `write`).
+        path: The file's path.
+        where: "SQLite store PATH", for messages.
+        schema: The file's schema version as last seen: 1 until a write upgrades it (this process's or another's).
+        old_labels: Whether the labels may still be where a file written before schema 1's labels table
+            keeps them (no labels table, or the old command's targets table): `labels()` then looks there.
+        writes: How many write transactions this connection committed (memos of what it read key on it).
+        interrupts_seen: The `PRAGMA data_version` and `writes` when `interrupts_memo` was last cleared.
+        interrupts_memo: Per run, the holder, epoch and pending requests last read (`_sqlite_leases.interrupts`).
+    """
+
+    def __init__(
+        self, connection: sqlite3.Connection, path: str, *, schema: int, upgraded: bool, wal: bool, old_labels: bool
+    ) -> None:
+        self.connection = connection
+        self.path = path
+        self.where = f"SQLite store {path!r}"
+        self.schema = schema
+        self.old_labels = old_labels
+        self.writes = 0
+        self.interrupts_seen: tuple[int, int] | None = None
+        self.interrupts_memo: dict[tuple[str, str], tuple[str | None, int | None, list[Any]]] = {}
+        self._upgraded = upgraded
+        self._wal = wal
+
+    def read(self, statements: Callable[[], T]) -> T:
+        """`statements()` in one read transaction: one snapshot of the file, in which nothing is written."""
+        connection = self.connection
+        connection.execute("BEGIN")
+        try:
+            if self.schema < SCHEMA_VERSION:  # another process may have upgraded it since
+                self.schema = read_version(connection)
+            result = statements()
+            connection.execute("COMMIT")
+        except BaseException:
+            _roll_back(connection)
+            raise
+        return result
+
+    def write(self, statements: Callable[[], T]) -> T:
+        """`statements()` in one write transaction. The first one also upgrades the file (see the module
+        docstring), so an upgrade comes with a write and never with a read. IMMEDIATE takes the write lock
+        at BEGIN, where the busy timeout applies (a read upgraded to a write later could fail at once in WAL
+        mode), so the statements see the file as no other writer can change it until COMMIT."""
+        connection = self.connection
+        if not self._wal:
+            _wal_mode(connection, self.path)
+            self._wal = True
+        connection.execute("BEGIN IMMEDIATE")
+        gave_id, schema = False, self.schema
+        try:
+            if not self._upgraded:
+                gave_id = upgrade(connection, self.path)
+                self.schema = SCHEMA_VERSION  # for the statements, which see the file upgraded
+            result = statements()
+            connection.execute("COMMIT")
+        except BaseException:
+            self.schema = schema  # the upgrade is rolled back with the rest
+            _roll_back(connection)
+            raise
+        self.writes += 1
+        self._upgraded, self.old_labels = True, False
+        if gave_id:  # the new id is in the log: copy it into the file now (if no reader is in the way)
+            connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        return result
+
+
+def _roll_back(connection: sqlite3.Connection) -> None:
+    if connection.in_transaction:
+        with contextlib.suppress(sqlite3.Error, UnicodeDecodeError):
+            connection.execute("ROLLBACK")
+
+
+def _transaction(connection: sqlite3.Connection, statements: Callable[[], object]) -> None:
     connection.execute("BEGIN IMMEDIATE")
     try:
         statements()
         connection.execute("COMMIT")
     except BaseException:
-        if connection.in_transaction:
-            with contextlib.suppress(sqlite3.Error, UnicodeDecodeError):
-                connection.execute("ROLLBACK")
+        _roll_back(connection)
         raise
 
 
-def open_file(path: str) -> sqlite3.Connection:
+def _wal_mode(connection: sqlite3.Connection, path: str) -> None:
+    (mode,) = connection.execute("PRAGMA journal_mode = WAL").fetchone()
+    if str(mode).lower() != "wal":
+        raise StoreError(f"cannot use {path!r}: SQLite cannot put it in WAL mode (journal mode {mode!r})")
+
+
+def open_file(path: str) -> StoreFile:
     """Open the file and check it is a stoppoint store (or make it one, if it is new).
 
-    Nothing is written to a file that is not a new or empty file or a stoppoint store of a known
-    schema version: the checks only read, and WAL mode is turned on after them.
+    Nothing is written to a file that is not a new or empty file: the checks only read, and what an
+    older file lacks (see the module docstring) is added by its first write.
     """
     if os.path.isdir(path):
         raise StoreError(f"{path!r} is a directory; SQLiteStore needs the path of a database file")
@@ -276,8 +382,8 @@ def open_file(path: str) -> sqlite3.Connection:
             raise StoreError(f"cannot use {path!r}: the file is not readable and writable")
         if size > 0:
             try:
-                with open(path, "rb") as file:
-                    header = file.read(_HEADER_SIZE)
+                with open(path, "rb") as stream:
+                    header = stream.read(_HEADER_SIZE)
             except OSError as exc:
                 raise StoreError(f"cannot open {path!r}: {exc}") from exc
             if header[: len(_SQLITE_HEADER)] != _SQLITE_HEADER:
@@ -290,7 +396,7 @@ def open_file(path: str) -> sqlite3.Connection:
         connection = sqlite3.connect(
             uri, uri=True, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
         )
-        _prepare(connection, path)
+        file = _prepare(connection, path)
     except (sqlite3.Error, UnicodeDecodeError) as exc:
         if connection is not None:
             with contextlib.suppress(sqlite3.Error, UnicodeDecodeError):  # the error to report is the first
@@ -303,7 +409,7 @@ def open_file(path: str) -> sqlite3.Connection:
             with contextlib.suppress(sqlite3.Error, UnicodeDecodeError):
                 connection.close()
         raise
-    return connection
+    return file
 
 
 def _check_log(path: str, header: bytes) -> None:
@@ -342,101 +448,31 @@ def _check_log(path: str, header: bytes) -> None:
         )
 
 
-def _prepare(connection: sqlite3.Connection, path: str) -> None:
-    """Check (or initialise) the schema, add what a file written before labels or store ids lacks
-    (`_upgrade`), then turn on WAL mode. SQLite errors go to `_open`."""
-    tables = _tables(connection)
-    if tables:
-        _check_schema(connection, path, tables)
+def _prepare(connection: sqlite3.Connection, path: str) -> StoreFile:
+    """Check the schema of a stoppoint store, or initialise a new file (then in WAL mode); an existing file is
+    only read. SQLite errors go to `open_file`."""
+    names = tables(connection)
+    if names:
+        schema = check_schema(connection, path, names)
+        check_old_targets(connection, path, names)
         # A truncated or damaged file fails here, not mid-run (see _INTEGRITY_CHECK).
         problems = [line for (line,) in connection.execute(_INTEGRITY_CHECK)]
         if problems != ["ok"]:
             raise StoreError(f"{path!r} is a damaged SQLite file (truncated or corrupt): {'; '.join(problems[:5])}")
+        (mode,) = connection.execute("PRAGMA journal_mode").fetchone()  # reads it: a write turns WAL on
+        wal = str(mode).lower() == "wal"
     else:
-        write(connection, lambda: _initialise(connection, path))
-        tables = _tables(connection)  # another process's, if it got there first
-    (store_id,) = connection.execute("PRAGMA user_version").fetchone()
-    if "labels" not in tables or _OLD_TARGETS_TABLE in tables or store_id == 0:
-        write(connection, lambda: _upgrade(connection, path))
-    (mode,) = connection.execute("PRAGMA journal_mode = WAL").fetchone()
-    if str(mode).lower() != "wal":
-        raise StoreError(f"cannot use {path!r}: SQLite cannot put it in WAL mode (journal mode {mode!r})")
+        _transaction(connection, lambda: initialise(connection, path))
+        names = tables(connection)  # another process's, if it got there first
+        schema = check_schema(connection, path, names)
+        _wal_mode(connection, path)
+        wal = True
     connection.execute(f"PRAGMA synchronous = {_SYNCHRONOUS}")
-    if store_id == 0:  # the new id is in the log: copy it into the file now (if no reader is in the way)
-        connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-
-
-def _tables(connection: sqlite3.Connection) -> set[str]:
-    return {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-
-
-def _initialise(connection: sqlite3.Connection, path: str) -> None:
-    """Create the schema in a new (or empty) file; in the write transaction, so that when another
-    process got there first, its schema is checked instead."""
-    tables = _tables(connection)
-    if tables:
-        _check_schema(connection, path, tables)
-        return
-    for statement in _SCHEMA:
-        connection.execute(statement)
-    connection.executemany(
-        "INSERT INTO meta (key, value) VALUES (?, ?)", [("app", _APP), ("schema_version", str(_SCHEMA_VERSION))]
+    return StoreFile(
+        connection,
+        path,
+        schema=schema,
+        upgraded=not needs_upgrade(connection, schema, names),
+        wal=wal,
+        old_labels="labels" not in names or OLD_TARGETS_TABLE in names,
     )
-    connection.execute(f"PRAGMA user_version = {_new_store_id()}")
-
-
-def _upgrade(connection: sqlite3.Connection, path: str) -> None:
-    """Bring a schema-1 file written before labels or store ids up to date (see the module docstring); in
-    the write transaction, so that what another process did meanwhile is seen, and a refusal writes nothing.
-
-    Raises:
-        StoreError: The file's `cli_targets` table is not the one the `stoppoint` command made.
-    """
-    tables = _tables(connection)
-    if _OLD_TARGETS_TABLE in tables:
-        columns = [row[1] for row in connection.execute(f"PRAGMA table_info({_OLD_TARGETS_TABLE})")]
-        if not set(_OLD_TARGETS_COLUMNS) <= set(columns):
-            raise StoreError(
-                f"{path!r} is a stoppoint store with a {_OLD_TARGETS_TABLE} table that is not the one the "
-                f"stoppoint command made (its columns: {', '.join(map(str, columns))}; expected "
-                f"{', '.join(_OLD_TARGETS_COLUMNS)}), so its rows cannot be moved into the labels table"
-            )
-    connection.execute(_LABELS_TABLE)
-    if _OLD_TARGETS_TABLE in tables:
-        # A row without a run id, flow or target was never found by the command: there is nothing to keep.
-        # OR REPLACE: an older stoppoint command wrote the row after an earlier move, so it is the newer one.
-        connection.execute(
-            "INSERT OR REPLACE INTO labels (flow, run_id, key, value)"
-            f" SELECT flow, run_id, ?, target FROM {_OLD_TARGETS_TABLE}"
-            " WHERE flow IS NOT NULL AND run_id IS NOT NULL AND target IS NOT NULL",
-            (CLI_TARGET_LABEL,),
-        )
-        connection.execute(f"DROP TABLE {_OLD_TARGETS_TABLE}")
-    (store_id,) = connection.execute("PRAGMA user_version").fetchone()
-    if store_id == 0:
-        connection.execute(f"PRAGMA user_version = {_new_store_id()}")
-
-
-def _check_schema(connection: sqlite3.Connection, path: str, tables: set[str]) -> None:
-    foreign = f"{path!r} is a SQLite database that is not a stoppoint store"
-    if "meta" not in tables:
-        raise StoreError(f"{foreign} (it has no meta table; its tables: {', '.join(sorted(tables))})")
-    try:
-        meta = dict(connection.execute("SELECT key, value FROM meta").fetchall())
-    except sqlite3.Error as exc:
-        if _primary_code(exc) != sqlite3.SQLITE_ERROR:  # not "no such column": locked, corrupt, not UTF-8...
-            raise
-        raise StoreError(f"{foreign} (its meta table is not stoppoint's: {exc})") from exc
-    if meta.get("app") != _APP:
-        raise StoreError(f"{foreign} (its meta table has no app = 'stoppoint' row)")
-    version = meta.get("schema_version")
-    number = _version_number(version)
-    if number is not None and number > _SCHEMA_VERSION:
-        raise StoreError(
-            f"{path!r} is a stoppoint store of a newer schema version ({number}) than this stoppoint reads "
-            f"({_SCHEMA_VERSION}); upgrade stoppoint to use it"
-        )
-    if number != _SCHEMA_VERSION:
-        raise StoreError(f"{path!r} is a stoppoint store of an unknown schema version {version!r}")
-    if "runs" not in tables:
-        raise StoreError(f"{path!r} is a damaged stoppoint store: its runs table is missing")

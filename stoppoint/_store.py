@@ -306,9 +306,9 @@ class Store(BasicStore, Protocol):
           with `reopen`, claims it like an unfinished one (a flow that gained steps at the same version).
         - A stored unfinished run (queued, interrupted, failed, running with an expired lease, or
           released) of this flow: claimed, epoch + 1, its pending interrupt requests kept (the new owner
-          receives them); returns `Claim(lease, stored)`, stored as it was. Its status and head stay as
-          they are until the owner's first `write()`, so a claim given up at once (`release()`) changes
-          nothing but the epoch.
+          receives them), status running (not finished); returns `Claim(lease, stored)`, stored as it
+          was before the claim. (So `run()` checks what it can of a stored run before claiming it: a
+          claim given up at once leaves it running, orphaned, for a worker.)
         - A run of that id in another flow: raises `StoreError` naming it.
 
         Raises:
@@ -318,11 +318,12 @@ class Store(BasicStore, Protocol):
         ...
 
     async def claim_next(self, owner: str, flows: Collection[str], queues: Sequence[Queue]) -> Claim | None:
-        """Claim one run of one of `flows` that is queued in one of `queues` and not held, or orphaned
-        (stored running, lease expired, in any queue or none), oldest first; None if there is none to
-        claim. A queue with a `concurrency` limit gets no claim while that many of its runs hold live
-        leases (counted in the claim's transaction, so the limit holds across every worker). Atomic
-        like `claim()`.
+        """Claim one run of one of `flows` that is queued in one of `queues` and not held, or orphaned (in
+        any queue or none: what `list_runs()` reports as `ORPHANED`, a run once claimed, stored running,
+        whose lease expired or was released; not a run saved running by `save()` alone, whose writer may
+        live), oldest first; None if there is none to claim. A queue with a `concurrency` limit gets no
+        claim while that many of its runs hold live leases (counted in the claim's transaction, so the
+        limit holds across every worker). Atomic like `claim()`.
 
         Raises:
             StoreError: The store cannot be read or written.
@@ -390,9 +391,10 @@ class Store(BasicStore, Protocol):
     ) -> bool:
         """Ask a run to stop, durably. A run with a live owner gets the request (the owner's next
         `interrupts()` returns it); a queued or orphaned run (stored running, nobody holds it) is marked
-        interrupted at once (finished now, the signal added to its report's interrupts, its
-        checkpoint unchanged). False when there is nothing to stop: no run of that id, or one that
-        ended (completed, interrupted, failed) and nobody holds.
+        interrupted at once (finished now, the signal added to its report's interrupts, its steps shown
+        running marked interrupted there, which the step rows' reports no longer replace; its checkpoint
+        unchanged). False when there is nothing to stop: no run of that id, or one that ended
+        (completed, interrupted, failed) and nobody holds.
 
         Raises:
             TypeError: A name or the reason is not a str, `force` not a bool.

@@ -16,6 +16,8 @@ import anyio.lowlevel
 
 import stoppoint as sp
 
+LEASE = 0.5
+"""A short lease: the resume waits for the killed child's to expire (it holds the run until then)."""
 RUN_ID = "crash-test"
 STEPS = [f"s{i:02d}" for i in range(20)]
 
@@ -76,7 +78,7 @@ def _signature(waits: list[str]) -> object:
 
 
 async def run(db_path: str, log_path: str, echo: bool) -> sp.Completed[int] | sp.Interrupted:
-    async with sp.SQLiteStore(db_path) as store:
+    async with sp.SQLiteStore(db_path, lease=LEASE) as store:
         return await make_flow(log_path, echo).run(store=store, run_id=RUN_ID)
 
 

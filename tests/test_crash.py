@@ -25,6 +25,7 @@ import pytest
 import stoppoint as sp
 
 from . import crash_flow
+from .conftest import until
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
 
@@ -100,7 +101,12 @@ async def test_a_killed_run_resumes_without_redoing_committed_steps(
 
     flow = crash_flow.make_flow(str(log), echo=False)
     with anyio.fail_after(60):
-        async with sp.SQLiteStore(db) as store:
+        async with sp.SQLiteStore(db, lease=crash_flow.LEASE) as store:
+
+            async def not_held() -> bool:  # the killed child's lease expires: the run is orphaned
+                return all(record.status is not sp.RunStatus.RUNNING for record in await store.list_runs())
+
+            await until(not_held)
             outcome = await flow.run(store=store, run_id=crash_flow.RUN_ID)
     assert isinstance(outcome, sp.Completed)
     assert outcome.value == crash_flow.expected_total()

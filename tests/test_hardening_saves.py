@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import anyio
 import pytest
 
 import stoppoint as sp
+import stoppoint._sqlite_runs
 
 from .conftest import statuses
 from .hooks import BasicOnly, HookedStore, Write
@@ -615,15 +616,27 @@ async def test_a_cancelled_scope_of_the_caller_never_cuts_a_save_off(path: str, 
 
 
 class SignallingSQLiteStore(sp.SQLiteStore):
-    """An SQLiteStore that sets `begun[n]` when its n-th save (since `begun` was last reset) begins."""
+    """An SQLiteStore that sets `begun[n]` when a run's n-th write (since `begun` was last reset) begins:
+    its start (`write`), a step's commit, its end (`finish`)."""
 
     begun: list[anyio.Event]
 
-    async def save(self, checkpoint: sp.Checkpoint, report: sp.RunReport) -> None:
+    def _begin(self) -> None:
         begun = next((event for event in self.begun if not event.is_set()), None)
-        if begun is not None:  # (a save made again after a cancellation is one more)
+        if begun is not None:  # (a write made again after a cancellation is one more)
             begun.set()
-        await super().save(checkpoint, report)
+
+    async def write(self, lease: sp.Lease, state: sp.RunState, steps: Sequence[sp.StepRow] = ()) -> None:
+        self._begin()
+        await super().write(lease, state, steps)
+
+    async def commit_step(self, lease: sp.Lease, step: sp.StepRow) -> None:
+        self._begin()
+        await super().commit_step(lease, step)
+
+    async def finish(self, lease: sp.Lease, state: sp.RunState, steps: Sequence[sp.StepRow] = ()) -> None:
+        self._begin()
+        await super().finish(lease, state, steps)
 
 
 @pytest.mark.parametrize("how", ["native", "scope"])
@@ -717,7 +730,7 @@ class GatedSQLiteStore(sp.SQLiteStore):
         self.gate = threading.Event()
 
     def _locked(self, operation: Callable[..., Any], *args: Any) -> Any:
-        if operation == self._save and not self.in_thread.is_set():
+        if operation is stoppoint._sqlite_runs.save and not self.in_thread.is_set():
             self.in_thread.set()
             self.gate.wait(10)
         return super()._locked(operation, *args)

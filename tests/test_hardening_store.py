@@ -311,15 +311,16 @@ def test_the_command_says_the_store_is_busy_and_exits_2(tmp_path: Path) -> None:
         assert_busy_exit(command("runs", "--store", str(path), cwd=tmp_path), path, holder)
 
 
-def test_the_command_says_the_store_is_busy_when_a_run_meets_the_lock_in_its_task_group(tmp_path: Path) -> None:
-    """`resume` finds the run (reading), then its first save, inside the run's task group, meets the lock."""
+def test_the_command_says_the_store_is_busy_when_a_run_meets_the_lock_as_it_claims(tmp_path: Path) -> None:
+    """`resume` finds the run (reading), then its claim, the first write, before the run begins, meets the
+    lock. (Before leases, the first write was the run's first save, inside its task group.)"""
     path = tmp_path / "runs.db"
     failed = command("run", f"{FLOWS}:failing", "--run-id", "r1", "--store", str(path), cwd=tmp_path)
     assert failed.returncode == 1, failed.stderr
     with lock_held(path, WRITE_LOCK) as holder:
         resumed = command("resume", "r1", "--store", str(path), cwd=tmp_path)
     assert_busy_exit(resumed, path, holder)
-    assert "resumed: fine completed before" in resumed.stdout  # it was met inside the run, not on opening
+    assert "resumed:" not in resumed.stdout  # met at the claim: the run never began
 
 
 # -- 3. a write-ahead log that is another database's --------------------------------------------------------
@@ -386,17 +387,20 @@ async def test_a_store_opens_with_its_own_log_beside_it(tmp_path: Path) -> None:
             assert [record.run_id for record in await second.list_runs()] == ["a1", "a2"]
 
 
-async def test_a_file_written_before_store_ids_gets_one_when_opened(tmp_path: Path) -> None:
+async def test_a_file_written_before_store_ids_gets_one_at_its_first_write(tmp_path: Path) -> None:
     path = tmp_path / "runs.db"
     await new_store(path, "a1")
     raw_sql(path, ("PRAGMA user_version = 0", ()))  # as a stoppoint without store ids left it
     assert store_id(path) == 0
     async with SQLiteStore(path) as store:
         assert [record.run_id for record in await store.list_runs()] == ["a1"]
-    given = store_id(path)  # in the file itself, not only in its log
-    assert given != 0
+    assert store_id(path) == 0  # reading modifies nothing
     async with SQLiteStore(path) as store:
         await store.save(*completed("a2"))
+        given = store_id(path)  # in the file itself, not only in its log
+        assert given != 0
+    async with SQLiteStore(path) as store:
+        await store.save(*completed("a3"))
     assert store_id(path) == given  # given once
     assert pragma(path, "user_version") == [given]
 

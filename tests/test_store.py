@@ -24,8 +24,11 @@ import pytest
 
 from stoppoint import Checkpoint, CheckpointError, RunReport, StepReport, StepStatus, StoreError
 from stoppoint._memory import MemoryStore
+from stoppoint._rows import to_row, to_stored
 from stoppoint._sqlite import SQLiteStore
-from stoppoint._store import BasicStore, LabelStore, RunRecord, RunStatus, Store, StoredRun
+from stoppoint._store import BasicStore, LabelStore, RunRecord, RunStatus, StepRow, Store, StoredRun
+
+from .sqlite_v1 import write_schema_1
 
 pytestmark = pytest.mark.anyio
 
@@ -91,11 +94,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
 # -- the contract, on both stores -------------------------------------------------------------------
 
 
-async def test_a_store_is_a_store(store: Store, request: pytest.FixtureRequest) -> None:
-    if isinstance(store, SQLiteStore):
-        request.applymarker(
-            pytest.mark.xfail(strict=True, reason="SQLiteStore implements the Store protocol on branch sqlite-v2")
-        )
+async def test_a_store_is_a_store(store: Store) -> None:
     assert isinstance(store, BasicStore)
     assert isinstance(store, Store)
 
@@ -437,7 +436,7 @@ async def test_sqlite_uses_wal_and_writes_its_meta(tmp_path: Path) -> None:
         assert store._connection.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
         with sqlite3.connect(path) as other:
             assert other.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-            assert dict(other.execute("SELECT key, value FROM meta")) == {"app": "stoppoint", "schema_version": "1"}
+            assert dict(other.execute("SELECT key, value FROM meta")) == {"app": "stoppoint", "schema_version": "2"}
             assert other.execute("SELECT flow, run_id, status FROM runs").fetchall() == [("f", "r1", "completed")]
         other.close()
 
@@ -569,8 +568,8 @@ BAD_FILES: dict[str, tuple[Callable[[Path], Awaitable[None]], str]] = {
     "foreign database": (write_foreign, r"is a SQLite database that is not a stoppoint store \(it has no meta table"),
     "foreign database with a meta table": (write_foreign_with_meta, r"not a stoppoint store \(its meta table is not"),
     "another app's meta": (write_meta("1", app="other"), r"not a stoppoint store \(its meta table has no app"),
-    "newer schema": (write_meta("99"), r"newer schema version \(99\) than this stoppoint reads \(1\); upgrade"),
-    "newer schema, as an integer": (write_meta(2), r"newer schema version \(2\)"),
+    "newer schema": (write_meta("99"), r"newer schema version \(99\) than this stoppoint reads \(2\); upgrade"),
+    "newer schema, as an integer": (write_meta(3), r"newer schema version \(3\)"),
     "unknown schema": (write_meta("one"), "unknown schema version 'one'"),
 }
 
@@ -731,13 +730,8 @@ def label_rows(path: Path) -> list[tuple[str, ...]]:
 
 
 async def write_before_labels(path: Path, *runs: tuple[str, str]) -> None:
-    """A store as a stoppoint without labels left it: runs, no labels table."""
-    async with SQLiteStore(path) as store:
-        for flow, run_id in runs:
-            await store.save(*completed(run_id, flow))
-    with sqlite3.connect(path) as db:
-        db.execute("DROP TABLE IF EXISTS labels")
-    db.close()
+    """A store as a stoppoint without labels left it: schema 1, runs, no labels table."""
+    write_schema_1(path, [completed(run_id, flow) for flow, run_id in runs], labels_table=False)
 
 
 OLD_TARGETS = (
@@ -760,7 +754,7 @@ async def test_sqlite_a_new_file_has_the_labels_table(tmp_path: Path) -> None:
     path = tmp_path / "runs.db"
     async with SQLiteStore(path):
         pass
-    assert tables_of(path) == {"meta", "runs", "labels"}
+    assert tables_of(path) == {"meta", "runs", "steps", "interrupts", "labels", "sqlite_sequence"}
     with sqlite3.connect(path) as db:
         columns = [
             (name, kind, notnull, pk) for _, name, kind, notnull, _, pk in db.execute("PRAGMA table_info(labels)")
@@ -768,7 +762,7 @@ async def test_sqlite_a_new_file_has_the_labels_table(tmp_path: Path) -> None:
         meta = dict(db.execute("SELECT key, value FROM meta"))
     db.close()
     assert columns == [("flow", "TEXT", 1, 1), ("run_id", "TEXT", 1, 2), ("key", "TEXT", 1, 3), ("value", "TEXT", 1, 0)]
-    assert meta == {"app": "stoppoint", "schema_version": "1"}
+    assert meta == {"app": "stoppoint", "schema_version": "2"}
 
 
 async def test_sqlite_a_file_written_before_labels_gets_the_table(tmp_path: Path) -> None:
@@ -776,14 +770,15 @@ async def test_sqlite_a_file_written_before_labels_gets_the_table(tmp_path: Path
     await write_before_labels(path, ("f", "r1"))
     assert tables_of(path) == {"meta", "runs"}
     async with SQLiteStore(path) as store:
-        assert tables_of(path) == {"meta", "runs", "labels"}  # on opening, not on the first set_labels
         assert await store.labels("f", "r1") == {}
-        await store.set_labels("f", "r1", {"a": "1"})
+        assert tables_of(path) == {"meta", "runs"}  # opening and reading modify nothing
+        await store.set_labels("f", "r1", {"a": "1"})  # the first write adds it (and upgrades to schema 2)
+        assert {"labels", "steps"} <= tables_of(path)
         assert [r.run_id for r in await store.list_runs()] == ["r1"]
     async with SQLiteStore(path) as store:
         assert await store.labels("f", "r1") == {"a": "1"}
     with sqlite3.connect(path) as db:
-        assert dict(db.execute("SELECT key, value FROM meta")) == {"app": "stoppoint", "schema_version": "1"}
+        assert dict(db.execute("SELECT key, value FROM meta")) == {"app": "stoppoint", "schema_version": "2"}
     db.close()
 
 
@@ -800,12 +795,15 @@ async def test_sqlite_the_old_commands_targets_are_moved_into_labels(tmp_path: P
         db.execute("INSERT INTO cli_targets VALUES (NULL, 'f', '/srv/flows.py:f')")  # SQLite allows it; never found
     db.close()
     async with SQLiteStore(path) as store:
-        assert tables_of(path) == {"meta", "runs", "labels"}  # the old table is gone
-        assert await store.labels("f", "r1") == {"stoppoint.target": "/srv/flows.py:f"}
-        assert await store.labels("g", "r2") == {"stoppoint.target": "/srv/other.py:g"}
-        assert await store.labels("f", "started") == {"stoppoint.target": "/srv/flows.py:f"}  # never saved
-        assert await store.labels("g", "r1") == {}
-        assert len(await store.list_runs()) == 2
+        for _ in range(2):  # read where they are, then where the first write moved them
+            assert await store.labels("f", "r1") == {"stoppoint.target": "/srv/flows.py:f"}
+            assert await store.labels("g", "r2") == {"stoppoint.target": "/srv/other.py:g"}
+            assert await store.labels("f", "started") == {"stoppoint.target": "/srv/flows.py:f"}  # never saved
+            assert await store.labels("g", "r1") == {}
+            assert len(await store.list_runs()) == 2
+            assert ("cli_targets" in tables_of(path)) is (_ == 0)  # reading moved nothing
+            await store.delete("f", "no such run")  # deletes nothing: the upgrade alone
+    assert "cli_targets" not in tables_of(path)  # the old table is gone
     assert label_rows(path) == [
         ("f", "r1", "stoppoint.target", "/srv/flows.py:f"),
         ("f", "started", "stoppoint.target", "/srv/flows.py:f"),
@@ -824,6 +822,9 @@ async def test_sqlite_targets_an_older_command_wrote_after_the_move_are_moved_to
         db.execute("INSERT INTO cli_targets VALUES ('r1', 'f', '/new.py:f')")
     db.close()
     async with SQLiteStore(path) as store:
+        assert await store.labels("f", "r1") == {"other": "kept", "stoppoint.target": "/new.py:f"}
+        assert "cli_targets" in tables_of(path)  # moved by the first write, not by opening or reading
+        await store.save(*completed("r2"))
         assert await store.labels("f", "r1") == {"other": "kept", "stoppoint.target": "/new.py:f"}
     assert "cli_targets" not in tables_of(path)
 
@@ -954,3 +955,24 @@ async def test_two_processes_share_one_file(tmp_path: Path) -> None:
             assert stored is not None
             assert len(json.loads(stored.checkpoint_json)["outputs"]) == 5
             assert record.started_at < record.updated_at
+
+
+# -- step rows that do not merge --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        (StepRow("a", "not json"), r"the stored row of step 'a': its report is not JSON"),
+        (StepRow("a", "[1]"), r"the stored row of step 'a': its report is not a JSON object"),
+        (StepRow("a", "{}", "{broken"), r"the stored row of step 'a': its checkpoint is not JSON"),
+        (StepRow("a", "{}", '{"outputs": 3}'), r"the stored row of step 'a': its checkpoint part is not a checkpoint"),
+        (StepRow("a", b"\xff"), r"the stored row of step 'a': its report is not JSON"),  # type: ignore[arg-type]
+        (StepRow("a", None), r"the stored row of step 'a': its report holds NoneType"),  # type: ignore[arg-type]
+    ],
+)
+def test_a_step_row_that_does_not_merge_is_a_store_error_naming_the_run(row: StepRow, message: str) -> None:
+    """`merge_rows` raised a bare ValueError (json's) for a damaged row; `to_stored` says which run and step."""
+    checkpoint, report = completed()
+    with pytest.raises(StoreError, match=rf"^here: run 'r1' of flow 'f': {message}"):
+        to_stored(to_row(checkpoint, report), "here", [(1, row)], 1)
