@@ -139,9 +139,10 @@ async def _claimed(plan: Plan, store: Store, options: RunOptions) -> Attempt | C
             options = replace(options, resume=_load(plan, stored.checkpoint_json))
         return prepare(plan, options, lease)
     except BaseException:
-        with anyio.CancelScope(shield=True):
-            with contextlib.suppress(StoreError):  # the lease expires anyway
-                await store.release(lease)
+        if options.claim is None:  # a worker's claim is the worker's to give up (it stores why it could not run)
+            with anyio.CancelScope(shield=True):
+                with contextlib.suppress(StoreError):  # the lease expires anyway
+                    await store.release(lease)
         raise
 
 
