@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
 import anyio
@@ -28,10 +29,13 @@ if TYPE_CHECKING:
     from ._control import Control
     from ._executor import Run
 
-__all__ = ["Leased", "Persist", "WholeSaves"]
+__all__ = ["PROGRESS_INTERVAL", "Leased", "Persist", "WholeSaves"]
+
+PROGRESS_INTERVAL = 1.0
+"""Seconds between two writes of a running step's progress (API.md: at most once a second per step)."""
 
 
-class Persist:
+class Persist(ABC):
     """How one attempt writes its run (see the module docstring)."""
 
     __slots__ = ("control", "top")
@@ -40,17 +44,17 @@ class Persist:
         self.top = top  # the attempt's top level
         self.control = top.control
 
+    @abstractmethod
     async def start(self) -> None:
         """The attempt begins: list the run as running, before any step starts."""
-        raise NotImplementedError
 
+    @abstractmethod
     async def step(self, level: Run, name: str) -> None:
         """Step `name` of `level` completed: commit its output before any step that depends on it starts."""
-        raise NotImplementedError
 
+    @abstractmethod
     async def end(self) -> None:
         """The attempt ended: write how."""
-        raise NotImplementedError
 
     def background(self, control: Control) -> None:
         """Spawn what keeps the run's claim while its steps run (nothing without a lease)."""
@@ -166,6 +170,7 @@ class Leased(Persist):
         control.spawn(self.renew)
         control.spawn(self.fence)
         control.spawn(self.watch)
+        control.spawn(self.report_progress)
 
     def lost(self, why: str | LeaseLost) -> None:
         """The lease is gone: stop at once, writing nothing more; run() raises LeaseLost."""
@@ -216,3 +221,27 @@ class Leased(Persist):
                 if number > self.seen:
                     self.seen = number
                     self.control.on_signal(signal)
+
+    async def report_progress(self) -> None:
+        """Write the progress of the run's running steps (of its top level) at most once a second each,
+        so that another process's `load()` shows it; a step's end writes its final report anyway."""
+        top, control, store = self.top, self.control, self.store
+        written: dict[str, object] = {}  # the progress last written, by step
+        while True:
+            await anyio.sleep(PROGRESS_INTERVAL)
+            for name, record in list(top.records.items()):
+                ctx = record.ctx
+                if ctx is None or ctx._progress is None or written.get(name) is ctx._progress:
+                    continue
+                assert control.save_lock is not None
+                async with control.save_lock:  # not across a commit: its report is the last word
+                    if record.ctx is not ctx or control.store_down:
+                        continue
+                    written[name] = ctx._progress
+                    try:
+                        await store.progress(self.lease, name, top.timeline.step_report(name).model_dump_json())
+                    except LeaseLost as exc:
+                        self.lost(exc)
+                        return
+                    except StoreError:
+                        pass  # progress is for people watching; the renewal says whether the store is gone

@@ -270,7 +270,9 @@ class Store(BasicStore, Protocol):
     running); `commit_step` after each completed step, before any step that depends on it starts;
     `progress` at most once a second per running step; `renew` every `lease / 3` s, and
     `interrupts` every `interrupt_poll` s, in the background; `finish` at the end. Calls for one
-    lease never overlap, except `renew` and `interrupts`, which may overlap the others.
+    lease never overlap, except `renew` and `interrupts`, which may overlap the others. Only the
+    top level's steps write progress (a step of an included flow shows in its include's row when that
+    one is written).
 
     A native cancellation on asyncio (see `BasicStore`) may cut a call off; a store must then have
     stopped what it was doing or finished it (`SQLiteStore` waits for its worker thread).

@@ -1,5 +1,5 @@
 import inspect
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -90,3 +90,11 @@ def unconfigured_structlog() -> Iterator[None]:
             structlog.configure(**config)
         else:
             structlog.reset_defaults()
+
+
+async def until(check: Callable[[], Awaitable[bool]], within: float = 10.0, every: float = 0.01) -> None:
+    """Wait, bounded, until `check()` is true: for states only another process or a clock changes (a
+    lease expiring, a file another process writes), which no event in this process can announce."""
+    with anyio.fail_after(within):
+        while not await check():  # noqa: ASYNC110 - what changes is outside this process's events
+            await anyio.sleep(every)
