@@ -26,6 +26,7 @@ import signal
 import sys
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -34,7 +35,7 @@ import pydantic
 
 from ._cli_claim import NewRun, RunIdTaken
 from ._cli_signals import CommandSignals, StartUpInterrupted
-from ._display import Display, printable, summary
+from ._display import Display, lease_text, print_styled, printable, status_style, step_lines, summary
 from ._errors import FlowDefinitionError, FlowInputError, StepFailed, StoppointError
 from ._flow import Flow, plan_of
 from ._outcome import Interrupted, RunReport
@@ -217,9 +218,14 @@ def _check_run_id(run_id: str) -> str:
 
 
 def _resume_command(run_id: str, store_arg: str | None) -> str:
-    """The command to resume `run_id`, quoted for a shell; a store other than the default one is
-    named by its absolute path, so that the command works from any directory."""
-    command = f"stoppoint resume {shlex.quote(run_id)}"
+    """The command to resume `run_id`, quoted for a shell (see `_command`)."""
+    return _command("resume", run_id, store_arg)
+
+
+def _command(verb: str, run_id: str, store_arg: str | None) -> str:
+    """`stoppoint VERB RUN_ID`, quoted for a shell; a store other than the default one is named by its
+    absolute path, so that the command works from any directory."""
+    command = f"stoppoint {verb} {shlex.quote(run_id)}"
     if store_arg is None or (store := Path(store_arg).resolve()) == DEFAULT_STORE.resolve():
         return command
     return f"{command} --store {shlex.quote(str(store))}"
@@ -350,23 +356,46 @@ async def cmd_runs(args: argparse.Namespace, signals: CommandSignals) -> int:
     if not records:
         print("no runs" + (f" of flow {args.flow!r}" if args.flow else ""))
         return EXIT_COMPLETED
+    at = datetime.now(UTC)
     # A newline or a tab in a run id would break the columns: shown escaped.
-    run_ids = [printable(record.run_id) for record in records]
-    width = max(len("RUN ID"), *(len(run_id) for run_id in run_ids))
-    print(f"{'RUN ID':<{width}}  {'FLOW':<16} {'STATUS':<12} UPDATED")
-    for run_id, record in zip(run_ids, records, strict=True):
-        updated = record.updated_at.astimezone().strftime("%Y-%m-%d %H:%M:%S")
-        print(f"{run_id:<{width}}  {printable(record.flow):<16} {record.status.value:<12} {updated}")
+    rows = [
+        (
+            printable(record.run_id),
+            printable(record.flow),
+            record.status,
+            record.updated_at.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
+            printable(record.queue) if record.queue is not None else "-",
+            str(record.epoch),
+            lease_text(record, at),
+            printable(record.owner) if record.owner is not None else "-",
+        )
+        for record in records
+    ]
+    width = max(len("RUN ID"), *(len(row[0]) for row in rows))
+    queue_width = max(len("QUEUE"), *(len(row[4]) for row in rows))
+    lease_width = max(len("LEASE"), *(len(row[6]) for row in rows))
+    print(
+        f"{'RUN ID':<{width}}  {'FLOW':<16} {'STATUS':<12} {'UPDATED':<19}  {'QUEUE':<{queue_width}}  EPOCH  "
+        f"{'LEASE':<{lease_width}}  OWNER"
+    )
+    for run_id, flow, status, updated, queue, epoch, lease, owner in rows:
+        tail = f" {updated}  {queue:<{queue_width}}  {epoch:>5}  {lease:<{lease_width}}  {owner}"
+        print_styled(
+            sys.stdout,
+            [(f"{run_id:<{width}}  {flow:<16} ", ""), (f"{status.value:<12}", status_style(status)), (tail, "")],
+        )
     return EXIT_COMPLETED
 
 
 async def cmd_show(args: argparse.Namespace, signals: CommandSignals) -> int:
     run_id = _check_run_id(args.run_id)
     async with _stored_run(args.store, run_id) as (store, record):
-        stored = await store.load(record.flow, run_id)
+        stored = await store.load(record.flow, run_id)  # a running run's steps as its owner last wrote them
         target = await _target_of(store, record)
     assert stored is not None
+    record = stored.record  # as of the load: the same moment as the report
     report = RunReport.model_validate_json(stored.report_json)
+    expires = record.lease_expires_at
     if args.json:
         print(
             json.dumps(
@@ -375,15 +404,40 @@ async def cmd_show(args: argparse.Namespace, signals: CommandSignals) -> int:
                     "flow": record.flow,
                     "status": record.status.value,
                     "target": target,
+                    "owner": record.owner,
+                    "epoch": record.epoch,
+                    "lease_expires_at": expires.isoformat() if expires is not None else None,
+                    "queue": record.queue,
                     "report": json.loads(report.model_dump_json()),
                 },
                 indent=2,
             )
         )
         return EXIT_COMPLETED
-    resumable = record.status is not RunStatus.COMPLETED and target is not None
-    print(f"run {printable(record.run_id)} of flow {printable(record.flow)}: {record.status.value}")
-    print(summary(report, resume=_resume_command(record.run_id, args.store) if resumable else None))
+    status = record.status
+    print_styled(
+        sys.stdout,
+        [
+            (f"run {printable(record.run_id)} of flow {printable(record.flow)}: ", ""),
+            (status.value, status_style(status)),
+        ],
+    )
+    if record.owner is not None or record.epoch:
+        owner = printable(record.owner) if record.owner is not None else "none"
+        lease = lease_text(record, datetime.now(UTC))  # "in 12 s", "expired 3 s ago"
+        lease = f", lease expires {lease}" if lease.startswith("in ") else f", lease {lease}" if expires else ""
+        print(f"  owner: {owner} (epoch {record.epoch}){lease}")
+    if record.queue is not None:
+        print(f"  queue: {printable(record.queue)}")
+    if status in (RunStatus.RUNNING, RunStatus.ORPHANED):
+        print("steps:")
+        print("\n".join(step_lines(report)))
+    resumable = status in (RunStatus.INTERRUPTED, RunStatus.FAILED, RunStatus.ORPHANED) and target is not None
+    print(summary(report, resume=_command("resume", record.run_id, args.store) if resumable else None))
+    if status is RunStatus.RUNNING:
+        print(f"to stop it: {_command('interrupt', record.run_id, args.store)}")
+    elif status is RunStatus.QUEUED:
+        print(f"waiting for a worker serving queue {printable(record.queue or 'default')!r}")
     return EXIT_COMPLETED
 
 
