@@ -5,6 +5,7 @@
     stoppoint resume RUN_ID [--store PATH]
     stoppoint runs [--flow NAME] [--store PATH]
     stoppoint show RUN_ID [--json] [--store PATH]
+    stoppoint submit | worker | interrupt ...   (queues and workers: `_cli_worker`)
 
 Runs are kept in an embedded SQLite file, `.stoppoint/runs.db` under the current directory unless
 `--store` says otherwise; next to each run the store keeps the target it was started from, so
@@ -25,9 +26,10 @@ import shlex
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from types import ModuleType
 from typing import Any, NoReturn
 
 import anyio
@@ -67,6 +69,21 @@ def load_target(target: str) -> Flow:
     path_text, sep, name = target.rpartition(":")
     if not sep or not path_text or not name:
         _fail(f"target {target!r}: expected FILE.py:FLOW, such as examples/deploy.py:deploy")
+    module = import_file(target, path_text)
+    flow = getattr(module, name, None)
+    if flow is None:
+        flows = sorted(key for key, value in vars(module).items() if isinstance(value, Flow))
+        _fail(
+            f"target {target!r}: {path_text!r} has no flow named {name!r}"
+            + (f" (its flows: {', '.join(flows)})" if flows else " (it defines no Flow)")
+        )
+    if not isinstance(flow, Flow):
+        _fail(f"target {target!r}: {name!r} is a {type(flow).__name__}, not a stoppoint Flow")
+    return flow
+
+
+def import_file(target: str, path_text: str) -> ModuleType:
+    """The Python file `path_text` (of `target`, for messages), imported as a module of its own."""
     path = Path(path_text)
     if not path.is_file():
         _fail(f"target {target!r}: no such file {path_text!r}")
@@ -83,16 +100,7 @@ def load_target(target: str) -> Flow:
         _fail(f"target {target!r}: importing {path_text!r} raised {type(exc).__name__}: {exc}")
     finally:
         sys.path.remove(str(path.resolve().parent))
-    flow = getattr(module, name, None)
-    if flow is None:
-        flows = sorted(key for key, value in vars(module).items() if isinstance(value, Flow))
-        _fail(
-            f"target {target!r}: {path_text!r} has no flow named {name!r}"
-            + (f" (its flows: {', '.join(flows)})" if flows else " (it defines no Flow)")
-        )
-    if not isinstance(flow, Flow):
-        _fail(f"target {target!r}: {name!r} is a {type(flow).__name__}, not a stoppoint Flow")
-    return flow
+    return module
 
 
 def absolute_target(target: str) -> str:
@@ -481,6 +489,10 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("run_id", metavar="RUN_ID")
     show.add_argument("--json", action="store_true", help="print it as JSON")
     show.add_argument("--store", metavar="PATH", help=store_help)
+    from ._cli_worker import add_commands  # it imports this module's helpers: not at the top
+
+    for name, command in {**_COMMANDS, **add_commands(commands, store_help)}.items():
+        commands.choices[name].set_defaults(command_function=command)
     return parser
 
 
@@ -499,7 +511,8 @@ def _main(argv: Sequence[str] | None, signals: CommandSignals) -> int:
     try:
         args = _parser().parse_args(argv)
         command = args.command
-        return anyio.run(_COMMANDS[args.command], args, signals)
+        command_function: Callable[[argparse.Namespace, CommandSignals], Awaitable[int]] = args.command_function
+        return anyio.run(command_function, args, signals)
     except BaseExceptionGroup as group:  # raised inside a task group: report the one error in it
         errors = group.exceptions
         while len(errors) == 1 and isinstance(errors[0], BaseExceptionGroup):
