@@ -14,6 +14,7 @@ from typing import Any
 
 import anyio
 import pytest
+import structlog.testing
 
 import stoppoint as sp
 from stoppoint._flow import plan_of
@@ -507,8 +508,12 @@ async def test_a_run_the_worker_cannot_open_is_stored_interrupted_once_not_claim
     new = adder("versioned", version="2")
     worker = sp.Worker(store, new)
     watch = Watch(worker)
-    async with serving(worker):
-        await store.looked(3)  # it went on looking, and found nothing more to claim
+    with structlog.testing.capture_logs() as logs:
+        async with serving(worker):
+            await store.looked(3)  # it went on looking, and found nothing more to claim
+    logged = [entry for entry in logs if entry["event"] == "worker.run_refused"]
+    assert len(logged) == 1
+    assert (logged[0]["log_level"], logged[0]["flow"], logged[0]["run_id"]) == ("error", "versioned", run_id)
     refused = watch.of("worker.run_refused", run_id)
     assert len(refused) == 1
     assert "version" in refused[0]["error"]
@@ -522,6 +527,53 @@ async def test_a_run_the_worker_cannot_open_is_stored_interrupted_once_not_claim
     outcome = await old.run(store=store, run_id=run_id)  # code of its version resumes it
     assert isinstance(outcome, sp.Completed)
     assert outcome.value == 2
+
+
+class FlakyStore(sp.MemoryStore):
+    """A MemoryStore whose first claims fail, as a store that is down for a moment."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def claim_next(self, owner: str, flows: Any, queues: Any) -> sp.Claim | None:
+        if self.failures:
+            self.failures -= 1
+            raise sp.StoreError("the store is down for a moment")
+        return await super().claim_next(owner, flows, queues)
+
+
+async def test_a_store_that_fails_to_claim_does_not_end_the_worker() -> None:
+    store = FlakyStore(failures=2)
+    flow = adder()
+    run_id = await flow.submit(store, {"x": 1})
+    worker = sp.Worker(store, flow)
+    watch = Watch(worker)
+    async with serving(worker):
+        assert (await watch.ended(run_id))["status"] == "completed"
+    failed = [fields for event, fields in watch.events if event == "worker.claim_failed"]
+    assert [fields["error"] for fields in failed] == ["StoreError: the store is down for a moment"] * 2
+    assert failed[0]["retry_in"] < failed[1]["retry_in"] <= 5.0  # it backs off
+
+
+async def test_an_error_leaving_the_block_forces_the_runs_and_goes_on_as_it_is() -> None:
+    store = sp.MemoryStore()
+    flow, _ran, entered, _go = two_steps()
+    run_id = await flow.submit(store, {"size": 1})
+
+    async def fail_while_serving() -> None:
+        async with sp.Worker(store, flow) as worker, anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            with anyio.fail_after(WAIT):
+                await entered.wait()
+            raise LookupError("the service failed")
+
+    with pytest.raises(BaseExceptionGroup) as raised:
+        await fail_while_serving()
+    (error,) = raised.value.exceptions  # the task group's group, as it made it: the worker adds none
+    assert isinstance(error, LookupError)
+    stored = await record(store, run_id)
+    assert (stored.status, stored.owner) == (sp.RunStatus.QUEUED, None)
 
 
 async def test_cancelling_a_worker_forces_its_runs_and_stores_them_queued() -> None:
