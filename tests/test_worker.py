@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -58,6 +59,19 @@ async def serving(worker: sp.Worker) -> AsyncIterator[sp.Worker]:
             yield worker
         finally:
             worker.stop()
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def leased_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[sp.Store]:
+    """Each store of stoppoint that keeps leases and queues."""
+    if request.param == "memory":
+        yield sp.MemoryStore()
+        return
+    sqlite = sp.SQLiteStore(tmp_path / "runs.db")
+    if not isinstance(sqlite, sp.Store):
+        pytest.skip("SQLiteStore does not implement the Store protocol yet")
+    async with sqlite:
+        yield sqlite
 
 
 async def record(store: sp.Store, run_id: str) -> sp.RunRecord:
@@ -186,8 +200,8 @@ async def test_submit_leaves_a_completed_run_as_it_is() -> None:
 # -- the worker ------------------------------------------------------------------------------------------
 
 
-async def test_a_worker_runs_queued_runs_of_its_flows_from_its_queues_only() -> None:
-    store = sp.MemoryStore()
+async def test_a_worker_runs_queued_runs_of_its_flows_from_its_queues_only(leased_store: sp.Store) -> None:
+    store = leased_store
     mine, theirs = adder("mine"), adder("theirs")
     # Submitted first, so a worker that did not filter would claim them first (oldest first).
     other_queue = await mine.submit(store, {"x": 1}, queue="other")
@@ -228,8 +242,8 @@ class Gauge:
             await self.reached.setdefault(count, anyio.Event()).wait()
 
 
-async def test_max_runs_caps_the_runs_a_worker_runs_at_once() -> None:
-    store, gauge, go = sp.MemoryStore(lease=1.0), Gauge(), anyio.Event()
+async def test_max_runs_caps_the_runs_a_worker_runs_at_once(leased_store: sp.Store) -> None:
+    store, gauge, go = leased_store, Gauge(), anyio.Event()
     flow = sp.Flow("capped")
 
     @flow.step
@@ -328,8 +342,8 @@ def two_steps(name: str = "resumable") -> tuple[sp.Flow, dict[str, list[int]], a
     return flow, ran, entered, go
 
 
-async def test_stop_requeues_a_running_run_which_another_worker_completes() -> None:
-    store = sp.MemoryStore()
+async def test_stop_requeues_a_running_run_which_another_worker_completes(leased_store: sp.Store) -> None:
+    store = leased_store
     flow, ran, entered, go = two_steps()
     run_id = await flow.submit(store, {"size": 21})
     first = sp.Worker(store, flow)
@@ -418,8 +432,10 @@ async def first_interrupt(handle: sp.FlowRun) -> None:
     raise AssertionError("the run ended without an interrupt")
 
 
-async def test_an_interrupt_by_id_stops_a_workers_run_at_a_stopping_point_and_the_worker_goes_on() -> None:
-    store = sp.MemoryStore()
+async def test_an_interrupt_by_id_stops_a_workers_run_at_a_stopping_point_and_the_worker_goes_on(
+    leased_store: sp.Store,
+) -> None:
+    store = leased_store
     flow, _ran, entered, go = two_steps()
     run_id = await flow.submit(store, {"size": 1})
     worker = sp.Worker(store, flow)
@@ -450,8 +466,8 @@ async def test_an_interrupt_by_id_stops_a_workers_run_at_a_stopping_point_and_th
     assert [signal.reason for signal in report.interrupts] == ["ops asked"]
 
 
-async def test_a_forced_interrupt_by_id_cancels_a_workers_run_and_the_worker_serves_on() -> None:
-    store = sp.MemoryStore()
+async def test_a_forced_interrupt_by_id_cancels_a_workers_run_and_the_worker_serves_on(leased_store: sp.Store) -> None:
+    store = leased_store
     flow = sp.Flow("stuck")
     entered = anyio.Event()
 
@@ -480,8 +496,8 @@ async def test_a_forced_interrupt_by_id_cancels_a_workers_run_and_the_worker_ser
     assert await store.interrupt(flow.name, stuck) is False  # ended: nothing to stop
 
 
-async def test_a_step_failure_ends_the_run_failed_not_the_worker() -> None:
-    store = sp.MemoryStore()
+async def test_a_step_failure_ends_the_run_failed_not_the_worker(leased_store: sp.Store) -> None:
+    store = leased_store
     flow = sp.Flow("fragile")
 
     @flow.step
@@ -576,8 +592,8 @@ async def test_an_error_leaving_the_block_forces_the_runs_and_goes_on_as_it_is()
     assert (stored.status, stored.owner) == (sp.RunStatus.QUEUED, None)
 
 
-async def test_cancelling_a_worker_forces_its_runs_and_stores_them_queued() -> None:
-    store = sp.MemoryStore()
+async def test_cancelling_a_worker_forces_its_runs_and_stores_them_queued(leased_store: sp.Store) -> None:
+    store = leased_store
     flow = sp.Flow("slow")
     entered = anyio.Event()
 
