@@ -127,6 +127,7 @@ class Attempt:
                 if level.timeline.ended is None:
                     level.timeline.ended = perf_counter()  # cancelled before its steps were driven
                 await control.save(persist.end)  # how the run ended, also when it was cancelled
+                await persist.over()
         if level.fatal is not None:
             self.tell_end(level.fatal)
             raise level.fatal

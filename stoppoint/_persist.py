@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
@@ -23,6 +24,7 @@ import anyio
 from ._checkpoint import Checkpoint
 from ._errors import LeaseLost, StoreError
 from ._lease import Lease
+from ._outcome import StepStatus
 from ._store import BasicStore, RunState, RunStatus, StepRow, Store, run_status
 
 if TYPE_CHECKING:
@@ -58,6 +60,11 @@ class Persist(ABC):
 
     def background(self, control: Control) -> None:
         """Spawn what keeps the run's claim while its steps run (nothing without a lease)."""
+        return
+
+    async def over(self) -> None:
+        """The attempt is over, its end written or not (nothing to do without a lease)."""
+        return
 
 
 class WholeSaves(Persist):
@@ -162,7 +169,22 @@ class Leased(Persist):
     async def end(self) -> None:
         top = self.top
         rows = [row for step in (*top.partial, *top.includes) if (row := self.row(step)) is not None]
+        # A step that ran and did not complete may have a row of its progress, reporting it running:
+        # its row gets how it ended, as the head's report says.
+        written = {row.step for row in rows}
+        for name, record in top.records.items():
+            if record.status is not StepStatus.COMPLETED and name not in written:
+                rows.append(StepRow(name, top.timeline.step_report(name).model_dump_json()))
         await self.store.finish(self.lease, self.state(), rows)
+
+    async def over(self) -> None:
+        """An attempt that a failing write ended (not a lost lease) gives its lease up, best effort: nothing
+        runs the run any more, and another attempt must not wait for the lease to expire to claim it."""
+        error = self.control.store_error
+        if error is None or isinstance(error, LeaseLost) or not self.control.store_down:
+            return
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):  # it expires anyway
+            await self.store.release(self.lease)
 
     # -- in the background -------------------------------------------------------------------------------
 

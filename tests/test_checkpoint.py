@@ -1189,7 +1189,8 @@ def durability_check(
 async def test_a_completed_output_is_committed_before_any_dependant_starts() -> None:
     tally = Tally()
     store = FakeStore()
-    assert isinstance(store, sp.BasicStore) and not isinstance(store, sp.Store)
+    assert isinstance(store, sp.BasicStore)
+    assert not isinstance(store, sp.Store)  # whole saves: the path of a store of stoppoint 0.1
     flow = diamond(NO_STOP, tally)
     violations: list[str] = []
     tally.on_start.append(durability_check(store, flow.graph(), violations))

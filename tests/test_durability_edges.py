@@ -4,6 +4,7 @@ five failed before its fix."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import anyio
@@ -11,31 +12,67 @@ import pytest
 
 import stoppoint as sp
 
+from .hooks import BasicOnly, HookedStore, LeaseClock, Write, committed
+
 pytestmark = pytest.mark.anyio
 
+# Each durability test runs on both paths of a run's writes: `leased` (a `Store`: write, commit_step,
+# finish under the run's lease) and `whole` (a `BasicStore`: a whole save at each of those moments).
+PATHS = pytest.mark.parametrize("path", ["leased", "whole"])
 
-class Recording(sp.MemoryStore):
-    """A MemoryStore that records the outputs committed by each save, and can run hooks."""
 
-    def __init__(self) -> None:
-        super().__init__()
+class _Recording:
+    """Records the run's checkpoint as the store holds it after each write (`commits`), runs `before_each`
+    before each write, and fails every write from the `fail_at`-th on (0: the first) with `StoreError`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.commits: list[sp.Checkpoint] = []
-        self.reports: list[sp.RunReport] = []
-        self.before: Any = None
+        self.before_each: Any = None
         self.fail_at: int | None = None
 
-    async def save(self, checkpoint: sp.Checkpoint, report: sp.RunReport) -> None:
-        n = len(self.commits)
-        if self.before is not None:
-            await self.before(n, checkpoint, report)
-        if self.fail_at is not None and n >= self.fail_at:
-            raise sp.StoreError(f"disk full at save {n}")
-        await super().save(checkpoint, report)
+    async def before(self, write: Write) -> None:
+        if self.before_each is not None:
+            await self.before_each(write)
+        if self.fail_at is not None and write.n >= self.fail_at:
+            raise sp.StoreError(f"disk full at write {write.n}")
+
+    async def after(self, write: Write) -> None:
+        checkpoint = await committed(self, write.flow, write.run_id)  # type: ignore[arg-type]
+        assert checkpoint is not None
         self.commits.append(checkpoint)
-        self.reports.append(report)
 
     def committed(self) -> set[str]:
         return set(self.commits[-1].outputs) if self.commits else set()
+
+
+class Recording(_Recording, HookedStore):
+    """A `Store` (a MemoryStore) that records what each write committed."""
+
+
+class RecordingBasic(_Recording, BasicOnly):
+    """A `BasicStore` alone (whole saves) that records what each save committed."""
+
+
+def recording(path: str) -> Recording | RecordingBasic:
+    return Recording() if path == "leased" else RecordingBasic()
+
+
+async def check_left_unfinished(store: Recording | RecordingBasic, record: sp.RunRecord, clock: LeaseClock) -> None:
+    """A run whose end a failing store did not record reads back unfinished, and can be claimed again.
+
+    On a BasicStore it reads back RUNNING (nothing tells). On a Store the attempt is over but nobody gave its
+    lease up: RUNNING until it expires, ORPHANED after (were the lease given up, as
+    test_leases_runtime.py expects, ORPHANED at once); either way a claim takes it once it expired."""
+    assert record.finished_at is None
+    if isinstance(store, HookedStore):
+        assert record.status in (sp.RunStatus.RUNNING, sp.RunStatus.ORPHANED)
+        assert record.epoch == 1
+        clock.advance(store.lease + 1)
+        [record] = await store.list_runs()
+        assert record.status is sp.RunStatus.ORPHANED
+    else:
+        assert record.status is sp.RunStatus.RUNNING
 
 
 # -- stored COMPLETED run, flow gained the result step at the same version -----------------------
@@ -96,23 +133,28 @@ async def test_flowrun_cancelled_stored_report_matches_outcome() -> None:
 # -- a signal arriving during the final save ----------------------------------------------------
 
 
-async def test_signal_during_final_save_missing_from_stored_report(channel: Any) -> None:
+@PATHS
+async def test_signal_during_final_save_missing_from_stored_report(channel: Any, path: str) -> None:
     interrupter, receiver = channel
-    store = Recording()
+    store = recording(path)
     flow = sp.Flow("s", version="1")
 
     @flow.step
     async def a() -> int:
         return 1
 
-    async def before(n: int, cp: sp.Checkpoint, report: sp.RunReport) -> None:
-        if report.finished_at is not None:  # the final save: its I/O takes a while
+    late: list[int] = []
+
+    async def before(write: Write) -> None:
+        if write.final:  # the final write: its I/O takes a while
+            late.append(write.n)
             interrupter.interrupt("late")
             await anyio.lowlevel.checkpoint()
 
-    store.before = before
+    store.before_each = before
     out = await flow.run(interrupts=receiver, store=store, run_id="r")
     assert isinstance(out, sp.Completed)
+    assert late == [2]  # the start, a's commit, the end
     stored = await store.load("s", "r")
     assert stored is not None
     stored_report = sp.RunReport.model_validate_json(stored.report_json)
@@ -122,38 +164,52 @@ async def test_signal_during_final_save_missing_from_stored_report(channel: Any)
 # -- FlowRun cancelled + final save fails --------------------------------------------------------
 
 
-async def test_flowrun_cancelled_and_final_save_fails_raises_store_error() -> None:
-    store = Recording()
+@PATHS
+async def test_flowrun_cancelled_and_final_save_fails_raises_store_error(
+    path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = LeaseClock(monkeypatch)
+    store = recording(path)
     flow = sp.Flow("c", version="1")
     entered = anyio.Event()
+    block = [True]
 
     @flow.step
     async def a() -> int:
-        entered.set()
-        await anyio.sleep_forever()
+        if block[0]:
+            entered.set()
+            await anyio.sleep_forever()
         return 1
 
     async with anyio.create_task_group() as tg:
         handle = await flow.start(tg, store=store, run_id="r")
         await entered.wait()
-        store.fail_at = 1  # the final save fails
+        store.fail_at = 1  # the final write fails
         tg.cancel_scope.cancel()
-    stored = await store.load("c", "r")
-    assert stored is not None
-    assert stored.record.status is sp.RunStatus.RUNNING
+    assert store.begun == 2  # the start, and the end that failed
     with pytest.raises(sp.StoreError):
         await handle.outcome()  # the run's end was not recorded: run() would raise StoreError
+    [record] = await store.list_runs()
+    await check_left_unfinished(store, record, clock)
+    store.fail_at = None
+    block[0] = False
+    out = await flow.run(store=store, run_id="r")
+    assert isinstance(out, sp.Completed)
+    assert out.value == 1
+    [record] = await store.list_runs()
+    assert (record.status, record.epoch) == (sp.RunStatus.COMPLETED, 2 if isinstance(store, HookedStore) else 0)
 
 
 # -- asyncio native cancel: final save -----------------------------------------------------------
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_native_cancel_final_save(anyio_backend: str) -> None:
+@PATHS
+async def test_native_cancel_final_save(anyio_backend: str, path: str) -> None:
     """A native asyncio Task.cancel() of a persisted run still saves how it ended (asyncio only by nature)."""
     import asyncio
 
-    store = sp.MemoryStore()
+    store = recording(path)
     flow = sp.Flow("n", version="1")
     entered = asyncio.Event()
 
@@ -171,20 +227,22 @@ async def test_native_cancel_final_save(anyio_backend: str) -> None:
     stored = await store.load("n", "r")
     assert stored is not None
     assert stored.record.status is sp.RunStatus.INTERRUPTED, stored.record
+    assert store.begun == 2  # the start and the end
 
 
 # -- durability: every step starts only with its dependencies committed ------------------------
 
 
-def _check(store: Recording, deps: tuple[str, ...], name: str, log: list[str]) -> None:
+def _check(store: Recording | RecordingBasic, deps: tuple[str, ...], name: str, log: list[str]) -> None:
     missing = [d for d in deps if d not in store.committed()]
     if missing:
         log.append(f"{name} started before {missing} committed")
 
 
+@PATHS
 @pytest.mark.parametrize("maxc", [None, 1, 2])
-async def test_durability_fanout(maxc: int | None) -> None:
-    store = Recording()
+async def test_durability_fanout(maxc: int | None, path: str) -> None:
+    store = recording(path)
     log: list[str] = []
     flow = sp.Flow("d", version="1", max_concurrency=maxc)
 
@@ -218,8 +276,9 @@ async def test_durability_fanout(maxc: int | None) -> None:
     assert log == []
 
 
-async def test_durability_include() -> None:
-    store = Recording()
+@PATHS
+async def test_durability_include(path: str) -> None:
+    store = recording(path)
     log: list[str] = []
     inner = sp.Flow("inner", version="1")
 
@@ -265,9 +324,14 @@ async def test_durability_include() -> None:
 # -- crash in the middle of an inner flow: resume reuses its completed steps -------------------
 
 
-async def test_crash_mid_include_resume_reuses_inner_steps() -> None:
-    store = Recording()
-    snapshot = sp.MemoryStore()
+@PATHS
+async def test_crash_mid_include_resume_reuses_inner_steps(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = LeaseClock(monkeypatch)
+    store = recording(path)
+    snapshot = sp.MemoryStore() if isinstance(store, HookedStore) else BasicOnly()
+    # The MemoryStores holding the runs of each (a BasicOnly keeps them in a MemoryStore of its own).
+    memory = store if isinstance(store, HookedStore) else store.inner
+    snapshot_memory = snapshot if isinstance(snapshot, sp.MemoryStore) else snapshot.inner
     calls: list[str] = []
 
     def build(crash: bool) -> sp.Flow:
@@ -281,8 +345,8 @@ async def test_crash_mid_include_resume_reuses_inner_steps() -> None:
         @inner.step
         async def y(x: int) -> int:
             calls.append("y")
-            if crash:
-                snapshot._runs = dict(store._runs)  # what a kill -9 here leaves on disk
+            if crash:  # what a kill -9 here leaves on disk: a copy of the store, sharing nothing with it
+                snapshot_memory._runs = copy.deepcopy(memory._runs)
             return x + 1
 
         outer = sp.Flow("outer", version="1")
@@ -299,11 +363,21 @@ async def test_crash_mid_include_resume_reuses_inner_steps() -> None:
     stored = await snapshot.load("outer", "r")
     assert stored is not None
     assert stored.record.status is sp.RunStatus.RUNNING
+    assert build(False).load_checkpoint(stored.checkpoint_json).nested["inc"].outputs == {"x": 2}
+    if isinstance(snapshot, sp.MemoryStore):
+        # The dead owner's lease is live until it expires, nobody renewing it: then the run is orphaned.
+        assert stored.record.epoch == 1
+        assert stored.record.owner is not None
+        clock.advance(snapshot.lease + 1)
+        [record] = await snapshot.list_runs()
+        assert record.status is sp.RunStatus.ORPHANED
     calls.clear()
     out = await build(False).run(store=snapshot, run_id="r")
     assert isinstance(out, sp.Completed)
     assert out.value == 3
     assert calls == ["y"]
+    [record] = await snapshot.list_runs()
+    assert (record.status, record.epoch) == (sp.RunStatus.COMPLETED, 2 if isinstance(snapshot, sp.MemoryStore) else 0)
     inc = out.report.steps["inc"]
     assert inc.nested is not None
     assert inc.nested.steps["x"].resumed
@@ -360,19 +434,20 @@ def a_then_b(name: str, started: list[str]) -> sp.Flow:
 # -- caller cancels while a step's save is in flight: does a dependant start? ------------------
 
 
-async def test_cancel_during_save_does_not_start_dependant() -> None:
-    store = Recording()
+@PATHS
+async def test_cancel_during_save_does_not_start_dependant(path: str) -> None:
+    store = recording(path)
     started: list[str] = []
     flow = a_then_b("k", started)
 
     with anyio.CancelScope() as scope:
 
-        async def before(n: int, cp: sp.Checkpoint, report: sp.RunReport) -> None:
-            if "a" in cp.outputs and report.finished_at is None:
+        async def before(write: Write) -> None:
+            if "a" in write.outputs and not write.final:
                 scope.cancel()  # the caller gives up while a's commit is on its way to disk
                 await anyio.lowlevel.checkpoint()
 
-        store.before = before
+        store.before_each = before
         await flow.run(store=store, run_id="r")
     assert scope.cancelled_caught
     assert started == ["a"]
@@ -382,19 +457,20 @@ async def test_cancel_during_save_does_not_start_dependant() -> None:
     assert rep.steps["b"].status == sp.StepStatus.NOT_STARTED, rep.steps["b"]
 
 
-async def test_flowrun_cancel_during_save_does_not_start_dependant() -> None:
-    store = Recording()
+@PATHS
+async def test_flowrun_cancel_during_save_does_not_start_dependant(path: str) -> None:
+    store = recording(path)
     started: list[str] = []
     flow = a_then_b("k", started)
 
     async with anyio.create_task_group() as tg:
 
-        async def before(n: int, cp: sp.Checkpoint, report: sp.RunReport) -> None:
-            if "a" in cp.outputs and report.finished_at is None:
+        async def before(write: Write) -> None:
+            if "a" in write.outputs and not write.final:
                 tg.cancel_scope.cancel()
                 await anyio.lowlevel.checkpoint()
 
-        store.before = before
+        store.before_each = before
         handle = await flow.start(tg, store=store, run_id="r")
     out = await handle.outcome()
     assert isinstance(out, sp.Interrupted)
@@ -405,27 +481,38 @@ async def test_flowrun_cancel_during_save_does_not_start_dependant() -> None:
 # -- the store fails mid-run ------------------------------------------------------------------
 
 
-async def test_store_fails_mid_run() -> None:
-    store = Recording()
+@PATHS
+async def test_store_fails_mid_run(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = LeaseClock(monkeypatch)
+    store = recording(path)
     started: list[str] = []
     flow = a_then_b("f", started)
 
-    store.fail_at = 1  # the save after a
-    with pytest.raises(sp.StoreError):
+    store.fail_at = 1  # the write after a
+    with pytest.raises(sp.StoreError, match="disk full at write 1"):
         await flow.run(store=store, run_id="r")
     assert started == ["a"]
+    assert store.begun == 2  # no write after the one that failed
     stored = await store.load("f", "r")
     assert stored is not None
-    assert stored.record.status is sp.RunStatus.RUNNING
+    assert set(flow.load_checkpoint(stored.checkpoint_json).outputs) == set()
+    await check_left_unfinished(store, stored.record, clock)
+    store.fail_at = None
+    out = await flow.run(store=store, run_id="r")
+    assert isinstance(out, sp.Completed)
+    assert started == ["a", "a", "b"]  # a's output never reached the store: a runs again
+    [record] = await store.list_runs()
+    assert (record.status, record.epoch) == (sp.RunStatus.COMPLETED, 2 if isinstance(store, HookedStore) else 0)
 
 
 # -- PollNextN durability after an interrupt --------------------------------------------------
 
 
+@PATHS
 @pytest.mark.parametrize("n", [0, 1, 2, 3])
-async def test_durability_pollnextn(n: int, channel: Any) -> None:
+async def test_durability_pollnextn(n: int, channel: Any, path: str) -> None:
     interrupter, receiver = channel
-    store = Recording()
+    store = recording(path)
     log: list[str] = []
     started: list[str] = []
     flow = sp.Flow("p", version="1")

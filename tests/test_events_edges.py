@@ -8,6 +8,7 @@ import pytest
 import stoppoint as sp
 
 from .conftest import Channel, kinds
+from .hooks import HookedStore, Write
 
 pytestmark = pytest.mark.anyio
 
@@ -155,21 +156,19 @@ async def test_a_stream_opened_by_a_listener_of_the_end_event_gets_the_end_event
     ]
 
 
-class HeldStore(sp.MemoryStore):
-    """A MemoryStore whose saves after the first wait for `release` (to open a stream mid-save)."""
+class HeldStore(HookedStore):
+    """A MemoryStore whose commit of step `a` (the write after the one that lists the run) waits for
+    `let_go` (to open a stream mid-commit)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.saving = anyio.Event()
-        self.release = anyio.Event()
-        self.saves = 0
+        self.let_go = anyio.Event()
 
-    async def save(self, checkpoint: sp.Checkpoint, report: sp.RunReport) -> None:
-        self.saves += 1
-        if self.saves == 2:  # the save after step `a` completed (the first one lists the run)
+    async def before(self, write: Write) -> None:
+        if write.outputs == {"a"} and not write.final:  # the commit of step `a`
             self.saving.set()
-            await self.release.wait()
-        await super().save(checkpoint, report)
+            await self.let_go.wait()
 
 
 async def test_a_stream_opened_while_a_completed_step_is_saved_tells_its_end_once() -> None:
@@ -187,13 +186,14 @@ async def test_a_stream_opened_while_a_completed_step_is_saved_tells_its_end_onc
 
     store = HeldStore()
     heard: list[sp.RunEvent] = []
-    async with anyio.create_task_group() as tg:
-        handle = await flow.start(tg, store=store, on_event=heard.append)
-        await store.saving.wait()
-        stream = handle.events()
-        store.release.set()
-        got = [event async for event in stream]
-        assert isinstance(await handle.outcome(), sp.Completed)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            handle = await flow.start(tg, store=store, on_event=heard.append)
+            await store.saving.wait()
+            stream = handle.events()
+            store.let_go.set()
+            got = [event async for event in stream]
+            assert isinstance(await handle.outcome(), sp.Completed)
     assert kinds(got) == kinds(heard)
     assert kinds(got).count(("step.completed", "a")) == 1
 

@@ -27,9 +27,14 @@ import pytest
 import stoppoint as sp
 
 from .conftest import statuses
+from .hooks import BasicOnly, HookedStore, Write
 from .test_store import completed, make_checkpoint, make_report
 
 pytestmark = pytest.mark.anyio
+
+# The tests of a run's writes run on both paths: `leased` (a `Store`: write, commit_step, finish under the
+# run's lease) and `whole` (a `BasicStore` alone: a whole save at each of those moments).
+PATHS = pytest.mark.parametrize("path", ["leased", "whole"])
 
 
 class Unstorable:
@@ -113,26 +118,50 @@ async def test_an_output_utf8_cannot_encode_ends_the_run_stored_failed(store: sp
     assert outputs == {"first": 1}
 
 
-class HeldStore(sp.MemoryStore):
-    """A MemoryStore whose save of a checkpoint matching `hold` waits until `release` is set."""
+class _Watched:
+    """Holds the first write matching `hold` until `let_go` is set (`held` is set once it is held, and
+    `held_write` is that write), and keeps each write the store committed, in order (`written`)."""
 
-    def __init__(self, hold: Callable[[sp.Checkpoint, sp.RunReport], bool]) -> None:
+    def __init__(self, hold: Callable[[Write], bool]) -> None:
         super().__init__()
         self.hold = hold
         self.held = anyio.Event()
-        self.release = anyio.Event()
+        self.held_write: Write | None = None
+        self.let_go = anyio.Event()
+        self.written: list[Write] = []
 
-    async def save(self, checkpoint: sp.Checkpoint, report: sp.RunReport) -> None:
-        if not self.held.is_set() and self.hold(checkpoint, report):
+    async def before(self, write: Write) -> None:
+        if not self.held.is_set() and self.hold(write):
+            self.held_write = write
             self.held.set()
-            await self.release.wait()
-        await super().save(checkpoint, report)
+            await self.let_go.wait()  # a cancellation that cuts the write off here writes nothing
+
+    async def after(self, write: Write) -> None:
+        self.written.append(write)
 
 
-async def test_the_step_blamed_is_the_one_whose_output_cannot_be_stored_not_the_one_saving() -> None:
-    """`good` and `bad` both return while another step's save holds the store: the next save carries
-    both outputs, whichever step makes it; only `bad` fails, and `good`'s output is kept."""
-    store = HeldStore(lambda checkpoint, report: set(checkpoint.outputs) == {"gate"})
+class WatchedStore(_Watched, HookedStore):
+    """A `Store` (MemoryStore) that holds a write and keeps the writes committed."""
+
+
+class WatchedBasicStore(_Watched, BasicOnly):
+    """A `BasicStore` alone that holds a save and keeps the saves committed."""
+
+
+def watched(path: str, hold: Callable[[Write], bool]) -> WatchedStore | WatchedBasicStore:
+    return WatchedStore(hold) if path == "leased" else WatchedBasicStore(hold)
+
+
+@PATHS
+async def test_the_step_blamed_is_the_one_whose_output_cannot_be_stored_not_the_one_saving(path: str) -> None:
+    """`good` and `bad` both return while another step's commit holds the store. On a BasicStore the next
+    save carries both outputs, whichever step makes it; on a Store each commits its own row. Either way
+    only `bad` fails, and `good`'s output is kept."""
+
+    def hold(write: Write) -> bool:
+        return write.outputs == {"gate"}  # gate's commit
+
+    store = watched(path, hold)
     flow = sp.Flow("pair")
     returned = {"good": anyio.Event(), "bad": anyio.Event()}
 
@@ -155,7 +184,7 @@ async def test_the_step_blamed_is_the_one_whose_output_cannot_be_stored_not_the_
     async def release_when_both_returned() -> None:
         await returned["good"].wait()
         await returned["bad"].wait()
-        store.release.set()
+        store.let_go.set()
 
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
@@ -212,28 +241,6 @@ async def test_an_output_that_cannot_be_stored_inside_an_include_fails_it_and_re
 # -- 2. a cancelled caller never leaves a run "running" --------------------------------------------------
 
 
-class WatchedStore(sp.MemoryStore):
-    """A MemoryStore that holds the first save matching `hold` until `release` is set (`held` is set
-    once it is held), and keeps what each save wrote: (finished?, the outputs committed)."""
-
-    def __init__(self, hold: Callable[[sp.Checkpoint, sp.RunReport], bool]) -> None:
-        super().__init__()
-        self.hold = hold
-        self.held = anyio.Event()
-        self.held_state: tuple[bool, dict[str, Any]] | None = None
-        self.release = anyio.Event()
-        self.written: list[tuple[bool, dict[str, Any]]] = []
-
-    async def save(self, checkpoint: sp.Checkpoint, report: sp.RunReport) -> None:
-        state = (report.finished_at is not None, dict(checkpoint.outputs))
-        if not self.held.is_set() and self.hold(checkpoint, report):
-            self.held_state = state
-            self.held.set()
-            await self.release.wait()  # a cancellation that cuts the save off here writes nothing
-        await super().save(checkpoint, report)
-        self.written.append(state)
-
-
 def a_then_b(calls: list[str]) -> sp.Flow:
     flow = sp.Flow("ab")
 
@@ -250,13 +257,13 @@ def a_then_b(calls: list[str]) -> sp.Flow:
     return flow
 
 
-MOMENTS: dict[str, Callable[[sp.Checkpoint, sp.RunReport], bool]] = {
-    # the save that lists the run as running, before any step starts
-    "first": lambda checkpoint, report: report.finished_at is None and not checkpoint.outputs,
-    # the save that commits `a`, before `b` may start
-    "commit": lambda checkpoint, report: report.finished_at is None and set(checkpoint.outputs) == {"a"},
-    # the save of how the run ended
-    "final": lambda checkpoint, report: report.finished_at is not None,
+MOMENTS: dict[str, Callable[[Write], bool]] = {
+    # the write that lists the run as running, before any step starts
+    "first": lambda write: write.start,
+    # the write that commits `a`, before `b` may start
+    "commit": lambda write: not write.final and write.outputs == {"a"},
+    # the write of how the run ended
+    "final": lambda write: write.final,
 }
 # What the store holds in the end, by the moment the caller was cancelled at: status, committed outputs.
 EXPECTED = {
@@ -266,12 +273,13 @@ EXPECTED = {
 }
 
 
-async def check_ended_as_expected(store: WatchedStore, moment: str, calls: list[str]) -> None:
-    # The save that was held when the caller was cancelled is written (made again if it was cut off),
+async def check_ended_as_expected(store: WatchedStore | WatchedBasicStore, moment: str, calls: list[str]) -> None:
+    # The write that was held when the caller was cancelled is written (made again if it was cut off),
     # before the run's end: the store goes through every state the run committed.
-    assert store.held_state in store.written
-    assert store.written[-1][0]
-    assert [finished for finished, _ in store.written].count(True) == 1
+    assert store.held_write is not None
+    assert store.held_write in store.written
+    assert store.written[-1].final
+    assert [write.final for write in store.written].count(True) == 1
     record, report, outputs = await stored_run(store, "ab", "r")
     status, committed = EXPECTED[moment]
     assert record.status is status
@@ -285,31 +293,33 @@ async def check_ended_as_expected(store: WatchedStore, moment: str, calls: list[
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@PATHS
 @pytest.mark.parametrize("moment", list(MOMENTS))
-async def test_a_native_cancel_of_the_caller_never_cuts_a_save_off(anyio_backend: str, moment: str) -> None:
-    """`Task.cancel()` of the task awaiting `run()` while a save is in flight (an anyio shield does not
-    stop a native cancel): the save is finished, the run's end is saved, and the cancellation raised."""
+async def test_a_native_cancel_of_the_caller_never_cuts_a_save_off(anyio_backend: str, path: str, moment: str) -> None:
+    """`Task.cancel()` of the task awaiting `run()` while a write is in flight (an anyio shield does not
+    stop a native cancel): the write is finished, the run's end is written, and the cancellation raised."""
     import asyncio
 
     calls: list[str] = []
-    store = WatchedStore(MOMENTS[moment])
+    store = watched(path, MOMENTS[moment])
     with anyio.fail_after(10):
         task = asyncio.ensure_future(a_then_b(calls).run(store=store, run_id="r"))
         await store.held.wait()
         task.cancel()
         await anyio.lowlevel.checkpoint()  # the cancellation is delivered into the held save
-        store.release.set()
+        store.let_go.set()
         with pytest.raises(asyncio.CancelledError):
             await task
     await check_ended_as_expected(store, moment, calls)
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_a_native_cancel_delivered_twice_still_saves_how_the_run_ended(anyio_backend: str) -> None:
-    """The first cancel stops the step; a second one lands in the final save, which still completes."""
+@PATHS
+async def test_a_native_cancel_delivered_twice_still_saves_how_the_run_ended(anyio_backend: str, path: str) -> None:
+    """The first cancel stops the step; a second one lands in the final write, which still completes."""
     import asyncio
 
-    store = WatchedStore(MOMENTS["final"])
+    store = watched(path, MOMENTS["final"])
     flow = sp.Flow("ab")
     entered = anyio.Event()
 
@@ -326,10 +336,10 @@ async def test_a_native_cancel_delivered_twice_still_saves_how_the_run_ended(any
         await store.held.wait()
         task.cancel()
         await anyio.lowlevel.checkpoint()
-        store.release.set()
+        store.let_go.set()
         with pytest.raises(asyncio.CancelledError):
             await task
-    assert store.written[-1] == store.held_state  # the run's end, written in the end
+    assert store.written[-1] == store.held_write  # the run's end, written in the end
     record, report, _ = await stored_run(store, "ab", "r")
     assert (record.status, record.finished_at is not None) == (sp.RunStatus.INTERRUPTED, True)
     assert report.steps["a"].status is sp.StepStatus.CANCELLED
@@ -341,29 +351,43 @@ async def test_a_native_cancel_delivered_twice_still_saves_how_the_run_ended(any
 # start no step (steps already started may finish, and are committed).
 
 
-class MarkingStore(sp.MemoryStore):
-    """A MemoryStore that sets `written[key]` once it has written a save whose checkpoint matches
-    `marks[key]`; that save then returns only once `release` is set if `key` is `hold`."""
+class _Marking:
+    """Sets `written[key]` once the store has committed a write matching `marks[key]`; that write then
+    returns only once `let_go` is set if `key` is `hold`."""
 
-    def __init__(self, marks: dict[str, Callable[[sp.Checkpoint], bool]], hold: str | None = None) -> None:
+    def __init__(self, marks: dict[str, Callable[[Write], bool]], hold: str | None = None) -> None:
         super().__init__()
         self.marks = marks
         self.written = {key: anyio.Event() for key in marks}
         self.hold = hold
-        self.release = anyio.Event()
+        self.let_go = anyio.Event()
 
-    async def save(self, checkpoint: sp.Checkpoint, report: sp.RunReport) -> None:
-        await super().save(checkpoint, report)
+    async def after(self, write: Write) -> None:
         for key, mark in self.marks.items():
-            if not self.written[key].is_set() and mark(checkpoint):
+            if not self.written[key].is_set() and mark(write):
                 self.written[key].set()
                 if key == self.hold:
-                    await self.release.wait()
+                    await self.let_go.wait()
+
+
+class MarkingStore(_Marking, HookedStore):
+    """A `Store` (MemoryStore) that marks the writes it committed."""
+
+
+class MarkingBasicStore(_Marking, BasicOnly):
+    """A `BasicStore` alone that marks the saves it committed."""
+
+
+def marking(
+    path: str, marks: dict[str, Callable[[Write], bool]], hold: str | None = None
+) -> MarkingStore | MarkingBasicStore:
+    return MarkingStore(marks, hold) if path == "leased" else MarkingBasicStore(marks, hold)
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@PATHS
 async def test_no_step_starts_while_a_save_cut_off_by_a_native_cancel_is_made_again(
-    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+    anyio_backend: str, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The caller is cancelled as `a` returns: `a`'s commit, waiting for `b`'s, is cut off and made again
     in a task of its own. Meanwhile `b`'s commit ends in `b`'s task, which knows nothing of the
@@ -374,7 +398,7 @@ async def test_no_step_starts_while_a_save_cut_off_by_a_native_cancel_is_made_ag
     from stoppoint import _control
 
     calls: list[str] = []
-    store = WatchedStore(lambda checkpoint, report: set(checkpoint.outputs) == {"b"})
+    store = watched(path, lambda write: not write.final and write.outputs == {"b"})
     remaking = anyio.Event()
     to_the_end = _control._to_the_end
 
@@ -406,7 +430,7 @@ async def test_no_step_starts_while_a_save_cut_off_by_a_native_cancel_is_made_ag
     with anyio.fail_after(10):
         caller.append(asyncio.ensure_future(flow.run(store=store, run_id="r")))
         await remaking.wait()  # a's commit, cut off, is being made again
-        store.release.set()  # b's commit ends: b's task goes on from there
+        store.let_go.set()  # b's commit ends: b's task goes on from there
         with pytest.raises(asyncio.CancelledError):
             await caller[0]
     assert calls == ["b", "a"]
@@ -417,18 +441,22 @@ async def test_no_step_starts_while_a_save_cut_off_by_a_native_cancel_is_made_ag
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_no_step_starts_at_an_outer_level_while_a_native_cancel_ends_an_included_flow(anyio_backend: str) -> None:
+@PATHS
+async def test_no_step_starts_at_an_outer_level_while_a_native_cancel_ends_an_included_flow(
+    anyio_backend: str, path: str
+) -> None:
     """The caller's task waits in the included flow `inc` for its other steps when it is cancelled: the
     cancellation ends `inc` first (`z` is cancelled, `y` finishes in a shield) and reaches the outer level
     only after that. Meanwhile `side` completes there: `after_side` must not start. (Before the fix it did.)"""
     import asyncio
 
     calls: list[str] = []
-    store = MarkingStore(
+    store = marking(
+        path,
         {
-            "x": lambda checkpoint: "inc" in checkpoint.nested and "x" in checkpoint.nested["inc"].outputs,
-            "side": lambda checkpoint: "side" in checkpoint.outputs,
-        }
+            "x": lambda write: "x" in write.nested("inc"),
+            "side": lambda write: "side" in write.outputs,
+        },
     )
     entered = {"y": anyio.Event(), "z": anyio.Event()}
     z_cancelled = anyio.Event()
@@ -506,8 +534,9 @@ async def test_no_step_starts_at_an_outer_level_while_a_native_cancel_ends_an_in
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@PATHS
 async def test_a_step_handed_out_before_a_native_cancel_reached_the_run_does_not_start_after_it(
-    anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+    anyio_backend: str, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`b`'s commit ends in the loop turn in which the caller's task, waiting for `b`, is cancelled (`b`'s
     task runs first in that turn, asyncio's ready queue being FIFO): `b`'s task hands out `c1` (which it
@@ -523,10 +552,7 @@ async def test_a_step_handed_out_before_a_native_cancel_reached_the_run_does_not
     # its commit, would let the caller's task run before it hands out `c1` and `c2`.
     monkeypatch.setattr(_executor, "YIELD_INTERVAL", math.inf)
     calls: list[str] = []
-    store = MarkingStore(
-        {"a": lambda checkpoint: "a" in checkpoint.outputs, "b": lambda checkpoint: "b" in checkpoint.outputs},
-        hold="b",
-    )
+    store = marking(path, {"a": lambda write: "a" in write.outputs, "b": lambda write: "b" in write.outputs}, hold="b")
     flow = sp.Flow("fan")
 
     @flow.step
@@ -553,7 +579,7 @@ async def test_a_step_handed_out_before_a_native_cancel_reached_the_run_does_not
     with anyio.fail_after(10):
         task = asyncio.ensure_future(flow.run(store=store, run_id="r"))
         await store.written["b"].wait()  # the caller's task, done with `a`, waits for `b`
-        store.release.set()
+        store.let_go.set()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -564,13 +590,14 @@ async def test_a_step_handed_out_before_a_native_cancel_reached_the_run_does_not
     assert report.steps["c2"].status is sp.StepStatus.NOT_STARTED
 
 
+@PATHS
 @pytest.mark.parametrize("moment", list(MOMENTS))
-async def test_a_cancelled_scope_of_the_caller_never_cuts_a_save_off(moment: str) -> None:
+async def test_a_cancelled_scope_of_the_caller_never_cuts_a_save_off(path: str, moment: str) -> None:
     """The same with an anyio cancel scope (the only cancellation trio has). `first` failed before the
     fix: the first save, shielded, hid the cancellation, and step `a` still started (and was committed)
     after it. `commit` and `final` passed before (the shield held); they check that the fix keeps it so."""
     calls: list[str] = []
-    store = WatchedStore(MOMENTS[moment])
+    store = watched(path, MOMENTS[moment])
     scope = anyio.CancelScope()
 
     async def caller() -> None:
@@ -583,7 +610,7 @@ async def test_a_cancelled_scope_of_the_caller_never_cuts_a_save_off(moment: str
             await store.held.wait()
             scope.cancel()
             await anyio.lowlevel.checkpoint()
-            store.release.set()
+            store.let_go.set()
     await check_ended_as_expected(store, moment, calls)
 
 

@@ -13,6 +13,7 @@ import pytest
 import stoppoint as sp
 
 from .conftest import until
+from .hooks import HookedStore, Write
 
 pytestmark = pytest.mark.anyio
 
@@ -251,10 +252,15 @@ async def test_an_owner_whose_renewals_stall_stops_itself_with_lease_lost_before
 
 class UnheldRenewals(StuckRenewals):
     """Renewals that answer at once without extending the lease (an owner whose clock runs slow, say): its
-    own fence is content, so only the store's fencing can stop its writes once another claims the run."""
+    own fence is content, so only the store's fencing can stop its writes once another claims the run. Its
+    polls for interrupt requests are not fenced either: the refused write, not a poll that happened to come
+    first (every 20 ms), is what stops the run."""
 
     async def renew(self, lease: sp.Lease) -> sp.Lease:
         return lease
+
+    async def interrupts(self, lease: sp.Lease, after: int = 0) -> list[tuple[int, sp.InterruptSignal]]:
+        return []
 
 
 async def test_a_write_after_another_claim_is_refused_and_the_run_raises_lease_lost() -> None:
@@ -364,3 +370,105 @@ async def test_a_running_steps_progress_reaches_the_store() -> None:
     stored = await store.load("progress", "r")
     assert stored is not None
     assert sp.RunReport.model_validate_json(stored.report_json).steps["a"].status is sp.StepStatus.COMPLETED
+
+
+# -- found while porting the tests that hooked MemoryStore.save() --
+
+
+def a_then_b(ran: list[str]) -> sp.Flow:
+    flow = sp.Flow("ab")
+
+    @flow.step
+    async def a() -> int:
+        ran.append("a")
+        return 1
+
+    @flow.step
+    async def b(a: int) -> int:
+        ran.append("b")
+        return a + 1
+
+    return flow
+
+
+@pytest.mark.parametrize("failing", ["write", "commit_step", "finish"])
+async def test_an_attempt_ended_by_a_failing_write_gives_its_lease_up(failing: str) -> None:
+    """The store fails once (a blip), at the start, a commit or the end: run() raises the StoreError, and the
+    attempt is over. Nobody holds the run any more: the lease should be given up (best effort, as `_claimed`
+    does when an attempt cannot be set up), the run be ORPHANED (stored running, nobody holds it), and
+    run() again resume it at once, as it does on a BasicStore."""
+    blips = [failing]
+
+    async def before(write: Write) -> None:
+        if write.kind in blips:
+            blips.remove(write.kind)
+            raise sp.StoreError("the store blinked")
+
+    store = HookedStore(before=before)
+    ran: list[str] = []
+    with pytest.raises(sp.StoreError, match="the store blinked"):
+        await a_then_b(ran).run(store=store, run_id="r")
+    [record] = await store.list_runs()
+    assert record.finished_at is None  # the end was not written (or, failing at the end, not the end)
+    assert record.owner is None
+    assert record.status is sp.RunStatus.ORPHANED
+    outcome = await a_then_b(ran).run(store=store, run_id="r")
+    assert isinstance(outcome, sp.Completed)
+    assert outcome.value == 2
+
+
+class ProgressSeen(sp.MemoryStore):
+    """A MemoryStore that sets `progressed` once it has written a running step's progress."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.progressed = anyio.Event()
+
+    async def progress(self, lease: sp.Lease, step: str, report_json: str) -> None:
+        await super().progress(lease, step, report_json)
+        self.progressed.set()
+
+
+@pytest.mark.parametrize("ending", ["failed", "interrupted", "cancelled"])
+async def test_a_step_that_wrote_progress_is_stored_as_it_ended(
+    ending: str, channel: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stored report of an ended run is its outcome's (as on a BasicStore): a step that reported
+    progress and did not complete shows how it ended, not the running report of its last progress."""
+    monkeypatch.setattr("stoppoint._persist.PROGRESS_INTERVAL", 0.01)  # not a second per test
+    interrupter, receiver = channel
+    store = ProgressSeen()
+    go = anyio.Event()
+    flow = sp.Flow("progressing", version="1")
+
+    @flow.step
+    async def a(ctx: sp.StepContext) -> int:
+        ctx.progress(1, 3, "one")
+        await go.wait()
+        if ending == "failed":
+            raise RuntimeError("boom")
+        await ctx.checkpoint()
+        return 1
+
+    report: sp.RunReport | None = None
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            handle = await flow.start(tg, store=store, run_id="r", interrupts=receiver)
+            await store.progressed.wait()
+            if ending == "interrupted":
+                interrupter.interrupt("stop")
+            elif ending == "cancelled":
+                tg.cancel_scope.cancel()
+            go.set()
+        try:
+            outcome = await handle.outcome()
+        except sp.StepFailed as failed:
+            report = failed.report
+        else:
+            report = outcome.report
+    assert report is not None
+    assert report.steps["a"].status is sp.StepStatus(ending)
+    stored = await store.load("progressing", "r")
+    assert stored is not None
+    assert sp.RunReport.model_validate_json(stored.report_json).steps["a"].status is sp.StepStatus(ending)
+    assert sp.RunReport.model_validate_json(stored.report_json) == report
