@@ -64,6 +64,7 @@ from ._strategy import FinishCurrent as FinishCurrent
 from ._strategy import IgnoreInterruptions as IgnoreInterruptions
 from ._strategy import PollNextN as PollNextN
 from ._strategy import Strategy as Strategy
+from ._worker import Worker as Worker
 
 __version__ = "0.1.0"
 
@@ -124,6 +125,7 @@ __all__ = [
     "StoreError",
     "StoredRun",
     "Strategy",
+    "Worker",
     "interrupt_channel",
     "interrupt_on_signals",
     "interruptible",

@@ -5,6 +5,7 @@
     stoppoint resume RUN_ID [--store PATH]
     stoppoint runs [--flow NAME] [--store PATH]
     stoppoint show RUN_ID [--json] [--store PATH]
+    stoppoint submit | worker | interrupt ...   (queues and workers: `_cli_worker`)
 
 Runs are kept in an embedded SQLite file, `.stoppoint/runs.db` under the current directory unless
 `--store` says otherwise; next to each run the store keeps the target it was started from, so
@@ -25,8 +26,10 @@ import shlex
 import signal
 import sys
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
+from types import ModuleType
 from typing import Any, NoReturn
 
 import anyio
@@ -34,7 +37,7 @@ import pydantic
 
 from ._cli_claim import NewRun, RunIdTaken
 from ._cli_signals import CommandSignals, StartUpInterrupted
-from ._display import Display, printable, summary
+from ._display import Display, lease_text, print_styled, printable, status_style, step_lines, summary
 from ._errors import FlowDefinitionError, FlowInputError, StepFailed, StoppointError
 from ._flow import Flow, plan_of
 from ._outcome import Interrupted, RunReport
@@ -66,6 +69,21 @@ def load_target(target: str) -> Flow:
     path_text, sep, name = target.rpartition(":")
     if not sep or not path_text or not name:
         _fail(f"target {target!r}: expected FILE.py:FLOW, such as examples/deploy.py:deploy")
+    module = import_file(target, path_text)
+    flow = getattr(module, name, None)
+    if flow is None:
+        flows = sorted(key for key, value in vars(module).items() if isinstance(value, Flow))
+        _fail(
+            f"target {target!r}: {path_text!r} has no flow named {name!r}"
+            + (f" (its flows: {', '.join(flows)})" if flows else " (it defines no Flow)")
+        )
+    if not isinstance(flow, Flow):
+        _fail(f"target {target!r}: {name!r} is a {type(flow).__name__}, not a stoppoint Flow")
+    return flow
+
+
+def import_file(target: str, path_text: str) -> ModuleType:
+    """The Python file `path_text` (of `target`, for messages), imported as a module of its own."""
     path = Path(path_text)
     if not path.is_file():
         _fail(f"target {target!r}: no such file {path_text!r}")
@@ -82,16 +100,7 @@ def load_target(target: str) -> Flow:
         _fail(f"target {target!r}: importing {path_text!r} raised {type(exc).__name__}: {exc}")
     finally:
         sys.path.remove(str(path.resolve().parent))
-    flow = getattr(module, name, None)
-    if flow is None:
-        flows = sorted(key for key, value in vars(module).items() if isinstance(value, Flow))
-        _fail(
-            f"target {target!r}: {path_text!r} has no flow named {name!r}"
-            + (f" (its flows: {', '.join(flows)})" if flows else " (it defines no Flow)")
-        )
-    if not isinstance(flow, Flow):
-        _fail(f"target {target!r}: {name!r} is a {type(flow).__name__}, not a stoppoint Flow")
-    return flow
+    return module
 
 
 def absolute_target(target: str) -> str:
@@ -217,9 +226,14 @@ def _check_run_id(run_id: str) -> str:
 
 
 def _resume_command(run_id: str, store_arg: str | None) -> str:
-    """The command to resume `run_id`, quoted for a shell; a store other than the default one is
-    named by its absolute path, so that the command works from any directory."""
-    command = f"stoppoint resume {shlex.quote(run_id)}"
+    """The command to resume `run_id`, quoted for a shell (see `_command`)."""
+    return _command("resume", run_id, store_arg)
+
+
+def _command(verb: str, run_id: str, store_arg: str | None) -> str:
+    """`stoppoint VERB RUN_ID`, quoted for a shell; a store other than the default one is named by its
+    absolute path, so that the command works from any directory."""
+    command = f"stoppoint {verb} {shlex.quote(run_id)}"
     if store_arg is None or (store := Path(store_arg).resolve()) == DEFAULT_STORE.resolve():
         return command
     return f"{command} --store {shlex.quote(str(store))}"
@@ -350,23 +364,46 @@ async def cmd_runs(args: argparse.Namespace, signals: CommandSignals) -> int:
     if not records:
         print("no runs" + (f" of flow {args.flow!r}" if args.flow else ""))
         return EXIT_COMPLETED
+    at = datetime.now(UTC)
     # A newline or a tab in a run id would break the columns: shown escaped.
-    run_ids = [printable(record.run_id) for record in records]
-    width = max(len("RUN ID"), *(len(run_id) for run_id in run_ids))
-    print(f"{'RUN ID':<{width}}  {'FLOW':<16} {'STATUS':<12} UPDATED")
-    for run_id, record in zip(run_ids, records, strict=True):
-        updated = record.updated_at.astimezone().strftime("%Y-%m-%d %H:%M:%S")
-        print(f"{run_id:<{width}}  {printable(record.flow):<16} {record.status.value:<12} {updated}")
+    rows = [
+        (
+            printable(record.run_id),
+            printable(record.flow),
+            record.status,
+            record.updated_at.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
+            printable(record.queue) if record.queue is not None else "-",
+            str(record.epoch),
+            lease_text(record, at),
+            printable(record.owner) if record.owner is not None else "-",
+        )
+        for record in records
+    ]
+    width = max(len("RUN ID"), *(len(row[0]) for row in rows))
+    queue_width = max(len("QUEUE"), *(len(row[4]) for row in rows))
+    lease_width = max(len("LEASE"), *(len(row[6]) for row in rows))
+    print(
+        f"{'RUN ID':<{width}}  {'FLOW':<16} {'STATUS':<12} {'UPDATED':<19}  {'QUEUE':<{queue_width}}  EPOCH  "
+        f"{'LEASE':<{lease_width}}  OWNER"
+    )
+    for run_id, flow, status, updated, queue, epoch, lease, owner in rows:
+        tail = f" {updated}  {queue:<{queue_width}}  {epoch:>5}  {lease:<{lease_width}}  {owner}"
+        print_styled(
+            sys.stdout,
+            [(f"{run_id:<{width}}  {flow:<16} ", ""), (f"{status.value:<12}", status_style(status)), (tail, "")],
+        )
     return EXIT_COMPLETED
 
 
 async def cmd_show(args: argparse.Namespace, signals: CommandSignals) -> int:
     run_id = _check_run_id(args.run_id)
     async with _stored_run(args.store, run_id) as (store, record):
-        stored = await store.load(record.flow, run_id)
+        stored = await store.load(record.flow, run_id)  # a running run's steps as its owner last wrote them
         target = await _target_of(store, record)
     assert stored is not None
+    record = stored.record  # as of the load: the same moment as the report
     report = RunReport.model_validate_json(stored.report_json)
+    expires = record.lease_expires_at
     if args.json:
         print(
             json.dumps(
@@ -375,15 +412,40 @@ async def cmd_show(args: argparse.Namespace, signals: CommandSignals) -> int:
                     "flow": record.flow,
                     "status": record.status.value,
                     "target": target,
+                    "owner": record.owner,
+                    "epoch": record.epoch,
+                    "lease_expires_at": expires.isoformat() if expires is not None else None,
+                    "queue": record.queue,
                     "report": json.loads(report.model_dump_json()),
                 },
                 indent=2,
             )
         )
         return EXIT_COMPLETED
-    resumable = record.status is not RunStatus.COMPLETED and target is not None
-    print(f"run {printable(record.run_id)} of flow {printable(record.flow)}: {record.status.value}")
-    print(summary(report, resume=_resume_command(record.run_id, args.store) if resumable else None))
+    status = record.status
+    print_styled(
+        sys.stdout,
+        [
+            (f"run {printable(record.run_id)} of flow {printable(record.flow)}: ", ""),
+            (status.value, status_style(status)),
+        ],
+    )
+    if record.owner is not None or record.epoch:
+        owner = printable(record.owner) if record.owner is not None else "none"
+        lease = lease_text(record, datetime.now(UTC))  # "in 12 s", "expired 3 s ago"
+        lease = f", lease expires {lease}" if lease.startswith("in ") else f", lease {lease}" if expires else ""
+        print(f"  owner: {owner} (epoch {record.epoch}){lease}")
+    if record.queue is not None:
+        print(f"  queue: {printable(record.queue)}")
+    if status in (RunStatus.RUNNING, RunStatus.ORPHANED):
+        print("steps:")
+        print("\n".join(step_lines(report)))
+    resumable = status in (RunStatus.INTERRUPTED, RunStatus.FAILED, RunStatus.ORPHANED) and target is not None
+    print(summary(report, resume=_command("resume", record.run_id, args.store) if resumable else None))
+    if status is RunStatus.RUNNING:
+        print(f"to stop it: {_command('interrupt', record.run_id, args.store)}")
+    elif status is RunStatus.QUEUED:
+        print(f"waiting for a worker serving queue {printable(record.queue or 'default')!r}")
     return EXIT_COMPLETED
 
 
@@ -427,6 +489,10 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("run_id", metavar="RUN_ID")
     show.add_argument("--json", action="store_true", help="print it as JSON")
     show.add_argument("--store", metavar="PATH", help=store_help)
+    from ._cli_worker import add_commands  # it imports this module's helpers: not at the top
+
+    for name, command in {**_COMMANDS, **add_commands(commands, store_help)}.items():
+        commands.choices[name].set_defaults(command_function=command)
     return parser
 
 
@@ -445,7 +511,8 @@ def _main(argv: Sequence[str] | None, signals: CommandSignals) -> int:
     try:
         args = _parser().parse_args(argv)
         command = args.command
-        return anyio.run(_COMMANDS[args.command], args, signals)
+        command_function: Callable[[argparse.Namespace, CommandSignals], Awaitable[int]] = args.command_function
+        return anyio.run(command_function, args, signals)
     except BaseExceptionGroup as group:  # raised inside a task group: report the one error in it
         errors = group.exceptions
         while len(errors) == 1 and isinstance(errors[0], BaseExceptionGroup):

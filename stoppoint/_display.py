@@ -4,6 +4,7 @@ and the summary at the end."""
 from __future__ import annotations
 
 import os
+from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, TextIO
 
@@ -19,6 +20,7 @@ from ._events import (
     StepStoppedEvent,
 )
 from ._outcome import RunReport, StepReport, StepStatus
+from ._store import RunRecord, RunStatus
 
 if TYPE_CHECKING:
     from rich.live import Live
@@ -26,7 +28,7 @@ if TYPE_CHECKING:
 
     from ._handle import FlowRun
 
-__all__ = ["Display", "printable", "summary"]
+__all__ = ["Display", "lease_text", "print_styled", "printable", "status_style", "step_lines", "summary"]
 
 REFRESH_SECONDS = 0.2  # how often the live table reads the run's report (for ctx.progress)
 
@@ -39,6 +41,62 @@ _STYLES = {
     StepStatus.FAILED: "bold red",
     StepStatus.NOT_STARTED: "dim",
 }
+
+
+_RUN_STYLES = {
+    RunStatus.QUEUED: "bold cyan",  # waiting for a worker
+    RunStatus.RUNNING: "bold yellow",
+    RunStatus.ORPHANED: "bold magenta",  # its owner died: a worker (or run()) takes it over
+    RunStatus.INTERRUPTED: "red",
+    RunStatus.FAILED: "bold red",
+    RunStatus.COMPLETED: "green",
+}
+
+
+def status_style(status: RunStatus) -> str:
+    """The style of a run's status in `stoppoint runs` and `show` (on a terminal)."""
+    return _RUN_STYLES.get(status, "")
+
+
+def lease_text(record: RunRecord, at: datetime) -> str:
+    """When the run's lease expires, from `at`: `"in 12 s"`, `"expired 3 s ago"`; `"-"` without one."""
+    expires = record.lease_expires_at
+    if expires is None:
+        return "-"
+    seconds = (expires - at).total_seconds()
+    return f"in {_span(seconds)}" if seconds >= 0 else f"expired {_span(-seconds)} ago"
+
+
+def _span(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 86400:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86400:.0f} d"
+
+
+def print_styled(out: TextIO, parts: list[tuple[str, str]]) -> None:
+    """One line of (text, style) parts: styled on a terminal, plain text otherwise."""
+    if not out.isatty():
+        print("".join(text for text, _ in parts), file=out)
+        return
+    from rich.console import Console
+
+    # Text, not markup: names are the user's, "[...]" included; soft wrap: never split a line.
+    Console(file=out, soft_wrap=True, highlight=False).print(Text.assemble(*parts))
+
+
+def step_lines(report: RunReport) -> list[str]:
+    """One line per step of `report`: its name, status (where it stopped) and progress."""
+    width = max((len(printable(name)) for name in report.steps), default=0)
+    lines = []
+    for name, step in report.steps.items():
+        status = step.status.value + (f" at {step.stopped_at}" if step.stopped_at else "")
+        progress = _progress(step)
+        lines.append(f"  {printable(name):<{width}}  {status}" + (f"  {progress}" if progress else ""))
+    return lines
 
 
 def printable(text: str) -> str:

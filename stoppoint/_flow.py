@@ -16,7 +16,7 @@ from ._context import StepContext
 from ._errors import FlowDefinitionError
 from ._events import EventCallback
 from ._handle import FlowRun
-from ._launch import RunOptions, open_run
+from ._launch import RunOptions, open_run, submit
 from ._outcome import Completed
 from ._plan import Input, Plan, StepSpec, compile_plan
 from ._signal import InterruptSignal
@@ -24,7 +24,7 @@ from ._strategy import AtCheckpoint, Strategy
 
 if TYPE_CHECKING:
     from ._outcome import Interrupted
-    from ._store import BasicStore
+    from ._store import BasicStore, Store
 
 __all__ = ["Flow", "plan_of"]
 
@@ -528,6 +528,45 @@ class Flow:
         handle = FlowRun(run)
         await task_group.start(handle._drive, interrupts, name=f"stoppoint {self._name} run {run.run_id}")
         return handle
+
+    async def submit(
+        self,
+        store: Store,
+        inputs: Mapping[str, Any] | None = None,
+        *,
+        run_id: str | None = None,
+        queue: str = "default",
+    ) -> str:
+        """Queue a run of this flow in `store`, for a `Worker` serving this flow and `queue` to claim and run.
+
+        Nothing runs here: the run is stored `QUEUED`, owned by nobody, with every step pending.
+        Its inputs are checked as `run(store=...)` checks them, before anything is stored.
+        Given the id of a run the store holds unfinished and nobody runs (interrupted, failed,
+        orphaned, queued), that run is queued again (in `queue`), to go on from its checkpoint;
+        inputs may then be omitted, and given ones must be its own. A run the store holds completed
+        is left as it is (there is nothing to run).
+
+        Args:
+            store: A `Store` (leases and queues: `SQLiteStore`, `MemoryStore`); a store with only the
+                `BasicStore` methods cannot queue runs.
+            inputs: Values for the flow's inputs, by name, as for `run()`.
+            run_id: The run's id (default: a new random hex id).
+            queue: The queue's name; workers claim from the queues they serve (`Worker(queues=...)`).
+
+        Returns:
+            The run's id.
+
+        Raises:
+            FlowDefinitionError: The flow has no steps or a bad `result=`.
+            FlowInputError: Missing, unknown or invalid inputs, or a `run_id` UTF-8 cannot encode;
+                nothing is stored.
+            CheckpointMismatch: The store holds that run at another version of the flow, or with
+                other inputs.
+            RunOwned: The store holds that run, and a live owner is running it.
+            StoreError: A run of that id belongs to another flow, or the store cannot be used.
+            TypeError: `store` is not a `Store`, or a bad `inputs`, `run_id` or `queue`.
+        """
+        return await submit(self._freeze(), store, inputs, run_id, queue)
 
 
 def plan_of(flow: Flow) -> Plan:

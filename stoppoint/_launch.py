@@ -32,7 +32,7 @@ from ._signal import InterruptSignal
 from ._store import BasicStore, RunState, RunStatus, Store, StoredRun
 from ._strategy import AtCheckpoint, Strategy
 
-__all__ = ["RunOptions", "check_options", "new_state", "open_run", "prepare"]
+__all__ = ["RunOptions", "check_options", "new_state", "open_run", "prepare", "submit"]
 
 _DEFAULT_STRATEGY = AtCheckpoint()  # strategies are frozen: one instance serves every run
 
@@ -149,9 +149,10 @@ async def _claimed(plan: Plan, store: Store, options: RunOptions) -> Attempt | C
             options = replace(options, resume=_load(plan, stored.checkpoint_json))
         return prepare(plan, options, lease)
     except BaseException:
-        with anyio.CancelScope(shield=True):
-            with contextlib.suppress(StoreError):  # the lease expires anyway
-                await store.release(lease)
+        if options.claim is None:  # a worker's claim is the worker's to give up (it stores why it could not run)
+            with anyio.CancelScope(shield=True):
+                with contextlib.suppress(StoreError):  # the lease expires anyway
+                    await store.release(lease)
         raise
 
 
@@ -216,6 +217,54 @@ def new_state(plan: Plan, run_id: str, inputs: Mapping[str, Any] | None) -> RunS
         checkpoint_json=head.to_json(),
         report_json=report.model_dump_json(),
     )
+
+
+async def submit(
+    plan: Plan,
+    store: object,
+    inputs: Mapping[str, Any] | None,
+    run_id: str | None,
+    queue: str,
+    labels: Mapping[str, str] | None = None,
+) -> str:
+    """Queue a run of the flow of `plan` in `store` for a worker (see `Flow.submit`); its run id.
+
+    The inputs of a new run are checked as `run()` checks them, before anything is stored. A stored run
+    of that id keeps its checkpoint (it must be one of this flow and version) and its inputs (given
+    ones must be the same), as a resume does.
+    """
+    flow = plan.flow
+    if isinstance(store, type) or not isinstance(store, Store):
+        kind = "a BasicStore (whole saves, no leases)" if isinstance(store, BasicStore) else type(store).__name__
+        raise TypeError(
+            f"flow {flow!r}: submit() needs a Store, with leases and queues (such as SQLiteStore(path) or "
+            f"MemoryStore()); got {kind}"
+        )
+    if not isinstance(queue, str) or not queue:
+        raise TypeError(f"flow {flow!r}: queue must be a non-empty str, got {queue!r}")
+    given_id = run_id is not None
+    if run_id is None:
+        run_id = uuid.uuid4().hex
+    elif not isinstance(run_id, str) or not run_id:
+        raise TypeError(f"flow {flow!r}: run_id must be a non-empty str, got {run_id!r}")
+    _check_run_id(flow, run_id)
+    refusal: FlowInputError | None = None
+    try:
+        new: RunState | None = new_state(plan, run_id, inputs)
+    except FlowInputError as exc:
+        new, refusal = None, exc
+    if given_id:  # only a given id can be stored already
+        stored = await store.load(flow, run_id)
+        if stored is not None:
+            checkpoint = _load(plan, stored.checkpoint_json)
+            _check_resume_inputs(plan, inputs, checkpoint)
+            if new is None:  # inputs omitted: the stored run's (the store keeps its own head anyway)
+                new = new_state(plan, run_id, checkpoint.inputs)
+    if new is None:
+        assert refusal is not None
+        raise refusal
+    await store.submit(flow, run_id, replace(new, status=RunStatus.QUEUED), queue=queue, labels=labels)
+    return run_id
 
 
 def _stored_outcome(plan: Plan, options: RunOptions, stored: StoredRun, checkpoint: Checkpoint) -> Completed[Any]:
