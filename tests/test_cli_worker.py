@@ -29,13 +29,7 @@ from .worker_flows import double
 
 __all__ = ["spawn"]  # the fixture, used by name
 
-pytestmark = [
-    pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals"),
-    pytest.mark.skipif(
-        not isinstance(sp.SQLiteStore("unopened.db"), sp.Store),  # (constructing it touches nothing)
-        reason="SQLiteStore does not implement the Store protocol yet (leases, queues, interrupts)",
-    ),
-]
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
 FLOWS = str(Path(__file__).resolve().parent / "worker_flows.py")
 

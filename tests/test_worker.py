@@ -1,16 +1,15 @@
 """Queue and workers (API.md §9): `flow.submit()` stores a queued run, `sp.Worker` claims queued and orphaned
 runs of its flows from its queues and runs them; interrupts from anywhere reach its runs as ordinary signals.
 
-On `MemoryStore` (the SQLite store's are driven by the command, in test_cli_worker.py). No test sleeps to
-order events: the steps wait on anyio Events, and the worker's own events (its `_listener`, which the
-`stoppoint worker` command prints from) say when a run was claimed or ended.
+On both stores (conftest's `store`) where a test needs no store of its own; the command is driven in
+test_cli_worker.py. No test sleeps to order events: the steps wait on anyio Events, and the worker's own
+events (its `_listener`, which the `stoppoint worker` command prints from) say when a run was claimed or ended.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -59,19 +58,6 @@ async def serving(worker: sp.Worker) -> AsyncIterator[sp.Worker]:
             yield worker
         finally:
             worker.stop()
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-async def leased_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[sp.Store]:
-    """Each store of stoppoint that keeps leases and queues."""
-    if request.param == "memory":
-        yield sp.MemoryStore()
-        return
-    sqlite = sp.SQLiteStore(tmp_path / "runs.db")
-    if not isinstance(sqlite, sp.Store):
-        pytest.skip("SQLiteStore does not implement the Store protocol yet")
-    async with sqlite:
-        yield sqlite
 
 
 async def record(store: sp.Store, run_id: str) -> sp.RunRecord:
@@ -200,8 +186,7 @@ async def test_submit_leaves_a_completed_run_as_it_is() -> None:
 # -- the worker ------------------------------------------------------------------------------------------
 
 
-async def test_a_worker_runs_queued_runs_of_its_flows_from_its_queues_only(leased_store: sp.Store) -> None:
-    store = leased_store
+async def test_a_worker_runs_queued_runs_of_its_flows_from_its_queues_only(store: sp.Store) -> None:
     mine, theirs = adder("mine"), adder("theirs")
     # Submitted first, so a worker that did not filter would claim them first (oldest first).
     other_queue = await mine.submit(store, {"x": 1}, queue="other")
@@ -242,8 +227,8 @@ class Gauge:
             await self.reached.setdefault(count, anyio.Event()).wait()
 
 
-async def test_max_runs_caps_the_runs_a_worker_runs_at_once(leased_store: sp.Store) -> None:
-    store, gauge, go = leased_store, Gauge(), anyio.Event()
+async def test_max_runs_caps_the_runs_a_worker_runs_at_once(store: sp.Store) -> None:
+    gauge, go = Gauge(), anyio.Event()
     flow = sp.Flow("capped")
 
     @flow.step
@@ -342,8 +327,7 @@ def two_steps(name: str = "resumable") -> tuple[sp.Flow, dict[str, list[int]], a
     return flow, ran, entered, go
 
 
-async def test_stop_requeues_a_running_run_which_another_worker_completes(leased_store: sp.Store) -> None:
-    store = leased_store
+async def test_stop_requeues_a_running_run_which_another_worker_completes(store: sp.Store) -> None:
     flow, ran, entered, go = two_steps()
     run_id = await flow.submit(store, {"size": 21})
     first = sp.Worker(store, flow)
@@ -433,9 +417,8 @@ async def first_interrupt(handle: sp.FlowRun) -> None:
 
 
 async def test_an_interrupt_by_id_stops_a_workers_run_at_a_stopping_point_and_the_worker_goes_on(
-    leased_store: sp.Store,
+    store: sp.Store,
 ) -> None:
-    store = leased_store
     flow, _ran, entered, go = two_steps()
     run_id = await flow.submit(store, {"size": 1})
     worker = sp.Worker(store, flow)
@@ -466,8 +449,7 @@ async def test_an_interrupt_by_id_stops_a_workers_run_at_a_stopping_point_and_th
     assert [signal.reason for signal in report.interrupts] == ["ops asked"]
 
 
-async def test_a_forced_interrupt_by_id_cancels_a_workers_run_and_the_worker_serves_on(leased_store: sp.Store) -> None:
-    store = leased_store
+async def test_a_forced_interrupt_by_id_cancels_a_workers_run_and_the_worker_serves_on(store: sp.Store) -> None:
     flow = sp.Flow("stuck")
     entered = anyio.Event()
 
@@ -496,8 +478,7 @@ async def test_a_forced_interrupt_by_id_cancels_a_workers_run_and_the_worker_ser
     assert await store.interrupt(flow.name, stuck) is False  # ended: nothing to stop
 
 
-async def test_a_step_failure_ends_the_run_failed_not_the_worker(leased_store: sp.Store) -> None:
-    store = leased_store
+async def test_a_step_failure_ends_the_run_failed_not_the_worker(store: sp.Store) -> None:
     flow = sp.Flow("fragile")
 
     @flow.step
@@ -592,8 +573,7 @@ async def test_an_error_leaving_the_block_forces_the_runs_and_goes_on_as_it_is()
     assert (stored.status, stored.owner) == (sp.RunStatus.QUEUED, None)
 
 
-async def test_cancelling_a_worker_forces_its_runs_and_stores_them_queued(leased_store: sp.Store) -> None:
-    store = leased_store
+async def test_cancelling_a_worker_forces_its_runs_and_stores_them_queued(store: sp.Store) -> None:
     flow = sp.Flow("slow")
     entered = anyio.Event()
 
