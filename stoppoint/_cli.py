@@ -195,24 +195,37 @@ def parse_strategy(text: str) -> Strategy:
 # -- the store ------------------------------------------------------------------------------------------
 
 
-def _store(path: str | None) -> SQLiteStore:
+def lease_of(args: argparse.Namespace) -> float:
+    """`--lease SECONDS` (a command that owns runs takes it), checked."""
+    lease = getattr(args, "lease", None)
+    if lease is None:
+        return DEFAULT_LEASE
+    if not (math.isfinite(lease) and lease > 0):
+        _fail(f"--lease {lease}: expected a number of seconds > 0")
+    return float(lease)
+
+
+DEFAULT_LEASE = 15.0
+
+
+def _store(path: str | None, lease: float = DEFAULT_LEASE) -> SQLiteStore:
     """The store to run in (made, with `.stoppoint/`, if it does not exist yet)."""
     store_path = Path(path) if path is not None else DEFAULT_STORE
     if path is None:
         store_path.parent.mkdir(parents=True, exist_ok=True)
     elif not store_path.parent.is_dir():
         _fail(f"--store {path!r}: its directory does not exist")
-    return SQLiteStore(store_path)
+    return SQLiteStore(store_path, lease=lease)
 
 
-def _existing_store(path: str | None, run_id: str | None = None) -> SQLiteStore | None:
+def _existing_store(path: str | None, run_id: str | None = None, lease: float = 15.0) -> SQLiteStore | None:
     """The store to look into, or None if there is none yet (looking creates nothing)."""
     store_path = Path(path) if path is not None else DEFAULT_STORE
     if not store_path.exists():
         if run_id is not None:
             _fail(f"no run {run_id!r}: there is no store at {store_path} yet")
         return None
-    return SQLiteStore(store_path)
+    return SQLiteStore(store_path, lease=lease)
 
 
 def _check_run_id(run_id: str) -> str:
@@ -254,9 +267,11 @@ async def _find(store: BasicStore, run_id: str) -> RunRecord | None:
 
 
 @contextlib.asynccontextmanager
-async def _stored_run(store_arg: str | None, run_id: str) -> AsyncIterator[tuple[SQLiteStore, RunRecord]]:
+async def _stored_run(
+    store_arg: str | None, run_id: str, lease: float = 15.0
+) -> AsyncIterator[tuple[SQLiteStore, RunRecord]]:
     """The store `--store` names (it must exist) and the record of `run_id` in it (it must be there)."""
-    existing = _existing_store(store_arg, run_id)
+    existing = _existing_store(store_arg, run_id, lease)
     assert existing is not None
     async with existing as store:
         record = await _find(store, run_id)
@@ -313,7 +328,7 @@ async def cmd_run(args: argparse.Namespace, signals: CommandSignals) -> int:
     strategy = parse_strategy(args.strategy)
     _check_grace(args.grace)
     run_id = _check_run_id(args.run_id) if args.run_id is not None else uuid.uuid4().hex
-    async with _store(args.store) as store:
+    async with _store(args.store, lease_of(args)) as store:
         if await _find(store, run_id) is not None:
             _fail(f"run {run_id!r} is already in the store; use `{_resume_command(run_id, args.store)}`")
         # The run's first save claims the id (with the target label): of commands racing past the
@@ -340,7 +355,7 @@ async def cmd_resume(args: argparse.Namespace, signals: CommandSignals) -> int:
     run_id = _check_run_id(args.run_id)
     strategy = parse_strategy(args.strategy)
     _check_grace(args.grace)
-    async with _stored_run(args.store, run_id) as (store, record):
+    async with _stored_run(args.store, run_id, lease_of(args)) as (store, record):
         target = await _target_of(store, record)
         if target is None:
             _fail(
@@ -460,6 +475,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     store_help = f"the run store, an SQLite file (default: {DEFAULT_STORE})"
+    lease_help = (
+        "seconds a run's claim holds without renewal: once its process is gone this long, another may take "
+        "it over (default: 15)"
+    )
 
     run = commands.add_parser("run", help="run a flow from a Python file")
     run.add_argument("target", metavar="FILE.py:FLOW", help="the file and the name of the Flow in it")
@@ -474,12 +493,14 @@ def _parser() -> argparse.ArgumentParser:
         help="when an interrupt takes effect: at-checkpoint (default), finish-current, poll-next-N, ignore",
     )
     run.add_argument("--grace", type=float, metavar="SECONDS", help="force the stop this long after the first")
+    run.add_argument("--lease", type=float, metavar="SECONDS", help=lease_help)
 
     resume = commands.add_parser("resume", help="go on with a stored run that did not complete")
     resume.add_argument("run_id", metavar="RUN_ID")
     resume.add_argument("--store", metavar="PATH", help=store_help)
     resume.add_argument("--strategy", default="at-checkpoint", metavar="STRATEGY", help="as for run")
     resume.add_argument("--grace", type=float, metavar="SECONDS", help="as for run")
+    resume.add_argument("--lease", type=float, metavar="SECONDS", help="as for run")
 
     runs = commands.add_parser("runs", help="list the stored runs")
     runs.add_argument("--flow", metavar="NAME", help="only the runs of this flow")

@@ -1,53 +1,57 @@
-"""`stoppoint run --run-id ID` claims its id: of several commands started at once with one id, exactly one runs.
+"""`stoppoint run` makes a new run: of several commands started at once with one `--run-id`, exactly one runs.
 
-Looking the id up and then running leaves a gap in which another command can do the same, and both run the
-steps. So the run's first save, which comes before any step starts, is the claim: `SQLiteStore._claim` makes
-it, with the command's labels, only if no run of that id is stored, in one IMMEDIATE transaction. The other
-commands' runs fail at that save, before any step, with `RunIdTaken`. (Stores get leases in issue 14.)
+The command looks the id up first (a stored run is `resume`'s), but another command can store it right after.
+So the store the command hands its run is this proxy: its `claim()` passes the command's labels (the run's
+target) and refuses a run that is stored already, and its `load()` finds nothing, so that `run()` goes straight
+to the claim. The store's claim is atomic: a racing command whose run is live gets `RunOwned`; one whose run
+was stored meanwhile and ended gets `RunIdTaken`. Everything else is the store's own.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
-from ._checkpoint import Checkpoint
 from ._errors import StoreError
-from ._outcome import RunReport
-from ._sqlite import SQLiteStore
-from ._store import RunRecord, StoredRun
+from ._lease import Claim
+from ._store import RunState, Store, StoredRun
 
 __all__ = ["NewRun", "RunIdTaken"]
 
 
 class RunIdTaken(StoreError):
-    """Another command claimed the run id first."""
+    """Another command stored the run id first."""
 
 
 class NewRun:
-    """The store as `stoppoint run` hands it to its run, which is new: it loads no stored run (one stored
-    meanwhile is another command's, not this run's to resume), and its first save claims the run id."""
+    """A `Store` (delegating to `store`) for a run that must be new: see the module docstring."""
 
-    def __init__(self, store: SQLiteStore, labels: Mapping[str, str]) -> None:
+    def __init__(self, store: Store, labels: Mapping[str, str]) -> None:
         self._store = store
         self._labels = dict(labels)
-        self._claimed = False
 
-    async def save(self, checkpoint: Checkpoint, report: RunReport) -> None:
-        if self._claimed:
-            await self._store.save(checkpoint, report)
-        elif await self._store._claim(checkpoint, report, self._labels):
-            self._claimed = True
-        else:
-            raise RunIdTaken(
-                f"run {checkpoint.run_id!r} is already in the store: another command started it meanwhile, "
-                "and may be running it now"
-            )
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
 
     async def load(self, flow: str, run_id: str) -> StoredRun | None:
-        return None
+        return None  # a run stored meanwhile is another command's, not this one's to resume
 
-    async def list_runs(self, flow: str | None = None) -> list[RunRecord]:
-        return await self._store.list_runs(flow)
-
-    async def delete(self, flow: str, run_id: str) -> None:
-        await self._store.delete(flow, run_id)
+    async def claim(
+        self,
+        flow: str,
+        run_id: str,
+        owner: str,
+        *,
+        new: RunState | None = None,
+        labels: Mapping[str, str] | None = None,
+        reopen: bool = False,
+    ) -> Claim | None:
+        claim = await self._store.claim(flow, run_id, owner, new=new, labels={**self._labels, **(labels or {})})
+        if claim is not None and claim.stored is not None:
+            if claim.lease is not None:
+                await self._store.release(claim.lease)
+            raise RunIdTaken(
+                f"run {run_id!r} is already in the store: another command started it meanwhile, and may be "
+                "running it now"
+            )
+        return claim

@@ -131,7 +131,10 @@ class CommandSignals:
         if steps:
             message += f"; step(s) that could not be stopped: {', '.join(map(printable, steps))}"
         if self._phase is _Phase.RUNNING and self._resume is not None:
-            message += f"; the store keeps the run as of its last save; to resume: {self._resume}"
+            message += (
+                "; the store keeps the run as of its last save, held by this process until its lease expires; "
+                f"then, to resume: {self._resume}"
+            )
         with contextlib.suppress(OSError):
             # os.write: print() may be the very call this handler interrupted (it is not reentrant),
             # and stdout is not flushed, since a full pipe on it may be what the user is escaping.

@@ -33,6 +33,7 @@ from ._cli import (
     _store,
     absolute_target,
     import_file,
+    lease_of,
     load_target,
     parse_inputs,
 )
@@ -175,7 +176,7 @@ async def cmd_worker(args: argparse.Namespace, signals: CommandSignals) -> int:
     queues = [_queue(text) for text in args.queue or ["default"]]
     if args.max_runs < 1:
         _fail(f"--max-runs {args.max_runs}: expected a whole number >= 1")
-    async with _store(args.store) as opened:
+    async with _store(args.store, lease_of(args)) as opened:
         store = _leased(opened, opened.path)
         try:
             worker = Worker(store, flows, queues=queues, max_runs=args.max_runs)
@@ -263,6 +264,9 @@ def add_commands(commands: Any, store_help: str) -> dict[str, Any]:
         "targets", nargs="+", metavar="FILE.py[:FLOW]", help="the flows to run (a file alone: all of its flows)"
     )
     work.add_argument("--store", metavar="PATH", help=store_help)
+    work.add_argument(
+        "--lease", type=float, metavar="SECONDS", help="seconds a run's claim holds without renewal (default: 15)"
+    )
     work.add_argument("--max-runs", type=int, default=10, metavar="N", help="at most N runs at once (default: 10)")
     work.add_argument(
         "--queue",

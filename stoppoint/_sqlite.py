@@ -292,19 +292,6 @@ class SQLiteStore:
             return {}
         return await self._call(runs.labels, flow, run_id)
 
-    # -- claiming a run id (the `stoppoint` command's) ---------------------------------------------
-
-    async def _claim(self, checkpoint: Checkpoint, report: RunReport, labels: Mapping[str, str]) -> bool:
-        """Save a new run for the first time, with `labels`, only if no run of its id is stored (of any flow).
-
-        One IMMEDIATE transaction checks and inserts, so of several processes claiming one id exactly
-        one gets True; the others get False and write nothing. Private: for `stoppoint run --run-id`
-        until the command claims runs with `claim()` (issue 14).
-        """
-        row = to_row(checkpoint, report)
-        checked = checked_labels(row.flow, row.run_id, labels)
-        return await self._call(runs.claim_id, row, checked)
-
     # -- opening and closing -----------------------------------------------------------------------
 
     async def __aenter__(self) -> SQLiteStore:

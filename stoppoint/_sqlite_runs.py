@@ -16,7 +16,6 @@ from ._store import CLI_TARGET_LABEL, RunRecord, StepRow, StoredRun
 
 __all__ = [
     "FULL_COLUMNS",
-    "claim_id",
     "delete",
     "find_run",
     "insert_run",
@@ -142,20 +141,6 @@ def save(file: StoreFile, row: Row) -> None:
             connection.execute("DELETE FROM steps WHERE flow = ? AND run_id = ?", (row.flow, row.run_id))
 
     file.write(statements)
-
-
-def claim_id(file: StoreFile, row: Row, labels: dict[str, str]) -> bool:
-    """Insert a new run with its labels only if no run of its id is stored (of any flow): `SQLiteStore._claim`."""
-    connection = file.connection
-
-    def statements() -> bool:
-        if connection.execute("SELECT 1 FROM runs WHERE run_id = ? LIMIT 1", (row.run_id,)).fetchone():
-            return False
-        insert_run(connection, row)
-        merge_labels(connection, row.flow, row.run_id, labels)
-        return True
-
-    return file.write(statements)
 
 
 def load(file: StoreFile, flow: str, run_id: str) -> StoredRun | None:
