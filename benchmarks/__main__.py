@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     if "peers" in only:
         anyio.run(peers.measure, report, chain_steps, repeats, not quick, backend=backend)
     if "persisted" in only:
-        anyio.run(persisted.measure, report, 20, repeats, backend=backend)
+        anyio.run(persisted.measure, report, [20, 1_000] if quick else [20, 1_000, 10_000], 1 if quick else 3, backend=backend)
 
     header = f"backend: {backend}{' (quick)' if quick else ''}; {_versions()}"
     if args.markdown:
