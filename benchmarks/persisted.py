@@ -158,9 +158,13 @@ async def measure(report: Report, sizes: list[int], repeats: int, whole_max: int
     for size in sizes:
         base = f"{size:,} steps: no store"
         section.add(base, statistics.median(samples[base]))
-        section.add(f"{size:,} steps: MemoryStore", statistics.median(samples[f"{size:,} steps: MemoryStore"]), baseline=base)
         section.add(
-            f"{size:,} steps: SQLiteStore", statistics.median(samples[f"{size:,} steps: SQLiteStore"]), baseline=floor_name
+            f"{size:,} steps: MemoryStore", statistics.median(samples[f"{size:,} steps: MemoryStore"]), baseline=base
+        )
+        section.add(
+            f"{size:,} steps: SQLiteStore",
+            statistics.median(samples[f"{size:,} steps: SQLiteStore"]),
+            baseline=floor_name,
         )
     for size in whole_sizes:
         for kind in ("MemoryStore", "SQLiteStore"):
