@@ -33,6 +33,7 @@ async def spin(ctx: sp.StepContext) -> None:
 
 ORPHAN = sp.Flow("across-orphan")
 resumed: list[float] = []  # time.time() when the first step ran again after a claim (in the worker's process)
+on_resumed: anyio.Event | None = None  # set then, if the worker's process put one here
 
 
 @ORPHAN.step()
@@ -41,6 +42,8 @@ async def first(ctx: sp.StepContext) -> None:
         print(f"running {ctx.run_id}", flush=True)
         await anyio.sleep_forever()
     resumed.append(time.time())
+    if on_resumed is not None:
+        on_resumed.set()
 
 
 @ORPHAN.step(after="first")

@@ -94,6 +94,7 @@ async def orphan_recovery(path: str, lease: float, count: int, backend: str) -> 
         worker = sp.Worker(store, ORPHAN)
         tg.start_soon(worker.run)
         for i in range(count):
+            _across_child.on_resumed = resumed = anyio.Event()
             process, lines = await _child("orphan", path, repr(lease), backend, f"orphan-{i}")
             try:
                 with anyio.fail_after(60):
@@ -105,8 +106,7 @@ async def orphan_recovery(path: str, lease: float, count: int, backend: str) -> 
             finally:
                 await _stop(process)
             with anyio.fail_after(lease + 30):
-                while len(_across_child.resumed) <= i:
-                    await anyio.sleep(0.005)
+                await resumed.wait()
             delays.append(_across_child.resumed[i] - killed)
         worker.stop()
     return delays
