@@ -21,10 +21,10 @@ from importlib import metadata
 
 import anyio
 
-from . import latency, peers, persisted, scale, steps, stopping_point
+from . import across, latency, peers, persisted, scale, steps, stopping_point
 from ._measure import Report
 
-SECTIONS = ["stopping-point", "steps", "latency", "scale", "peers", "persisted"]
+SECTIONS = ["stopping-point", "steps", "latency", "scale", "peers", "persisted", "across"]
 
 
 def _versions() -> str:
@@ -72,7 +72,11 @@ def main(argv: list[str] | None = None) -> None:
     if "peers" in only:
         anyio.run(peers.measure, report, chain_steps, repeats, not quick, backend=backend)
     if "persisted" in only:
-        anyio.run(persisted.measure, report, 20, repeats, backend=backend)
+        sizes = [20, 1_000] if quick else [20, 1_000, 10_000]
+        # quick: whole saves (0.1, quadratic) at 20 steps only, to keep the smoke run short
+        anyio.run(persisted.measure, report, sizes, 1 if quick else 3, 20 if quick else 1_000, backend=backend)
+    if "across" in only:
+        anyio.run(across.measure, report, 1 if quick else 5, 1 if quick else 3, backend, backend=backend)
 
     header = f"backend: {backend}{' (quick)' if quick else ''}; {_versions()}"
     if args.markdown:

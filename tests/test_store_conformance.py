@@ -209,6 +209,25 @@ async def test_a_claim_of_a_completed_run_returns_it_claiming_nothing(store: Sto
     assert await store.load("f", "r1") == stored  # nothing claimed, nothing written
 
 
+async def test_a_claim_with_reopen_takes_a_completed_run_like_an_unfinished_one(store: Store) -> None:
+    """(`run()` reopens a completed run of a flow that gained steps at the same version.)"""
+    lease = await claimed(store)
+    await store.finish(lease, ended(), [done(step, 1) for step in STEPS])
+    before = await store.load("f", "r1")
+    claim = await store.claim("f", "r1", B, reopen=True)
+    assert claim is not None
+    assert claim.stored == before  # as it was stored
+    assert claim.lease is not None
+    assert is_lease_of(claim.lease, "r1", B, 2)
+    after = await record(store)
+    assert (after.status, after.owner, after.finished_at) == (RunStatus.RUNNING, B, None)
+    assert outputs(await store.load("f", "r1")) == dict.fromkeys(STEPS, 1)
+    with pytest.raises(RunOwned):  # held now, reopen or not
+        await store.claim("f", "r1", A, reopen=True)
+    await store.finish(claim.lease, ended())
+    assert await store.claim("f", "r1", A) == Claim(None, await store.load("f", "r1"))  # completed again
+
+
 async def leave_unheld(store: Store, how: str) -> None:
     """Store run r1 of flow f unfinished, held by nobody, in the way `how` says."""
     if how == "queued":
