@@ -213,8 +213,7 @@ class MemoryStore:
         await anyio.lowlevel.checkpoint()
         with self._lock:
             run = self._held(lease, "commit_step")
-            run.steps[step.step] = (lease.epoch, step)
-            run.row = run.row._replace(updated_at=utc_text(now()))
+            run.steps[step.step] = (lease.epoch, step)  # the head (and its updated_at) as it was, as SQLite
 
     async def progress(self, lease: Lease, step: str, report_json: str) -> None:
         """Store a running step's report (see `Store.progress`)."""

@@ -83,7 +83,7 @@ class RunRecord(BaseModel):
         flow_version: The flow's version when the run was saved.
         status: Where the run stands.
         started_at: When the run (its first attempt) started.
-        updated_at: When it was last saved.
+        updated_at: When its head was last written (claimed, started, ended, queued: not at each step's commit).
         finished_at: When its latest attempt ended; None while running (or after a crash).
         owner: Who holds its lease (`host:pid/token`), None when nobody does (it ended, was
             released, or is queued); a dead owner stays here until the run is claimed again.
