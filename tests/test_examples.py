@@ -213,5 +213,43 @@ async def test_every_example_flow_resumes_to_the_same_result_from_every_stopping
 def test_every_example_file_is_run_by_this_module() -> None:
     """The examples gallery stays tested: each file in examples/ is one this module runs."""
     examples = {path.name for path in (Path(__file__).resolve().parent.parent / "examples").glob("*.py")}
-    run_here = {path.name for path in (DEPLOY, RESUME, ETL, TESTING_MY_FLOW, SERVICE)}
+    run_here = {path.name for path in (DEPLOY, RESUME, ETL, TESTING_MY_FLOW, SERVICE, WORKERS)}
     assert examples == run_here
+
+
+WORKERS = Path(__file__).resolve().parent.parent / "examples" / "workers.py"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL and SIGTERM are POSIX")
+def test_workers_example_hands_a_killed_workers_run_over_and_interrupts_one_by_id(tmp_path: Path) -> None:
+    """examples/workers.py, as a user runs it: two worker processes, one killed mid-run (the other completes
+    its run at epoch 2, without fetching again), a run interrupted by `stoppoint interrupt` from a third."""
+    result = subprocess.run(
+        [sys.executable, str(WORKERS)], capture_output=True, text=True, timeout=90, check=False, cwd=tmp_path
+    )
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    killed = re.search(r"killing (worker-\d) \(pid \d+\) with SIGKILL: it owns order-1, in transform$", out, re.M)
+    assert killed, out
+    done = re.search(
+        r"order-1: completed at epoch 2: total 385 published by (worker-\d) at epoch 2 "
+        r"\(fetched by (worker-\d) at epoch 1\)$",
+        out,
+        re.M,
+    )
+    assert done, out
+    survivor, fetcher = done.groups()
+    assert fetcher == killed.group(1)
+    assert survivor != fetcher
+    assert f"the killed worker's run was completed by {survivor} at epoch 2" in out
+    assert "order-1: steps taken from the store, not run again: fetch\n" in out
+    assert f"[{survivor}] order-1 epoch 2: transform, 10 parts" in out  # the step in flight ran again
+    assert f"[{survivor}] order-1 epoch 2: fetch" not in out
+    assert re.search(r"asked \S+ to stop run order-2 of flow orders at its next stopping point$", out, re.M), out
+    assert re.search(
+        r"order-2: stored interrupted: transform interrupted after \d+ of 100 parts, "
+        r"'customer cancelled' \(from cli\)$",
+        out,
+        re.M,
+    ), out
+    assert re.search(rf"{survivor} exited with code 0$", out, re.M), out
