@@ -112,19 +112,21 @@ class StepContext:
     )
 
     def __init__(self, *, run_id: str, flow: str, step: str, epoch: int = 0) -> None:
-        self._setup(run_id, flow, step, _perf_counter(), epoch)
+        self._setup(run_id, flow, step, _perf_counter())
+        if epoch:
+            self._epoch = epoch
 
     @classmethod
-    def _for_step(cls, run_id: str, flow: str, step: str, now: float, epoch: int) -> StepContext:
+    def _for_step(cls, run_id: str, flow: str, step: str, now: float) -> StepContext:
         """The run's constructor, on the per-step hot path: no keyword parsing, and `now` is
         the step's start (one clock reading per step)."""
         self: StepContext = _new(cls)
-        self._setup(run_id, flow, step, now, epoch)
+        self._setup(run_id, flow, step, now)
         return self
 
-    def _setup(self, run_id: str, flow: str, step: str, now: float, epoch: int) -> None:
+    def _setup(self, run_id: str, flow: str, step: str, now: float) -> None:
+        # (`_epoch` is set only for a run whose store keeps leases: one store less per step for the others)
         self._run_id = run_id
-        self._epoch = epoch
         self._flow = flow
         self._step = step
         self._stop = False
@@ -162,7 +164,10 @@ class StepContext:
         without a store that keeps leases). A step that reaches outside (a payment, an email) and may
         run again after a crash (steps run at least once) builds its idempotency key from
         `(run_id, step)`, or from `(run_id, step, epoch)` to tell attempts apart."""
-        return self._epoch
+        try:
+            return self._epoch
+        except AttributeError:  # not set: no leased store
+            return 0
 
     @property
     def log(self) -> Any:

@@ -261,7 +261,9 @@ class Run(StepEndings):
                 running = control.running
                 started = _perf_counter()
                 if spec.context_param is not None:
-                    ctx = _new_context(self.run_id, self.name, name, started, control.epoch)
+                    ctx = _new_context(self.run_id, self.name, name, started)
+                    if control.epoch:
+                        ctx._epoch = control.epoch
                     if control.probe is not None:
                         ctx._probe = control.probe.counter(self.path, self.name, name)
                     kwargs[spec.context_param] = ctx
