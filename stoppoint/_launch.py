@@ -145,9 +145,10 @@ async def _claimed(plan: Plan, store: Store, options: RunOptions) -> Attempt | C
         assert claim.lease is not None
         lease, stored = claim.lease, claim.stored
     try:
-        if stored is not None and resume is None:
+        from_store = stored is not None and resume is None  # its step rows are in the store already
+        if stored is not None and from_store:
             options = replace(options, resume=_load(plan, stored.checkpoint_json))
-        return prepare(plan, options, lease)
+        return prepare(plan, options, lease, rows_stored=from_store)
     except BaseException:
         if options.claim is None:  # a worker's claim is the worker's to give up (it stores why it could not run)
             with anyio.CancelScope(shield=True):
@@ -313,9 +314,10 @@ def check_options(plan: Plan, options: RunOptions) -> tuple[float | None, float 
     return _seconds(flow, "grace", options.grace), _seconds(flow, "deadline", options.deadline)
 
 
-def prepare(plan: Plan, options: RunOptions, lease: Lease | None = None) -> Attempt:
+def prepare(plan: Plan, options: RunOptions, lease: Lease | None = None, *, rows_stored: bool = False) -> Attempt:
     """Check the options of one run of the flow of `plan` and set it up, not started (`lease`: its
-    claim, with a `Store`)."""
+    claim, with a `Store`; `rows_stored`: it resumes what the store holds, whose step rows need no
+    writing again)."""
     grace, deadline = check_options(plan, options)
     flow, inputs, resume, run_id, store = plan.flow, options.inputs, options.resume, options.run_id, options.store
     if resume is not None:
@@ -333,7 +335,7 @@ def prepare(plan: Plan, options: RunOptions, lease: Lease | None = None) -> Atte
     level = Run(plan, inputs, control, run_id, signals=control.signals, resume=resume)
     if lease is not None:
         assert isinstance(store, Store)
-        control.persist = Leased(level, store, lease)
+        control.persist = Leased(level, store, lease, rows_stored)
     elif store is not None:
         control.persist = WholeSaves(level, store)
     return Attempt(level, control, deadline)

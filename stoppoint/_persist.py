@@ -93,12 +93,13 @@ class WholeSaves(Persist):
 class Leased(Persist):
     """A `Store`: fenced writes under the attempt's lease, renewed in the background."""
 
-    __slots__ = ("lease", "renewed", "requeue", "seen", "store")
+    __slots__ = ("lease", "renewed", "requeue", "rows_stored", "seen", "store")
 
-    def __init__(self, top: Run, store: Store, lease: Lease) -> None:
+    def __init__(self, top: Run, store: Store, lease: Lease, rows_stored: bool) -> None:
         super().__init__(top)
         self.store = store
         self.lease = lease
+        self.rows_stored = rows_stored  # resumed from the store: its outputs' rows are there already
         self.control.epoch = lease.epoch
         self.renewed = anyio.current_time()  # when the last successful renewal (or the claim) was sent
         self.seen = 0  # the number of the last interrupt request delivered
@@ -156,9 +157,10 @@ class Leased(Persist):
         return StepRow(step, top.timeline.step_report(step).model_dump_json(), text)
 
     async def start(self) -> None:
-        resumed = self.top.timeline.resumed
         # A checkpoint given to run(resume=...) may hold outputs the store lacks: they go in with the head.
-        rows = [row for step in (*resumed, *self.top.partial) if (row := self.row(step)) is not None]
+        # One the store gave holds none (rewriting them would cost a resume of a long run one row per step).
+        resumed = () if self.rows_stored else (*self.top.timeline.resumed, *self.top.partial)
+        rows = [row for step in resumed if (row := self.row(step)) is not None]
         await self.store.write(self.lease, self.state(), rows)
 
     async def step(self, level: Run, name: str) -> None:

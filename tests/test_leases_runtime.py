@@ -4,6 +4,7 @@ within one process on MemoryStore (tests/test_leases_processes.py has the real p
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -472,3 +473,46 @@ async def test_a_step_that_wrote_progress_is_stored_as_it_ended(
     assert stored is not None
     assert sp.RunReport.model_validate_json(stored.report_json).steps["a"].status is sp.StepStatus(ending)
     assert sp.RunReport.model_validate_json(stored.report_json) == report
+
+
+class StartRows(sp.MemoryStore):
+    """Records how many step rows each attempt's start write carries."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.start_rows: list[list[str]] = []
+
+    async def write(self, lease: sp.Lease, state: sp.RunState, steps: Sequence[sp.StepRow] = ()) -> None:
+        self.start_rows.append([row.step for row in steps])
+        await super().write(lease, state, steps)
+
+
+async def test_a_resume_from_the_store_rewrites_no_step_row_and_one_from_a_checkpoint_writes_its_outputs() -> None:
+    interrupter, receiver = sp.interrupt_channel()
+    flow = sp.Flow("rows", version="1")
+
+    @flow.step
+    async def a() -> int:
+        return 1
+
+    @flow.step
+    async def b(a: int, ctx: sp.StepContext) -> int:
+        if ctx.epoch == 1:
+            interrupter.interrupt()
+            await ctx.checkpoint()
+        return a + 1
+
+    store = StartRows()
+    with interrupter, receiver:
+        first = await flow.run(store=store, run_id="r", interrupts=receiver)
+    assert isinstance(first, sp.Interrupted)
+    assert isinstance(await flow.run(store=store, run_id="r"), sp.Completed)
+    assert store.start_rows == [[], []]  # a's row was committed once, by its step, and not written again
+
+    elsewhere = StartRows()
+    out = await flow.run(store=elsewhere, resume=first.checkpoint)
+    assert isinstance(out, sp.Completed)
+    assert elsewhere.start_rows == [["a"]]  # the checkpoint's output goes in with the head
+    stored = await elsewhere.load("rows", "r")
+    assert stored is not None
+    assert json.loads(stored.checkpoint_json)["outputs"] == {"a": 1, "b": 2}
