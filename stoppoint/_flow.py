@@ -458,6 +458,11 @@ class Flow:
             CheckpointError: An output cannot be stored (it cannot be serialised, holds an int
                 too long for JSON or is nested too deep to read back): its step fails, naming it;
                 or a stored output cannot be read back.
+            RunOwned: The store's run of that id is held by a live lease: it is running elsewhere (or in
+                another task), before any step started here.
+            LeaseLost: The run lost its lease while it ran (a write refused because another process
+                claimed it, or no renewal succeeded for 0.8 of the lease): its steps were cancelled at
+                once and nothing more was written.
             StoreError: The store cannot be read or written.
             TypeError: A bad `interrupts`, `strategy`, `resume`, `store` or `run_id`.
             ValueError: A bad `grace` or `deadline`.
@@ -512,7 +517,8 @@ class Flow:
         Raises:
             FlowDefinitionError: The flow has no steps or a bad `result=`.
             FlowInputError: As for `run()`.
-            CheckpointMismatch, CheckpointError, StoreError: As for `run()`.
+            CheckpointMismatch, CheckpointError, RunOwned, StoreError: As for `run()` (`LeaseLost` comes
+                from `handle.outcome()`).
             TypeError: `task_group` is not an anyio task group, or a bad option as for `run()`.
             ValueError: A bad `grace` or `deadline`.
         """
