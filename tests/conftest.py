@@ -98,3 +98,20 @@ async def until(check: Callable[[], Awaitable[bool]], within: float = 10.0, ever
     with anyio.fail_after(within):
         while not await check():  # noqa: ASYNC110 - what changes is outside this process's events
             await anyio.sleep(every)
+
+
+def a_then_b(ran: list[str]) -> sp.Flow:
+    """Flow "ab": step a returns 1, step b (after a) returns a + 1; each appends its name to `ran`."""
+    flow = sp.Flow("ab")
+
+    @flow.step
+    async def a() -> int:
+        ran.append("a")
+        return 1
+
+    @flow.step
+    async def b(a: int) -> int:
+        ran.append("b")
+        return a + 1
+
+    return flow

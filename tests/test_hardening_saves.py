@@ -27,7 +27,7 @@ import pytest
 import stoppoint as sp
 import stoppoint._sqlite_runs
 
-from .conftest import statuses
+from .conftest import a_then_b, statuses
 from .hooks import BasicOnly, HookedStore, Write
 from .test_store import completed, make_checkpoint, make_report
 
@@ -240,22 +240,6 @@ async def test_an_output_that_cannot_be_stored_inside_an_include_fails_it_and_re
 
 
 # -- 2. a cancelled caller never leaves a run "running" --------------------------------------------------
-
-
-def a_then_b(calls: list[str]) -> sp.Flow:
-    flow = sp.Flow("ab")
-
-    @flow.step
-    async def a() -> int:
-        calls.append("a")
-        return 1
-
-    @flow.step
-    async def b(a: int) -> int:
-        calls.append("b")
-        return a + 1
-
-    return flow
 
 
 MOMENTS: dict[str, Callable[[Write], bool]] = {

@@ -13,7 +13,7 @@ import pytest
 
 import stoppoint as sp
 
-from .conftest import until
+from .conftest import a_then_b, until
 from .hooks import HookedStore, Write
 
 pytestmark = pytest.mark.anyio
@@ -374,22 +374,6 @@ async def test_a_running_steps_progress_reaches_the_store() -> None:
 
 
 # -- found while porting the tests that hooked MemoryStore.save() --
-
-
-def a_then_b(ran: list[str]) -> sp.Flow:
-    flow = sp.Flow("ab")
-
-    @flow.step
-    async def a() -> int:
-        ran.append("a")
-        return 1
-
-    @flow.step
-    async def b(a: int) -> int:
-        ran.append("b")
-        return a + 1
-
-    return flow
 
 
 @pytest.mark.parametrize("failing", ["write", "commit_step", "finish"])
