@@ -5,6 +5,8 @@ halts at the next stopping point and returns either `Completed` or `Interrupted`
 what finished, what stopped where, and what never started.
 """
 
+from typing import TYPE_CHECKING
+
 from ._checkpoint import Checkpoint as Checkpoint
 from ._context import Shield as Shield
 from ._context import StepContext as StepContext
@@ -99,6 +101,7 @@ __all__ = [
     "MemoryStore",
     "OnSignals",
     "PollNextN",
+    "PostgresStore",
     "Progress",
     "Queue",
     "RunEvent",
@@ -133,7 +136,25 @@ __all__ = [
 
 # Public objects say they live in `stoppoint`, so reprs, docs and pickled names use the public path.
 for _name in __all__:
+    if _name == "PostgresStore":
+        continue  # imported on first use (below): psycopg is an optional extra
     _obj = globals()[_name]
     if getattr(_obj, "__module__", "").startswith("stoppoint._"):
         _obj.__module__ = __name__
 del _name, _obj
+
+
+if TYPE_CHECKING:
+    from ._postgres import PostgresStore as PostgresStore
+
+
+def __getattr__(name: str) -> object:
+    """`stoppoint.PostgresStore`, imported on first use, so that `import stoppoint` needs no psycopg (the
+    `postgres` extra)."""
+    if name == "PostgresStore":
+        from ._postgres import PostgresStore
+
+        PostgresStore.__module__ = __name__
+        globals()[name] = PostgresStore
+        return PostgresStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
