@@ -62,7 +62,7 @@ def test_throwaway_cluster_restarts_and_leaves_nothing() -> None:
         assert cluster.dsn == f"postgresql://postgres@127.0.0.1:{port}/postgres"
         assert cluster.datadir.is_dir()
         assert cluster.running
-        with psycopg.connect(cluster.dsn, autocommit=True) as conn:
+        with psycopg.connect(cluster.dsn, connect_timeout=pg.CONNECT_TIMEOUT, autocommit=True) as conn:
             conn.execute("CREATE TABLE kept (n int)")
             conn.execute("INSERT INTO kept VALUES (7)")
 
@@ -94,7 +94,7 @@ def test_fresh_schema_is_not_created_and_is_dropped_with_what_it_holds(pg_server
         assert re.fullmatch(r"stoppoint_test_[0-9a-f]{32}", target.schema)
         assert target.dsn == pg_server
         assert not pg.schema_exists(target)
-        with psycopg.connect(target.dsn, autocommit=True) as conn:
+        with psycopg.connect(target.dsn, connect_timeout=pg.CONNECT_TIMEOUT, autocommit=True) as conn:
             schema = sql.Identifier(target.schema)
             conn.execute(sql.SQL("CREATE SCHEMA {}").format(schema))
             conn.execute(sql.SQL("CREATE TABLE {}.runs (id text PRIMARY KEY)").format(schema))
