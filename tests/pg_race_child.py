@@ -15,10 +15,12 @@ steps noting `START`/`END` with the run's id). Modes:
 * `interrupt DSN SCHEMA FLOW RUN_ID REASON force|graceful`: `store.interrupt(...)`, printing `asked` or
   `no run`.
 
-The store's LISTEN thread is watched in `run` mode: each connection it makes is noted
-(`LISTENER connected PID N BACKEND_PID`, N its count), each reconnection too (`LISTENER reconnecting PID N`).
-With `PG_LISTEN_GATE` set, a reconnection waits (bounded) until that file exists; with `PG_LISTEN_DOWN` set,
-every reconnection fails, so the listener stays down.
+In `run` mode the store is watched: each connection its LISTEN thread makes is noted (`LISTENER connected PID
+N BACKEND_PID`, N its count), each reconnection too (`LISTENER reconnecting PID N`); each read of a run's
+interrupt requests from the server that the owner keeps as current (`READ interrupts PID GENERATION`: the
+owner answers from memory after it, until a notification, a (re)LISTEN or a renewal says to read again); each
+renewal (`RENEW renewed PID EPOCH`). With `PG_LISTEN_GATE` set, a reconnection of the listener waits (bounded)
+until that file exists; with `PG_LISTEN_DOWN` set, every reconnection fails, so the listener stays down.
 """
 
 from __future__ import annotations
@@ -70,8 +72,24 @@ def wait_for_file(path: str, within: float = 30.0) -> None:
         time.sleep(POLL)
 
 
-def watch_listener(store: sp.PostgresStore) -> None:
-    """Note the connections of the store's LISTEN thread; hold or refuse its reconnections (see above)."""
+def watch_store(store: sp.PostgresStore) -> None:
+    """Note the connections of the store's LISTEN thread (holding or refusing its reconnections), its reads of
+    interrupt requests, its renewals (see above)."""
+    notices: Any = store._notices
+    keep, renew = notices.keep, store.renew
+
+    def kept(key: tuple[str, str], generation: int, requests: object) -> None:
+        keep(key, generation, requests)
+        if generation == notices._generation:  # a read still current (not one overtaken by a reconnection)
+            note("READ", "interrupts", generation)
+
+    async def renewed(lease: sp.Lease) -> sp.Lease:
+        lease = await renew(lease)
+        note("RENEW", "renewed", lease.epoch)
+        return lease
+
+    notices.keep = kept
+    store.renew = renewed  # type: ignore[method-assign]
     listener: Any = store._listener
     connect = listener._connect
     gate, down = os.environ.get("PG_LISTEN_GATE"), os.environ.get("PG_LISTEN_DOWN")
@@ -96,7 +114,7 @@ def watch_listener(store: sp.PostgresStore) -> None:
 async def run(flow_name: str, dsn: str, schema: str, lease: float, run_id: str, barrier: str | None) -> None:
     flow = FLOWS[flow_name]
     async with sp.PostgresStore(dsn, schema=schema, lease=lease) as store:
-        watch_listener(store)
+        watch_store(store)
         if barrier is not None:  # opened (and checked) before the race
             print("ready", flush=True)
             wait_for_start(barrier)

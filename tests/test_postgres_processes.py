@@ -20,6 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 import anyio
+import psycopg
 import pytest
 
 import stoppoint as sp
@@ -29,8 +30,6 @@ from .conftest import until
 from .pg import PgTarget
 from .test_hardening_store import wait_for_line
 from .test_leases_processes import HANG_GUARD, Line, Side, children, ended, other
-
-psycopg = pytest.importorskip("psycopg")
 
 pytestmark = [pytest.mark.anyio, pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")]
 
@@ -99,42 +98,39 @@ async def test_four_workers_racing_for_200_orphaned_runs_run_each_step_once(
     side = Side(tmp_path)
     barrier = tmp_path / "start"
     runs = 200
-    async with sp.PostgresStore(pg_schema.dsn, schema=pg_schema.schema, lease=0.5) as store:
-        ids = [f"r{n:03}" for n in range(runs)]
-
-        async def orphan(run_id: str) -> None:
-            await pg_race_child.pair.submit(store, run_id=run_id)
-            claim = await store.claim("pair", run_id, DEAD_OWNER)
-            assert claim is not None
-            assert claim.lease is not None
-            assert claim.lease.epoch == 1
-
-        async with anyio.create_task_group() as tg:
-            for run_id in ids:
-                tg.start_soon(orphan, run_id)
-
-        async def all_orphaned() -> bool:
-            return [found.status for found in await store.list_runs()] == [sp.RunStatus.ORPHANED] * runs
-
-        await until(all_orphaned, within=HANG_GUARD, every=0.05)
-    for found in await records(pg_schema):
-        assert (found.owner, found.epoch) == (DEAD_OWNER, 1)
+    ids = [f"r{n:03}" for n in range(runs)]
     with children(side) as spawn:
+        # The workers start first (their start-up overlaps the setup; they open the store, creating or checking
+        # its schema as the test's store does, then wait for the start file). Their lease (5 s) is far above
+        # what a renewal may take on a loaded machine: no run may be lost and run again (which would be right,
+        # at least once, but not what this test counts).
         backends = [anyio_backend if i % 2 == 0 else other(anyio_backend) for i in range(4)]
-        # Their lease (5 s) is far above what a renewal may take on a loaded machine: no run may be lost and
-        # run again (which would be right, at least once, but not what this test counts).
         workers = [
             spawn(*worker_child(pg_schema, 5.0, backend, 10, "default", "pair", barrier)) for backend in backends
         ]
-        serving(workers)
-        went = time.time()
-        barrier.touch()
+        async with sp.PostgresStore(pg_schema.dsn, schema=pg_schema.schema, lease=0.5) as store:
 
-        async def all_completed() -> bool:
-            return [found.status for found in await records(pg_schema)] == [sp.RunStatus.COMPLETED] * runs
+            async def orphan(run_id: str) -> None:
+                await pg_race_child.pair.submit(store, run_id=run_id)
+                claim = await store.claim("pair", run_id, DEAD_OWNER)
+                assert claim is not None
+                assert claim.lease is not None
+                assert claim.lease.epoch == 1
 
-        await until(all_completed, within=HANG_GUARD, every=0.05)
-        done = time.time()
+            async with anyio.create_task_group() as tg:
+                for run_id in ids:
+                    tg.start_soon(orphan, run_id)
+
+            async def all_are(status: sp.RunStatus) -> bool:
+                return [found.status for found in await store.list_runs()] == [status] * runs
+
+            await until(lambda: all_are(sp.RunStatus.ORPHANED), within=HANG_GUARD, every=0.05)
+            assert {(found.owner, found.epoch) for found in await store.list_runs()} == {(DEAD_OWNER, 1)}
+            serving(workers)
+            went = time.time()
+            barrier.touch()
+            await until(lambda: all_are(sp.RunStatus.COMPLETED), within=HANG_GUARD, every=0.05)
+            done = time.time()
         exits = stop_all(workers)
     assert [code for code, _, _ in exits] == [0] * 4, [err for _, _, err in exits]
     for found in await records(pg_schema):
@@ -163,11 +159,27 @@ async def listen_backend(target: PgTarget, side: Side, pid: int) -> int:
             row = conn.execute("SELECT application_name, query FROM pg_stat_activity WHERE pid = %s", (backend,))
             found = row.fetchone()
         assert found is not None, "the listener's connection is gone"
-        assert found[0] == "stoppoint"
+        assert found[0] == f"stoppoint listen {target.schema}"[:63]  # (the server keeps 63 bytes of it)
         return bool(found[1].startswith("LISTEN"))
 
     await until(listening, within=HANG_GUARD)
     return backend
+
+
+async def deaf(side: Side, pid: int) -> None:
+    """Wait (bounded) until the owner `pid`'s listener has lost its connection and the owner has read its run's
+    requests since (the read every run gets when the listener fails): from then on it answers from memory,
+    and only a (re)LISTEN, a notification or a renewal makes it read the server again."""
+    [lost] = await side.wait("LISTENER", "reconnecting", pid)
+
+    async def read_since() -> bool:
+        return any(line.at > lost.at for line in side.where("READ", pid=pid))
+
+    await until(read_since, within=HANG_GUARD)
+
+
+def first_after(lines: list[Line], moment: float) -> Line:
+    return min((line for line in lines if line.at > moment), key=lambda line: line.at)
 
 
 def terminate(target: PgTarget, backend: int) -> None:
@@ -197,7 +209,7 @@ async def test_an_interrupt_sent_as_the_listener_connection_is_killed_is_deliver
         backend = await listen_backend(pg_schema, side, owner.pid)
         terminate(pg_schema, backend)
         if gated:
-            await side.wait("LISTENER", "reconnecting", owner.pid)  # the old connection is gone
+            await deaf(side, owner.pid)
         async with sp.PostgresStore(pg_schema.dsn, schema=pg_schema.schema) as store:
             asked = time.time()
             assert await store.interrupt("chain", "listen", "while deaf", source="test")
@@ -217,7 +229,7 @@ async def test_an_interrupt_sent_as_the_listener_connection_is_killed_is_deliver
         # Delivered after the new connection was made (to another server process): by the catch-up read.
         [_, reconnected] = side.where("LISTENER", "connected", owner.pid)
         assert reconnected.more != str(backend)
-        assert stop.at > reconnected.at
+        assert first_after(side.where("READ", pid=owner.pid), asked).at > reconnected.at
     done = await record(pg_schema, "listen")
     assert (done.status, done.owner) == (sp.RunStatus.INTERRUPTED, None)
     print(
@@ -231,9 +243,10 @@ async def test_an_interrupt_is_delivered_by_the_renewal_while_the_listener_stays
     tmp_path: Path, anyio_backend: str, pg_schema: PgTarget
 ) -> None:
     """The owner's LISTEN connection is terminated and every reconnection refused (patched in the child):
-    no notification can arrive, and the catch-up after the failure ran before the request. The renewal
-    (every lease / 3 = 0.5 s) finds the request the owner has not read, and the owner stops, interrupted,
-    within about one renewal period."""
+    no notification can arrive, and the request is made after the owner's read that followed the failure,
+    so the owner answers from memory. The renewal (every lease / 3 = 0.5 s) finds the request the owner has
+    not read: the owner's next read of the server comes after it, and the owner stops, interrupted, within
+    about one renewal period."""
     side = Side(tmp_path)
     lease = 1.5
     side.env["PG_LISTEN_DOWN"] = "1"
@@ -242,7 +255,7 @@ async def test_an_interrupt_is_delivered_by_the_renewal_while_the_listener_stays
         await side.wait("START", "b", owner.pid)
         backend = await listen_backend(pg_schema, side, owner.pid)
         terminate(pg_schema, backend)
-        await side.wait("LISTENER", "reconnecting", owner.pid)  # down, and staying down
+        await deaf(side, owner.pid)  # down, and staying down
         async with sp.PostgresStore(pg_schema.dsn, schema=pg_schema.schema) as store:
             asked = time.time()
             assert await store.interrupt("chain", "deaf", "by renewal", source="test")
@@ -252,6 +265,10 @@ async def test_an_interrupt_is_delivered_by_the_renewal_while_the_listener_stays
     [outcome] = side.where("OUTCOME", pid=owner.pid)
     assert (outcome.name, outcome.more) == ("interrupted", "by renewal")
     assert len(side.where("LISTENER", "connected", owner.pid)) == 1  # it never listened again
+    # The owner read the server again only after a renewal since the request, which found it.
+    renewal = first_after(side.where("RENEW", pid=owner.pid), asked)
+    assert first_after(side.where("READ", pid=owner.pid), asked).at > renewal.at
+    assert renewal.at < stop.at
     latency = stop.at - asked
     print(f"listener down ({anyio_backend}): the renewal delivered the interrupt in {latency * 1000:.0f} ms")
     assert 0 <= latency < lease  # one renewal period (0.5 s) and the time to stop, with slack
