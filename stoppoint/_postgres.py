@@ -313,8 +313,13 @@ class PostgresStore:
     # -- opening and closing -----------------------------------------------------------------------
 
     async def __aenter__(self) -> PostgresStore:
-        """Open the pool and create (or check) the schema now, so that a database that cannot be used fails here."""
-        await self._call(lambda _connection: None, one=True)
+        """Open the pool and create (or check) the schema now, so that a database that cannot be used fails here
+        (closing the store: `__aexit__` is not called when entering failed)."""
+        try:
+            await self._call(lambda _connection: None, one=True)
+        except BaseException:
+            await self.aclose()
+            raise
         return self
 
     async def __aexit__(
@@ -364,6 +369,11 @@ class PostgresStore:
             if self._closed:
                 raise StoreError(f"{self._where} is closed")
             if self._pool is None:
+                # One connection first, closed at once: a server that cannot be reached (or refuses the role or
+                # database) fails here, at once, with libpq's reason; the pool would retry in the background
+                # for its whole timeout and then say only "pool initialization incomplete".
+                with self._connect():
+                    pass
                 pool: ConnectionPool[psycopg.Connection[tuple[Any, ...]]] = ConnectionPool(
                     self._dsn,
                     min_size=1,
