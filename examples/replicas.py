@@ -91,7 +91,7 @@ async def publish(ctx: sp.StepContext, fetch: Batch, transform: int) -> str:
     # A step can run more than once: its replica may die after the effect and before the step is stored. The
     # effect is keyed by run and step, so that a second attempt (ctx.epoch > 1) finds it done instead of
     # doing it twice; the epoch only says which attempt this is.
-    key = f"{ctx.run_id}/publish"
+    key = f"{ctx.run_id}:{ctx.step}"
     say(ctx, f"publish (idempotency key {key})")
     return f"total {transform} published by {REPLICA} at epoch {ctx.epoch} (fetched by {fetch.fetched_by})"
 
