@@ -85,13 +85,15 @@ class Listener:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r: socket.socket | None = None  # the wake-up pair, made by start()
+        self._wake_w: socket.socket | None = None
         self.listening = threading.Event()
         """Set while LISTEN is in effect (for tests and the store's tools)."""
 
     def start(self) -> None:
         with self._lock:
             if self._thread is None and not self._stop.is_set():
+                self._wake_r, self._wake_w = socket.socketpair()
                 self._thread = threading.Thread(target=self._run, name=f"stoppoint-listen-{self._schema}", daemon=True)
                 self._thread.start()
 
@@ -99,21 +101,25 @@ class Listener:
         """Stop listening; returns within about half a second (the thread's wait for notifications)."""
         self._stop.set()
         with self._lock:
-            thread = self._thread
-        with contextlib.suppress(OSError):  # (stopped before)
-            self._wake_w.send(b"x")
-        if thread is not None:
-            thread.join(timeout=5)
-        self._wake_r.close()
-        self._wake_w.close()
+            thread, wake_r, wake_w = self._thread, self._wake_r, self._wake_w
+            self._wake_r = self._wake_w = None
+        if thread is None or wake_r is None or wake_w is None:
+            return
+        with contextlib.suppress(OSError):
+            wake_w.send(b"x")
+        thread.join(timeout=5)
+        wake_r.close()
+        wake_w.close()
 
     def _run(self) -> None:
+        wake = self._wake_r
+        assert wake is not None
         backoff = 0.05
         while not self._stop.is_set():
             try:
                 connection = self._connect()
             except psycopg.Error:
-                self._wait(backoff)
+                self._wait(wake, backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
             backoff = 0.05
@@ -127,16 +133,16 @@ class Listener:
                         # for more on the socket, or for stop().
                         for notification in connection.notifies(timeout=0):
                             self._heard(notification.payload)
-                        self._wait(None, connection.fileno())
+                        self._wait(wake, None, connection.fileno())
             except psycopg.Error:
                 pass
             finally:
                 self.listening.clear()
                 self._notices.changed(None)
 
-    def _wait(self, timeout: float | None, fileno: int | None = None) -> None:
-        """Until `fileno` is readable, stop() is called, or `timeout` seconds pass."""
-        sockets: list[socket.socket | int] = [self._wake_r] if fileno is None else [self._wake_r, fileno]
+    def _wait(self, wake: socket.socket, timeout: float | None, fileno: int | None = None) -> None:
+        """Until `fileno` is readable, stop() is called (`wake` is readable), or `timeout` seconds pass."""
+        sockets: list[socket.socket | int] = [wake] if fileno is None else [wake, fileno]
         try:
             select.select(sockets, [], [], timeout)
         except (OSError, ValueError):  # (the wake-up pair closed: stopping)
