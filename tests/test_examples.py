@@ -213,7 +213,7 @@ async def test_every_example_flow_resumes_to_the_same_result_from_every_stopping
 def test_every_example_file_is_run_by_this_module() -> None:
     """The examples gallery stays tested: each file in examples/ is one this module runs."""
     examples = {path.name for path in (Path(__file__).resolve().parent.parent / "examples").glob("*.py")}
-    run_here = {path.name for path in (DEPLOY, RESUME, ETL, TESTING_MY_FLOW, SERVICE, WORKERS)}
+    run_here = {path.name for path in (DEPLOY, RESUME, ETL, TESTING_MY_FLOW, SERVICE, WORKERS, REPLICAS)}
     assert examples == run_here
 
 
@@ -280,7 +280,6 @@ def test_replicas_example_serves_any_run_from_any_replica(tmp_path: Path, pg_ser
     killed = re.search(r"killing (replica-\d) \(pid \d+\) with SIGKILL: it runs order-1, in transform$", out, re.M)
     assert killed, out
     victim = killed.group(1)
-    assert re.search(rf"order-1: orphaned, owner {victim}, epoch 1 ", out), out
     done = re.search(
         r"order-1: completed at epoch 2: total 22140 published by (replica-\d) at epoch 2 "
         r"\(fetched by (replica-\d) at epoch 1\)$",
