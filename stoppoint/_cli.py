@@ -1,16 +1,18 @@
 """The `stoppoint` command: run a flow from a file, stop it with Ctrl-C, resume it, list and show runs.
 
-    stoppoint run FILE.py:FLOW [--input k=v ...] [--inputs-json FILE] [--run-id ID] [--store PATH]
+    stoppoint run FILE.py:FLOW [--input k=v ...] [--inputs-json FILE] [--run-id ID] [--store STORE]
                                [--strategy at-checkpoint|finish-current|poll-next-N|ignore] [--grace SECONDS]
-    stoppoint resume RUN_ID [--store PATH]
-    stoppoint runs [--flow NAME] [--store PATH]
-    stoppoint show RUN_ID [--json] [--store PATH]
+    stoppoint resume RUN_ID [--store STORE]
+    stoppoint runs [--flow NAME] [--store STORE]
+    stoppoint show RUN_ID [--json] [--store STORE]
     stoppoint submit | worker | interrupt ...   (queues and workers: `_cli_worker`)
 
 Runs are kept in an embedded SQLite file, `.stoppoint/runs.db` under the current directory unless
-`--store` says otherwise; next to each run the store keeps the target it was started from, so
-`resume RUN_ID` needs nothing else. Exit codes: 0 completed, 130 interrupted, 1 a step failed,
-2 a usage or definition error (the message names it). What SIGINT and SIGTERM do is `_cli_signals`'s.
+`--store` says otherwise: another file's path, or a PostgreSQL URL (`postgresql://...` or `postgres://...`,
+a `PostgresStore`, in the schema `--schema NAME` names, `stoppoint` by default: `_cli_postgres`). Next to each
+run the store keeps the target it was started from, so `resume RUN_ID` needs nothing else. Exit codes: 0
+completed, 130 interrupted, 1 a step failed, 2 a usage or definition error (the message names it). What SIGINT
+and SIGTERM do is `_cli_signals`'s.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import pydantic
@@ -46,6 +49,11 @@ from ._sqlite import SQLiteStore
 from ._store import CLI_TARGET_LABEL, BasicStore, LabelStore, RunRecord, RunStatus
 from ._strategy import AtCheckpoint, FinishCurrent, IgnoreInterruptions, PollNextN, Strategy
 from ._types import Unresolved, adapter, input_type, type_name
+
+if TYPE_CHECKING:
+    from ._postgres import PostgresStore
+
+    OpenStore: TypeAlias = SQLiteStore | PostgresStore
 
 __all__ = ["main"]
 
@@ -206,10 +214,37 @@ def lease_of(args: argparse.Namespace) -> float:
 
 
 DEFAULT_LEASE = 15.0
+DSN_SCHEMES = ("postgresql://", "postgres://")
 
 
-def _store(path: str | None, lease: float = DEFAULT_LEASE) -> SQLiteStore:
+def is_dsn(store_arg: str | None) -> bool:
+    """Whether `--store` names a PostgreSQL database (a URL) rather than an SQLite file (a path)."""
+    return store_arg is not None and store_arg.startswith(DSN_SCHEMES)
+
+
+def shown_dsn(dsn: str) -> str:
+    """The URL without its password (in the user part or a `password=` parameter), to print: the commands
+    the CLI prints end up in terminals and logs; libpq finds the password in PGPASSWORD or ~/.pgpass."""
+    parts = urlsplit(dsn)
+    user, at, hosts = parts.netloc.rpartition("@")
+    netloc = f"{user.partition(':')[0]}{at}{hosts}"
+    query = "&".join(item for item in parts.query.split("&") if item and not item.startswith("password="))
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def _sqlite_only(schema: str | None) -> None:
+    if schema is not None:
+        _fail(f"--schema {schema!r}: only a PostgreSQL store (--store postgresql://...) has schemas")
+
+
+def _store(path: str | None, lease: float = DEFAULT_LEASE, schema: str | None = None) -> OpenStore:
     """The store to run in (made, with `.stoppoint/`, if it does not exist yet)."""
+    if is_dsn(path):
+        from ._cli_postgres import postgres_store
+
+        assert path is not None
+        return postgres_store(path, lease, schema)
+    _sqlite_only(schema)
     store_path = Path(path) if path is not None else DEFAULT_STORE
     if path is None:
         store_path.parent.mkdir(parents=True, exist_ok=True)
@@ -218,14 +253,47 @@ def _store(path: str | None, lease: float = DEFAULT_LEASE) -> SQLiteStore:
     return SQLiteStore(store_path, lease=lease)
 
 
-def _existing_store(path: str | None, run_id: str | None = None, lease: float = 15.0) -> SQLiteStore | None:
-    """The store to look into, or None if there is none yet (looking creates nothing)."""
-    store_path = Path(path) if path is not None else DEFAULT_STORE
-    if not store_path.exists():
-        if run_id is not None:
-            _fail(f"no run {run_id!r}: there is no store at {store_path} yet")
-        return None
-    return SQLiteStore(store_path, lease=lease)
+async def _existing_store(
+    path: str | None, run_id: str | None = None, lease: float = DEFAULT_LEASE, schema: str | None = None
+) -> OpenStore | None:
+    """The store to look into, or None if there is none yet (looking creates nothing: neither a file nor
+    a schema)."""
+    if is_dsn(path):
+        from ._cli_postgres import existing_postgres_store
+
+        assert path is not None
+        found: OpenStore | None = await existing_postgres_store(path, lease, schema)
+    else:
+        _sqlite_only(schema)
+        store_path = Path(path) if path is not None else DEFAULT_STORE
+        found = SQLiteStore(store_path, lease=lease) if store_path.exists() else None
+    if found is None and run_id is not None:
+        _fail(f"no run {run_id!r}: there is no store {store_place(path, schema)} yet")
+    return found
+
+
+def store_place(path: str | None, schema: str | None) -> str:
+    """Where `--store` and `--schema` point, for messages: `at PATH`, `in schema S of URL`."""
+    if is_dsn(path):
+        assert path is not None
+        return f"in schema {schema or 'stoppoint'!r} of {shown_dsn(path)}"
+    return f"at {path if path is not None else DEFAULT_STORE}"
+
+
+def store_name(store: OpenStore) -> str:
+    """The store, for messages: an SQLite file's path, `PostgresStore(host:port/db, 'schema')`."""
+    return str(store.path) if isinstance(store, SQLiteStore) else repr(store)
+
+
+def store_words(store_arg: str | None, schema: str | None) -> list[str]:
+    """`--store` (and `--schema`) for a printed command: a file other than the default one by its absolute
+    path, so that the command works from any directory; a PostgreSQL URL without its password."""
+    if is_dsn(store_arg):
+        assert store_arg is not None
+        return ["--store", shown_dsn(store_arg), *(["--schema", schema] if schema is not None else [])]
+    if store_arg is None or (store := Path(store_arg).resolve()) == DEFAULT_STORE.resolve():
+        return []
+    return ["--store", str(store)]
 
 
 def _check_run_id(run_id: str) -> str:
@@ -238,18 +306,14 @@ def _check_run_id(run_id: str) -> str:
     return run_id
 
 
-def _resume_command(run_id: str, store_arg: str | None) -> str:
+def _resume_command(run_id: str, store_arg: str | None, schema: str | None = None) -> str:
     """The command to resume `run_id`, quoted for a shell (see `_command`)."""
-    return _command("resume", run_id, store_arg)
+    return _command("resume", run_id, store_arg, schema)
 
 
-def _command(verb: str, run_id: str, store_arg: str | None) -> str:
-    """`stoppoint VERB RUN_ID`, quoted for a shell; a store other than the default one is named by its
-    absolute path, so that the command works from any directory."""
-    command = f"stoppoint {verb} {shlex.quote(run_id)}"
-    if store_arg is None or (store := Path(store_arg).resolve()) == DEFAULT_STORE.resolve():
-        return command
-    return f"{command} --store {shlex.quote(str(store))}"
+def _command(verb: str, run_id: str, store_arg: str | None, schema: str | None = None) -> str:
+    """`stoppoint VERB RUN_ID`, quoted for a shell, with the store's options (`store_words`)."""
+    return shlex.join(["stoppoint", verb, run_id, *store_words(store_arg, schema)])
 
 
 async def _target_of(store: LabelStore, record: RunRecord) -> str | None:
@@ -268,15 +332,15 @@ async def _find(store: BasicStore, run_id: str) -> RunRecord | None:
 
 @contextlib.asynccontextmanager
 async def _stored_run(
-    store_arg: str | None, run_id: str, lease: float = 15.0
-) -> AsyncIterator[tuple[SQLiteStore, RunRecord]]:
+    store_arg: str | None, run_id: str, lease: float = 15.0, schema: str | None = None
+) -> AsyncIterator[tuple[OpenStore, RunRecord]]:
     """The store `--store` names (it must exist) and the record of `run_id` in it (it must be there)."""
-    existing = _existing_store(store_arg, run_id, lease)
+    existing = await _existing_store(store_arg, run_id, lease, schema)
     assert existing is not None
     async with existing as store:
         record = await _find(store, run_id)
         if record is None:
-            _fail(f"no run {run_id!r} in {store.path} (`stoppoint runs` lists them)")
+            _fail(f"no run {run_id!r} in {store_name(store)} (`stoppoint runs` lists them)")
         yield store, record
 
 
@@ -292,11 +356,12 @@ async def _run_flow(
     strategy: Strategy,
     grace: float | None,
     store_arg: str | None,
+    schema: str | None,
     signals: CommandSignals,
 ) -> int:
     if not sys.stdout.isatty():  # before the steps print anything
         print(f"run {printable(run_id)} of flow {printable(flow.name)}", flush=True)
-    resume = _resume_command(run_id, store_arg)
+    resume = _resume_command(run_id, store_arg, schema)
     interrupter, receiver = interrupt_channel()
     with interrupter, receiver, signals.running(interrupter, resume=resume):
         async with anyio.create_task_group() as tg:
@@ -328,9 +393,9 @@ async def cmd_run(args: argparse.Namespace, signals: CommandSignals) -> int:
     strategy = parse_strategy(args.strategy)
     _check_grace(args.grace)
     run_id = _check_run_id(args.run_id) if args.run_id is not None else uuid.uuid4().hex
-    async with _store(args.store, lease_of(args)) as store:
+    async with _store(args.store, lease_of(args), args.schema) as store:
         if await _find(store, run_id) is not None:
-            _fail(f"run {run_id!r} is already in the store; use `{_resume_command(run_id, args.store)}`")
+            _fail(f"run {run_id!r} is already in the store; use `{_resume_command(run_id, args.store, args.schema)}`")
         # The run's first save claims the id (with the target label): of commands racing past the
         # check above with one id, only one runs.
         new_run = NewRun(store, {CLI_TARGET_LABEL: absolute_target(args.target)})
@@ -342,6 +407,7 @@ async def cmd_run(args: argparse.Namespace, signals: CommandSignals) -> int:
             strategy=strategy,
             grace=args.grace,
             store_arg=args.store,
+            schema=args.schema,
             signals=signals,
         )
 
@@ -355,7 +421,7 @@ async def cmd_resume(args: argparse.Namespace, signals: CommandSignals) -> int:
     run_id = _check_run_id(args.run_id)
     strategy = parse_strategy(args.strategy)
     _check_grace(args.grace)
-    async with _stored_run(args.store, run_id, lease_of(args)) as (store, record):
+    async with _stored_run(args.store, run_id, lease_of(args), args.schema) as (store, record):
         target = await _target_of(store, record)
         if target is None:
             _fail(
@@ -366,12 +432,20 @@ async def cmd_resume(args: argparse.Namespace, signals: CommandSignals) -> int:
         if flow.name != record.flow:
             _fail(f"run {run_id!r} is of flow {record.flow!r}, but {target} is now flow {flow.name!r}")
         return await _run_flow(
-            flow, store, run_id, inputs=None, strategy=strategy, grace=args.grace, store_arg=args.store, signals=signals
+            flow,
+            store,
+            run_id,
+            inputs=None,
+            strategy=strategy,
+            grace=args.grace,
+            store_arg=args.store,
+            schema=args.schema,
+            signals=signals,
         )
 
 
 async def cmd_runs(args: argparse.Namespace, signals: CommandSignals) -> int:
-    existing = _existing_store(args.store)
+    existing = await _existing_store(args.store, schema=args.schema)
     records = []
     if existing is not None:
         async with existing as store:
@@ -412,7 +486,7 @@ async def cmd_runs(args: argparse.Namespace, signals: CommandSignals) -> int:
 
 async def cmd_show(args: argparse.Namespace, signals: CommandSignals) -> int:
     run_id = _check_run_id(args.run_id)
-    async with _stored_run(args.store, run_id) as (store, record):
+    async with _stored_run(args.store, run_id, schema=args.schema) as (store, record):
         stored = await store.load(record.flow, run_id)  # a running run's steps as its owner last wrote them
         target = await _target_of(store, record)
     assert stored is not None
@@ -456,15 +530,26 @@ async def cmd_show(args: argparse.Namespace, signals: CommandSignals) -> int:
         print("steps:")
         print("\n".join(step_lines(report)))
     resumable = status in (RunStatus.INTERRUPTED, RunStatus.FAILED, RunStatus.ORPHANED) and target is not None
-    print(summary(report, resume=_command("resume", record.run_id, args.store) if resumable else None))
+    resume = _command("resume", record.run_id, args.store, args.schema) if resumable else None
+    print(summary(report, resume=resume))
     if status is RunStatus.RUNNING:
-        print(f"to stop it: {_command('interrupt', record.run_id, args.store)}")
+        print(f"to stop it: {_command('interrupt', record.run_id, args.store, args.schema)}")
     elif status is RunStatus.QUEUED:
         print(f"waiting for a worker serving queue {printable(record.queue or 'default')!r}")
     return EXIT_COMPLETED
 
 
 # -- entry point ----------------------------------------------------------------------------------------
+
+
+def add_store_options(parser: argparse.ArgumentParser, store_help: str) -> None:
+    """`--store` and `--schema`, for every command that opens a store."""
+    parser.add_argument("--store", metavar="STORE", help=store_help)
+    parser.add_argument(
+        "--schema",
+        metavar="NAME",
+        help="with a PostgreSQL store: the schema of its tables, created on first use (default: stoppoint)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -474,7 +559,10 @@ def _parser() -> argparse.ArgumentParser:
         "twice forces, three times quits.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    store_help = f"the run store, an SQLite file (default: {DEFAULT_STORE})"
+    store_help = (
+        f"the run store: an SQLite file (default: {DEFAULT_STORE}), or a PostgreSQL database, "
+        "postgresql://USER@HOST:PORT/DB"
+    )
     lease_help = (
         "seconds a run's claim holds without renewal: once its process is gone this long, another may take "
         "it over (default: 15)"
@@ -485,7 +573,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--input", action="append", metavar="NAME=VALUE", help="an input of the flow (repeatable)")
     run.add_argument("--inputs-json", metavar="FILE", help="inputs from a JSON object in FILE")
     run.add_argument("--run-id", metavar="ID", help="the run's id (default: a new random one)")
-    run.add_argument("--store", metavar="PATH", help=store_help)
+    add_store_options(run, store_help)
     run.add_argument(
         "--strategy",
         default="at-checkpoint",
@@ -497,19 +585,19 @@ def _parser() -> argparse.ArgumentParser:
 
     resume = commands.add_parser("resume", help="go on with a stored run that did not complete")
     resume.add_argument("run_id", metavar="RUN_ID")
-    resume.add_argument("--store", metavar="PATH", help=store_help)
+    add_store_options(resume, store_help)
     resume.add_argument("--strategy", default="at-checkpoint", metavar="STRATEGY", help="as for run")
     resume.add_argument("--grace", type=float, metavar="SECONDS", help="as for run")
     resume.add_argument("--lease", type=float, metavar="SECONDS", help="as for run")
 
     runs = commands.add_parser("runs", help="list the stored runs")
     runs.add_argument("--flow", metavar="NAME", help="only the runs of this flow")
-    runs.add_argument("--store", metavar="PATH", help=store_help)
+    add_store_options(runs, store_help)
 
     show = commands.add_parser("show", help="show one stored run")
     show.add_argument("run_id", metavar="RUN_ID")
     show.add_argument("--json", action="store_true", help="print it as JSON")
-    show.add_argument("--store", metavar="PATH", help=store_help)
+    add_store_options(show, store_help)
     from ._cli_worker import add_commands  # it imports this module's helpers: not at the top
 
     for name, command in {**_COMMANDS, **add_commands(commands, store_help)}.items():

@@ -1,8 +1,10 @@
 """The `stoppoint` commands of queues and workers: submit a run, serve runs, interrupt a run from anywhere.
 
-    stoppoint submit FILE.py:FLOW [--input k=v ...] [--inputs-json FILE] [--run-id ID] [--queue Q] [--store PATH]
-    stoppoint worker FILE.py[:FLOW] ... [--store PATH] [--max-runs N] [--queue Q[=LIMIT] ...]
-    stoppoint interrupt RUN_ID [--force] [--reason TEXT] [--store PATH]
+    stoppoint submit FILE.py:FLOW [--input k=v ...] [--inputs-json FILE] [--run-id ID] [--queue Q] [--store STORE]
+    stoppoint worker FILE.py[:FLOW] ... [--store STORE] [--max-runs N] [--queue Q[=LIMIT] ...]
+    stoppoint interrupt RUN_ID [--force] [--reason TEXT] [--store STORE]
+
+`--store` is an SQLite file or a PostgreSQL URL, with `--schema`, as for every command (`_cli`).
 
 `worker` runs until SIGINT or SIGTERM: the first stops it gracefully (its runs stop at their next stopping
 point and are queued again, for another worker; exit code 0), a second SIGINT forces it (their steps in flight
@@ -17,7 +19,6 @@ import contextlib
 import shlex
 import sys
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -32,10 +33,14 @@ from ._cli import (
     _find,
     _store,
     absolute_target,
+    add_store_options,
     import_file,
     lease_of,
     load_target,
     parse_inputs,
+    store_name,
+    store_place,
+    store_words,
 )
 from ._cli_signals import CommandSignals
 from ._display import printable
@@ -65,8 +70,8 @@ async def cmd_submit(args: argparse.Namespace, signals: CommandSignals) -> int:
     run_id = _check_run_id(args.run_id) if args.run_id is not None else None
     if not args.queue:
         _fail("--queue: a queue's name cannot be empty")
-    async with _store(args.store) as opened:
-        store = _leased(opened, opened.path)
+    async with _store(args.store, schema=args.schema) as opened:
+        store = _leased(opened, store_name(opened))
         labels = {CLI_TARGET_LABEL: absolute_target(args.target)}
         run_id = await submit(plan_of(flow), store, inputs, run_id, args.queue, labels)
         record = await _find(store, run_id)
@@ -176,13 +181,13 @@ async def cmd_worker(args: argparse.Namespace, signals: CommandSignals) -> int:
     queues = [_queue(text) for text in args.queue or ["default"]]
     if args.max_runs < 1:
         _fail(f"--max-runs {args.max_runs}: expected a whole number >= 1")
-    async with _store(args.store, lease_of(args)) as opened:
-        store = _leased(opened, opened.path)
+    async with _store(args.store, lease_of(args), args.schema) as opened:
+        store = _leased(opened, store_name(opened))
         try:
             worker = Worker(store, flows, queues=queues, max_runs=args.max_runs)
         except (TypeError, ValueError) as exc:
             _fail(str(exc).removeprefix("Worker(flows): ").removeprefix("Worker(queues): "))
-        worker._listener = _Lines(opened.path)
+        worker._listener = _Lines(store_name(opened))
         forced = False
         interrupter, receiver = interrupt_channel()
         with interrupter, receiver, signals.running(interrupter, resume=_again(args)):
@@ -209,8 +214,7 @@ async def cmd_worker(args: argparse.Namespace, signals: CommandSignals) -> int:
 
 def _again(args: argparse.Namespace) -> str:
     """This command again, for the message on quitting: the store keeps the runs as of their last saves."""
-    store_args = ["--store", str(Path(args.store).resolve())] if args.store is not None else []
-    return shlex.join(["stoppoint", "worker", *args.targets, *store_args])
+    return shlex.join(["stoppoint", "worker", *args.targets, *store_words(args.store, args.schema)])
 
 
 # -- interrupt ----------------------------------------------------------------------------------------------
@@ -218,14 +222,14 @@ def _again(args: argparse.Namespace) -> str:
 
 async def cmd_interrupt(args: argparse.Namespace, signals: CommandSignals) -> int:
     run_id = _check_run_id(args.run_id)
-    existing = _existing_store(args.store)
+    existing = await _existing_store(args.store, schema=args.schema)
     if existing is None:
-        return _nothing(f"no run {run_id!r}: there is no store at {args.store or 'the default path'} yet")
+        return _nothing(f"no run {run_id!r}: there is no store {store_place(args.store, args.schema)} yet")
     async with existing as opened:
-        store = _leased(opened, opened.path)
+        store = _leased(opened, store_name(opened))
         record = await _find(store, run_id)
         if record is None:
-            return _nothing(f"no run {run_id!r} in {opened.path} (`stoppoint runs` lists them)")
+            return _nothing(f"no run {run_id!r} in {store_name(opened)} (`stoppoint runs` lists them)")
         requested = await store.interrupt(record.flow, run_id, args.reason, force=args.force, source="cli")
         after = await _find(store, run_id)
     run = f"run {printable(run_id)} of flow {printable(record.flow)}"
@@ -257,13 +261,13 @@ def add_commands(commands: Any, store_help: str) -> dict[str, Any]:
     sub.add_argument("--inputs-json", metavar="FILE", help="inputs from a JSON object in FILE")
     sub.add_argument("--run-id", metavar="ID", help="the run's id (default: a new random one)")
     sub.add_argument("--queue", default="default", metavar="Q", help="the queue (default: default)")
-    sub.add_argument("--store", metavar="PATH", help=store_help)
+    add_store_options(sub, store_help)
 
     work = commands.add_parser("worker", help="run queued and orphaned runs of flows, until Ctrl-C or SIGTERM")
     work.add_argument(
         "targets", nargs="+", metavar="FILE.py[:FLOW]", help="the flows to run (a file alone: all of its flows)"
     )
-    work.add_argument("--store", metavar="PATH", help=store_help)
+    add_store_options(work, store_help)
     work.add_argument(
         "--lease", type=float, metavar="SECONDS", help="seconds a run's claim holds without renewal (default: 15)"
     )
@@ -280,5 +284,5 @@ def add_commands(commands: Any, store_help: str) -> dict[str, Any]:
     stop.add_argument("run_id", metavar="RUN_ID")
     stop.add_argument("--force", action="store_true", help="do not wait for a stopping point: cancel its steps")
     stop.add_argument("--reason", default="interrupted from the command line", metavar="TEXT", help="shown in reports")
-    stop.add_argument("--store", metavar="PATH", help=store_help)
+    add_store_options(stop, store_help)
     return {"submit": cmd_submit, "worker": cmd_worker, "interrupt": cmd_interrupt}

@@ -213,7 +213,7 @@ async def test_every_example_flow_resumes_to_the_same_result_from_every_stopping
 def test_every_example_file_is_run_by_this_module() -> None:
     """The examples gallery stays tested: each file in examples/ is one this module runs."""
     examples = {path.name for path in (Path(__file__).resolve().parent.parent / "examples").glob("*.py")}
-    run_here = {path.name for path in (DEPLOY, RESUME, ETL, TESTING_MY_FLOW, SERVICE, WORKERS)}
+    run_here = {path.name for path in (DEPLOY, RESUME, ETL, TESTING_MY_FLOW, SERVICE, WORKERS, REPLICAS)}
     assert examples == run_here
 
 
@@ -253,3 +253,70 @@ def test_workers_example_hands_a_killed_workers_run_over_and_interrupts_one_by_i
         re.M,
     ), out
     assert re.search(rf"{survivor} exited with code 0$", out, re.M), out
+
+
+REPLICAS = Path(__file__).resolve().parent.parent / "examples" / "replicas.py"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL and SIGTERM are POSIX")
+def test_replicas_example_serves_any_run_from_any_replica(tmp_path: Path, pg_server: str) -> None:
+    """examples/replicas.py, as a user runs it, on the session's server: three HTTP replicas with a worker each;
+    the one running order-1 is killed and another finishes the run; order-2 is stopped through a replica that
+    does not run it, then resumed; SIGTERM hands order-3 over at once (queued, never orphaned)."""
+    from .pg import PgTarget, schema_exists
+
+    result = subprocess.run(
+        [sys.executable, str(REPLICAS), pg_server],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+        cwd=tmp_path,
+    )
+    out = result.stdout
+    assert result.returncode == 0, out + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+
+    killed = re.search(r"killing (replica-\d) \(pid \d+\) with SIGKILL: it runs order-1, in transform$", out, re.M)
+    assert killed, out
+    victim = killed.group(1)
+    done = re.search(
+        r"order-1: completed at epoch 2: total 22140 published by (replica-\d) at epoch 2 "
+        r"\(fetched by (replica-\d) at epoch 1\)$",
+        out,
+        re.M,
+    )
+    assert done, out
+    survivor, fetcher = done.groups()
+    assert fetcher == victim
+    assert survivor != victim
+    assert "order-1: steps taken from the store, not run again: fetch\n" in out
+    assert f"[{survivor}] order-1 epoch 2: transform, 40 parts" in out  # the step in flight ran again
+    assert "order-1 epoch 2: fetch" not in out
+
+    routed = re.search(r"order-2 runs on (replica-\d); POST /runs/order-2/interrupt to (replica-\d)$", out, re.M)
+    assert routed, out
+    owner, other = routed.groups()
+    assert owner != other
+    assert victim not in (owner, other)
+    assert f"{other} answered: requested True\n" in out
+    assert re.search(
+        rf"order-2: stored interrupted: transform interrupted after \d+ of 40 parts, 'customer cancelled' "
+        rf"\(http via {other}\)$",
+        out,
+        re.M,
+    ), out
+    assert re.search(r"order-2: completed at epoch 2: total 22140 published by replica-\d at epoch 2 ", out), out
+
+    leaving = re.search(r"sending SIGTERM to (replica-\d): it runs order-3$", out, re.M)
+    assert leaving, out
+    assert f"[{leaving.group(1)}] shutting down: stopping the worker" in out
+    assert f"[{leaving.group(1)}] worker stopped" in out
+    assert re.search(r"order-3: queued, epoch 1 ", out), out  # released by the worker's stop ...
+    assert "order-3: orphaned" not in out  # ... never left to expire
+    assert re.search(r"order-3: completed at epoch 2: total 22140 published by replica-\d at epoch 2 ", out), out
+    assert len(re.findall(r"^ *[\d.]+ s  replica-\d exited: on SIGTERM$", out, re.M)) == 2, out
+
+    dropped = re.search(r"^dropped schema (replicas_demo_\w+)$", out, re.M)
+    assert dropped, out
+    assert not schema_exists(PgTarget(pg_server, dropped.group(1)))
