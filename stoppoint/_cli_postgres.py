@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import anyio.to_thread
 
-from ._cli import _fail, shown_dsn
+from ._cli_store import _fail, shown_dsn
 from ._errors import StoreError
 
 if TYPE_CHECKING:

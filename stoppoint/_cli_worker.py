@@ -23,26 +23,20 @@ from typing import Any
 
 import anyio
 
-from ._cli import (
-    EXIT_COMPLETED,
-    EXIT_FAILED,
-    EXIT_INTERRUPTED,
+from ._cli import EXIT_COMPLETED, EXIT_FAILED, EXIT_INTERRUPTED, absolute_target, import_file, load_target, parse_inputs
+from ._cli_signals import CommandSignals
+from ._cli_store import (
     _check_run_id,
     _existing_store,
     _fail,
     _find,
     _store,
-    absolute_target,
     add_store_options,
-    import_file,
     lease_of,
-    load_target,
-    parse_inputs,
     store_name,
     store_place,
     store_words,
 )
-from ._cli_signals import CommandSignals
 from ._display import printable
 from ._flow import Flow, plan_of
 from ._launch import submit
