@@ -1,3 +1,4 @@
+import contextlib
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -8,6 +9,9 @@ import structlog
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 import stoppoint as sp
+
+from . import pg
+from .pg import PgTarget
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -115,3 +119,27 @@ def a_then_b(ran: list[str]) -> sp.Flow:
         return a + 1
 
     return flow
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """The DSN of a PostgreSQL server for the session (tests/pg.py: `STOPPOINT_TEST_PG_DSN`, else
+    127.0.0.1:5432/test, else a throwaway cluster, stopped and removed at the session's end). Without one the
+    test skips, saying how to run it; it fails instead in CI, or when `STOPPOINT_TEST_PG_DSN` is set."""
+    with contextlib.ExitStack() as stack:
+        try:
+            dsn = pg.find_server(stack)
+        except pg.NoServer as error:
+            missing = error
+        else:
+            yield dsn
+            return
+    pg.unavailable(missing)  # outside the except: its report is the reason alone, not a chained traceback
+
+
+@pytest.fixture
+def pg_schema(pg_server: str) -> Iterator[PgTarget]:
+    """A fresh schema name on the session's server (`stoppoint_test_<hex>`, not created: the store creates
+    its own), with the DSN; the schema is dropped, with all it holds, after the test."""
+    with pg.fresh_schema(pg_server) as target:
+        yield target
