@@ -416,6 +416,10 @@ class PostgresStore:
                         return operation(connection, *args)
             except psycopg.OperationalError as exc:
                 if retry and attempt == 1 and used is not None and used.broken:
+                    # What broke this connection (a server restart, a failover) broke the pool's idle ones too:
+                    # they are checked (the broken replaced), so that the retry is on a new connection, not on
+                    # the next broken one.
+                    self._open().check()
                     continue
                 raise StoreError(f"{self._where}: {exc}") from exc
             except psycopg.Error as exc:

@@ -398,3 +398,27 @@ async def test_a_server_restart_mid_run_is_survived_or_stops_the_run_and_a_resum
     else:
         assert finished.pid == resumer.pid
         assert done.epoch == 2
+
+
+async def test_after_a_server_restart_an_operation_retried_on_a_new_connection_succeeds(
+    restartable: pg.ThrowawayCluster, anyio_backend: str
+) -> None:
+    """A restart ends every pooled connection, not just the one an operation is given. An operation that is
+    retried on a new connection when its connection was broken (a read, a renewal, a step's commit) must
+    succeed at its first call after the restart, whatever number of broken connections the pool held: the
+    retry is not made on the next broken one (which would fail a run's renewal or commit for nothing)."""
+    target = PgTarget(restartable.dsn, pg.unique_schema())
+    query: LiteralString = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'stoppoint'"
+    async with opened(target) as store:
+
+        async def pool_grew() -> bool:  # loads at once, until the pool holds 3 connections
+            async with anyio.create_task_group() as tg:
+                for _ in range(6):
+                    tg.start_soon(store.list_runs)
+            return int(execute(target.dsn, query)[0][0]) >= 3
+
+        await until(pool_grew, within=HANG_GUARD)
+        await anyio.to_thread.run_sync(restartable.restart)
+        assert execute(target.dsn, query) == [(0,)]  # none of them survived
+        assert await store.list_runs() == []
+        assert await store.load("relay", "nothing") is None
