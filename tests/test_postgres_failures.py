@@ -258,13 +258,15 @@ async def test_an_owner_cut_off_from_the_server_stops_before_another_claims_and_
     """Owner A connects as a role of its own; mid-step its connections are ended and its role may not log in
     again (a partition: A lives on, the server is out of its reach). A stops its step (self-fencing at 0.8 x
     lease, before its lease expires on the server) before B, connecting as postgres, claims the run once the
-    lease expired. B finishes it; then the partition heals (A may log in again) while A is still alive: A
-    writes nothing (no row of epoch 1 but `a`, committed before the cut; the rows are as B left them) and
-    ends with LeaseLost or StoreError."""
+    lease expired, and its `run()` ends with LeaseLost (or StoreError) within about a lease of the cut, not
+    after waiting for a connection it cannot get. B finishes the run; then the partition heals while A is
+    still alive (its store open): A connects again and writes nothing (no row of epoch 1 but `a`, committed
+    before the cut; the rows are as B left them)."""
     side = Side(tmp_path)
     async with opened(pg_schema) as store:  # (creates the schema, so the role can be granted its tables)
         with own_role(pg_schema) as (role, role_dsn), children(side) as spawn:
-            owner = spawn(*run_child("chain", pg_schema, "cut", anyio_backend, dsn=role_dsn))
+            hold = tmp_path / "hold"  # A keeps its store open until this file exists
+            owner = spawn(*run_child("chain", pg_schema, "cut", anyio_backend, "--hold", str(hold), dsn=role_dsn))
             take = tmp_path / "take"
             taker = spawn(*run_child("chain", pg_schema, "cut", other(anyio_backend), "--after", str(take)))
             await side.wait("START", "b", owner.pid)
@@ -284,15 +286,22 @@ async def test_an_owner_cut_off_from_the_server_stops_before_another_claims_and_
             code, _, err = ended(taker)
             assert code == 0, err
             after_takeover = step_rows(pg_schema, "cut")
+            [outcome] = await side.wait("OUTCOME", pid=owner.pid)  # before the heal
             healed_at = time.time()
             execute(pg_schema.dsn, sql.SQL("ALTER ROLE {} LOGIN").format(sql.Identifier(role)))
-            await side.wait("OUTCOME", pid=owner.pid)
+
+            async def reconnected() -> bool:  # A's listener, or its pool, logged in again
+                query = sql.SQL("SELECT count(*) FROM pg_stat_activity WHERE usename = {}").format(sql.Literal(role))
+                return int(execute(pg_schema.dsn, query)[0][0]) >= 1
+
+            await until(reconnected, within=HANG_GUARD)
+            reconnected_at = time.time()
+            hold.touch()
             code, _, err = ended(owner)
             assert code == 0, err
             rows = step_rows(pg_schema, "cut")
             [done] = await store.list_runs("chain")
             stored = await store.load("chain", "cut")
-    [outcome] = side.where("OUTCOME", pid=owner.pid)
     assert outcome.name in ("lease_lost", "store_error"), outcome
     [stopped] = side.where("STOP", "b", owner.pid)
     [taken] = side.where("START", "b", taker.pid)
@@ -300,6 +309,8 @@ async def test_an_owner_cut_off_from_the_server_stops_before_another_claims_and_
     # A stopped its step before B claimed (B's b starts after its claim), and before its lease expired.
     assert stopped.at < orphaned_at <= taken.at
     assert not [line for line in side.where(pid=owner.pid) if line.at >= taken.at and line.event != "OUTCOME"]
+    # Its run() did not wait for the pool's connections (it waited 15 s for one): a lease after the fence at most.
+    assert outcome.at - stopped.at < 2 * LEASE, f"run() ended {outcome.at - stopped.at:.2f} s after its step stopped"
     # Nothing stale: the rows are as B left them, a (of epoch 1) as it was before the cut.
     assert rows == after_takeover, "the cut-off owner wrote to the server after the partition healed"
     assert {step: epoch for step, (epoch, _) in rows.items()} == {"a": 1, "b": 2, "c": 2}
@@ -313,7 +324,8 @@ async def test_an_owner_cut_off_from_the_server_stops_before_another_claims_and_
     print(
         f"partition ({anyio_backend}): A stopped b {stopped.at - cut_at:.3f} s after the cut, the lease was seen "
         f"expired {orphaned_at - cut_at:.3f} s after it, B claimed at {taken.at - cut_at:.3f} s; A's run ended "
-        f"({outcome.name}) {outcome.at - cut_at:.3f} s after the cut, {outcome.at - healed_at:.3f} s after the heal"
+        f"({outcome.name}) {outcome.at - cut_at:.3f} s after the cut; after the heal A connected again in "
+        f"{reconnected_at - healed_at:.3f} s and wrote nothing"
     )
 
 
