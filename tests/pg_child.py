@@ -4,12 +4,13 @@ It logs to the side log of `tests/lease_child.py` (`note()`: `EVENT NAME PID EPO
 `os.write` per line, so a line written is in the file whatever happens to the process next) and runs its
 `chain` flow (a -> b -> c, `b` waiting at stopping points for the `LEASE_GO` file), or `relay` below.
 
-    python -m tests.pg_child run FLOW DSN SCHEMA RUN_ID BACKEND [--after FILE] [--hold FILE]
-        runs FLOW (`chain` or `relay`) with RUN_ID on `PostgresStore(DSN, schema=SCHEMA, lease=LEASE)`, then
-        logs `OUTCOME completed|interrupted|forced|run_owned|lease_lost|store_error` (MORE: the value, the
-        owner or the error) and exits 0. With `--after`, it opens the store, prints `ready` and waits for
-        FILE before it runs (so its start-up is done before the test lets it go); with `--hold`, it keeps
-        the store open after the outcome until FILE exists (so a test can watch what it still writes);
+    python -m tests.pg_child run FLOW DSN SCHEMA RUN_ID BACKEND [--lease SECONDS] [--after FILE] [--hold FILE]
+        runs FLOW (`chain` or `relay`) with RUN_ID on `PostgresStore(DSN, schema=SCHEMA, lease=LEASE)` (or
+        the `--lease` given), then logs `OUTCOME completed|interrupted|forced|run_owned|lease_lost|store_error`
+        (MORE: the value, the owner or the error) and exits 0. With `--after`, it opens the store, prints
+        `ready` and waits for FILE before it runs (so its start-up is done before the test lets it go); with
+        `--hold`, it keeps the store open after the outcome until FILE exists (so a test can watch what it
+        still writes);
     python -m tests.pg_child worker DSN SCHEMA BACKEND
         serves `chain` and `relay` with `sp.Worker` until SIGTERM (prints `serving` once it serves).
 
@@ -80,10 +81,12 @@ async def wait_for_file(path: str) -> None:
             await anyio.sleep(0.005)
 
 
-async def run(flow_name: str, dsn: str, schema: str, run_id: str, after: str | None, hold: str | None) -> None:
+async def run(
+    flow_name: str, dsn: str, schema: str, run_id: str, lease: float, after: str | None, hold: str | None
+) -> None:
     flow = FLOWS[flow_name]
     try:
-        async with sp.PostgresStore(dsn, schema=schema, lease=LEASE) as store:
+        async with sp.PostgresStore(dsn, schema=schema, lease=lease) as store:
             if after is not None:
                 print("ready", flush=True)
                 await wait_for_file(after)
@@ -131,6 +134,7 @@ def main() -> None:
     run_ = modes.add_parser("run")
     for name in ("flow", "dsn", "schema", "run_id", "backend"):
         run_.add_argument(name)
+    run_.add_argument("--lease", type=float, default=LEASE)
     run_.add_argument("--after")
     run_.add_argument("--hold")
     worker = modes.add_parser("worker")
@@ -138,7 +142,8 @@ def main() -> None:
         worker.add_argument(name)
     args = parser.parse_args()
     if args.mode == "run":
-        anyio.run(run, args.flow, args.dsn, args.schema, args.run_id, args.after, args.hold, backend=args.backend)
+        options = (args.lease, args.after, args.hold)
+        anyio.run(run, args.flow, args.dsn, args.schema, args.run_id, *options, backend=args.backend)
     else:
         anyio.run(work_until_sigterm, args.dsn, args.schema, backend=args.backend)
 
