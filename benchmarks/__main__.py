@@ -21,10 +21,10 @@ from importlib import metadata
 
 import anyio
 
-from . import across, latency, peers, persisted, scale, steps, stopping_point
+from . import across, latency, peers, persisted, postgres, scale, steps, stopping_point
 from ._measure import Report
 
-SECTIONS = ["stopping-point", "steps", "latency", "scale", "peers", "persisted", "across"]
+SECTIONS = ["stopping-point", "steps", "latency", "scale", "peers", "persisted", "across", "postgres"]
 
 
 def _versions() -> str:
@@ -77,6 +77,19 @@ def main(argv: list[str] | None = None) -> None:
         anyio.run(persisted.measure, report, sizes, 1 if quick else 3, 20 if quick else 1_000, backend=backend)
     if "across" in only:
         anyio.run(across.measure, report, 1 if quick else 5, 1 if quick else 3, backend, backend=backend)
+    if "postgres" in only:
+        # on the server STOPPOINT_BENCH_PG_DSN names (skipped, with a line saying so, when none answers)
+        sizes = [20, 100] if quick else [20, 1_000, 10_000]
+        anyio.run(
+            postgres.measure,
+            report,
+            sizes,
+            1 if quick else 3,
+            1 if quick else 5,
+            1 if quick else 3,
+            backend,
+            backend=backend,
+        )
 
     header = f"backend: {backend}{' (quick)' if quick else ''}; {_versions()}"
     if args.markdown:

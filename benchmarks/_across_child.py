@@ -1,24 +1,45 @@
-"""The other process of `benchmarks.across` (python -m benchmarks._across_child MODE PATH ARG BACKEND), and the
-flows both processes use (a run is claimed by its flow's name and version, so both import them from here).
+"""The other process of `benchmarks.across` and `benchmarks.postgres` (python -m benchmarks._across_child MODE
+STORE ARG BACKEND), and the flows both processes use (a run is claimed by its flow's name and version, so both
+import them from here). STORE is the path of a SQLite file, or a PostgreSQL store as `pg_spec()` writes it
+(`open_store` opens either).
 
-- `spin PATH RUNS BACKEND`: keeps RUNS runs of `SPIN` going on the SQLiteStore at PATH, each a step looping
+- `spin STORE RUNS BACKEND`: keeps RUNS runs of `SPIN` going on the store, each a step looping
   on `await ctx.checkpoint(); await anyio.sleep(0.001)`. Prints `started RUN_ID` once a run's step is
   running, and `stopped RUN_ID TIME` (`time.time()`) when its outcome is returned, then starts another in
   its place, so RUNS are running whenever the other process sends an interrupt. Ends when stdin closes.
-- `orphan PATH LEASE BACKEND RUN_ID`: run RUN_ID of `ORPHAN` on SQLiteStore(PATH, lease=LEASE); prints
+- `orphan STORE LEASE BACKEND RUN_ID`: run RUN_ID of `ORPHAN` on the store with `lease=LEASE`; prints
   `running RUN_ID` once its first step runs, which then waits to be killed.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import sys
 import time
+from typing import Any
 
 import anyio
 import anyio.to_thread
 
 import stoppoint as sp
+
+PG_PREFIX = "postgres:"
+
+
+def pg_spec(dsn: str, schema: str) -> str:
+    """The STORE argument of a `PostgresStore(dsn, schema=schema)`."""
+    return PG_PREFIX + json.dumps({"dsn": dsn, "schema": schema})
+
+
+def open_store(spec: str, lease: float | None = None) -> Any:
+    """The store STORE names: a `PostgresStore` for a `pg_spec()`, else a `SQLiteStore` at that path."""
+    options = {} if lease is None else {"lease": lease}
+    if spec.startswith(PG_PREFIX):
+        where = json.loads(spec[len(PG_PREFIX) :])
+        return sp.PostgresStore(where["dsn"], schema=where["schema"], **options)
+    return sp.SQLiteStore(spec, **options)
+
 
 SPIN = sp.Flow("across-spin")
 
@@ -51,9 +72,9 @@ async def second(ctx: sp.StepContext) -> None:
     pass
 
 
-async def keep_spinning(path: str, runs: int) -> None:
+async def keep_spinning(spec: str, runs: int) -> None:
     ids = (f"spin-{i}" for i in itertools.count())
-    async with sp.SQLiteStore(path) as store, anyio.create_task_group() as tg:
+    async with open_store(spec) as store, anyio.create_task_group() as tg:
 
         async def one() -> None:
             run_id = next(ids)
@@ -70,14 +91,14 @@ async def keep_spinning(path: str, runs: int) -> None:
         tg.cancel_scope.cancel()
 
 
-async def orphan(path: str, lease: float, run_id: str) -> None:
-    async with sp.SQLiteStore(path, lease=lease) as store:
+async def orphan(spec: str, lease: float, run_id: str) -> None:
+    async with open_store(spec, lease) as store:
         await ORPHAN.run(store=store, run_id=run_id)
 
 
 if __name__ == "__main__":
-    mode, path, arg, backend = sys.argv[1:5]
+    mode, spec, arg, backend = sys.argv[1:5]
     if mode == "spin":
-        anyio.run(keep_spinning, path, int(arg), backend=backend)
+        anyio.run(keep_spinning, spec, int(arg), backend=backend)
     else:
-        anyio.run(orphan, path, float(arg), sys.argv[5], backend=backend)
+        anyio.run(orphan, spec, float(arg), sys.argv[5], backend=backend)

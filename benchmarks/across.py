@@ -26,7 +26,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 import stoppoint as sp
 
 from . import _across_child
-from ._across_child import ORPHAN, SPIN
+from ._across_child import ORPHAN, SPIN, open_store
 from ._measure import Report, percentile
 
 ROOT = Path(__file__).resolve().parent.parent  # where `benchmarks` is importable from
@@ -53,11 +53,12 @@ async def _stop(process: Process) -> None:
             await process.wait()
 
 
-async def interrupt_latency(path: str, runs: int, count: int, backend: str) -> tuple[list[float], list[float]]:
-    """(latencies, durations of the interrupt() calls) of `count` interrupts, `runs` runs active at each."""
+async def interrupt_latency(spec: str, runs: int, count: int, backend: str) -> tuple[list[float], list[float]]:
+    """(latencies, durations of the interrupt() calls) of `count` interrupts, `runs` runs active at each, on
+    the store `spec` names (a SQLite file's path, or `_across_child.pg_spec()`)."""
     latencies, calls = [], []
-    async with sp.SQLiteStore(path) as store:  # the file exists before the other process opens it
-        process, lines = await _child("spin", path, str(runs), backend)
+    async with open_store(spec) as store:  # the store exists before the other process opens it
+        process, lines = await _child("spin", spec, str(runs), backend)
         try:
             with anyio.fail_after(60 + count):
                 running: set[str] = set()
@@ -85,17 +86,18 @@ async def interrupt_latency(path: str, runs: int, count: int, backend: str) -> t
     return latencies, calls
 
 
-async def orphan_recovery(path: str, lease: float, count: int, backend: str) -> list[float]:
-    """Seconds from the kill of a run's owner to its first step running again in a Worker, `count` times."""
+async def orphan_recovery(spec: str, lease: float, count: int, backend: str) -> list[float]:
+    """Seconds from the kill of a run's owner to its first step running again in a Worker, `count` times, on
+    the store `spec` names."""
     rng = random.Random(8)
     delays = []
     _across_child.resumed.clear()
-    async with sp.SQLiteStore(path, lease=lease) as store, anyio.create_task_group() as tg:
+    async with open_store(spec, lease) as store, anyio.create_task_group() as tg:
         worker = sp.Worker(store, ORPHAN)
         tg.start_soon(worker.run)
         for i in range(count):
             _across_child.on_resumed = resumed = anyio.Event()
-            process, lines = await _child("orphan", path, repr(lease), backend, f"orphan-{i}")
+            process, lines = await _child("orphan", spec, repr(lease), backend, f"orphan-{i}")
             try:
                 with anyio.fail_after(60):
                     assert (await _line(lines))[0] == "running"

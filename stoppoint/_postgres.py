@@ -9,6 +9,7 @@ owners hear of interrupt requests `_postgres_listen`'s.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
 from types import TracebackType
@@ -44,7 +45,6 @@ __all__ = ["PostgresStore"]
 T = TypeVar("T")
 
 _OPTIONS: dict[str, Any] = {
-    "application_name": "stoppoint",
     "connect_timeout": 10,
     # TCP keepalives: a peer gone without a word (a partition, a host that died) fails the connection within
     # about 20 s instead of leaving it waiting for ever.
@@ -97,9 +97,10 @@ class PostgresStore:
             a NUL character.
     """
 
-    interrupt_poll = 0.02
-    """An owner looks for interrupt requests this often: a lookup in memory, unless a notification (or a
-    reconnect, or a renewal) said the run changed, when it reads the run's requests from the server."""
+    interrupt_poll = 0.01
+    """An owner looks for interrupt requests this often: a lookup in memory (a few microseconds, so the poll
+    can be short), unless a notification (or a reconnect, or a renewal) said the run changed, when it reads
+    the run's requests from the server."""
 
     def __init__(self, dsn: str, *, lease: float = 15.0, schema: str = "stoppoint", max_connections: int = 10) -> None:
         if not isinstance(dsn, str):
@@ -317,7 +318,11 @@ class PostgresStore:
 
     async def __aenter__(self) -> PostgresStore:
         """Open the pool and create (or check) the schema now, so that a database that cannot be used fails here."""
-        await self._call(lambda _connection: None, one=True)
+        try:
+            await self._call(lambda _connection: None, one=True)
+        except BaseException:
+            await self.aclose()
+            raise
         return self
 
     async def __aexit__(
@@ -355,9 +360,11 @@ class PostgresStore:
                     "PostgreSQL text cannot hold"
                 )
 
-    def _connect(self) -> psycopg.Connection[Any]:
-        """A new connection with the store's options (the listener's own, outside the pool)."""
-        return psycopg.Connection.connect(self._dsn, autocommit=True, **_OPTIONS)
+    def _connect(self, role: str = "listen") -> psycopg.Connection[Any]:
+        """A new connection with the store's options, outside the pool (the listener's, the first check's).
+        Its `application_name` says whose it is (`stoppoint <role> <schema>`), for `pg_stat_activity`."""
+        name = f"stoppoint {role} {self._schema}"
+        return psycopg.Connection.connect(self._dsn, autocommit=True, application_name=name, **_OPTIONS)
 
     def _configure(self, connection: psycopg.Connection[Any]) -> None:
         connection.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self._schema)))
@@ -367,23 +374,22 @@ class PostgresStore:
             if self._closed:
                 raise StoreError(f"{self._where} is closed")
             if self._pool is None:
+                # One connection first, which makes (or checks) the schema: a server that cannot be reached
+                # fails here at once, not after the pool's wait for its first connection.
+                with self._connect("pool") as connection:
+                    self._configure(connection)
+                    ensure_schema(connection, self._schema, self._where)
                 pool: ConnectionPool[psycopg.Connection[tuple[Any, ...]]] = ConnectionPool(
                     self._dsn,
                     min_size=1,
                     max_size=self._size,
-                    kwargs={"autocommit": True, **_OPTIONS},
+                    kwargs={"autocommit": True, "application_name": f"stoppoint pool {self._schema}", **_OPTIONS},
                     configure=self._configure,
                     timeout=self._wait,
                     open=False,
                     name=f"stoppoint-{self._schema}",
                 )
-                try:
-                    pool.open(wait=True, timeout=15.0)
-                    with pool.connection() as connection:
-                        ensure_schema(connection, self._schema, self._where)
-                except BaseException:
-                    pool.close()
-                    raise
+                pool.open(wait=False)
                 self._pool = pool
             return self._pool
 
@@ -410,20 +416,23 @@ class PostgresStore:
         transaction; once more on a new connection if `retry` and the connection was found broken."""
         for attempt in (1, 2):
             used: psycopg.Connection[Any] | None = None
+            pool: ConnectionPool[psycopg.Connection[tuple[Any, ...]]] | None = None
             try:
-                with self._open().connection() as connection:
+                pool = self._open()
+                with pool.connection() as connection:
                     used = connection
                     if one:
                         return operation(connection, *args)
                     with connection.transaction():
                         return operation(connection, *args)
             except psycopg.OperationalError as exc:
-                if retry and attempt == 1 and used is not None and used.broken:
-                    # What broke this connection (a server restart, a failover) broke the pool's idle ones too:
-                    # they are checked (the broken replaced), so that the retry is on a new connection, not on
-                    # the next broken one.
-                    self._open().check()
-                    continue
+                if pool is not None and used is not None and used.broken:
+                    # A server restart (or a partition) broke every idle connection too: the pool drops them
+                    # and makes new ones, so that the next operation does not meet the same fate.
+                    with contextlib.suppress(psycopg.Error):
+                        pool.check()
+                    if retry and attempt == 1:
+                        continue
                 raise StoreError(f"{self._where}: {exc}") from exc
             except psycopg.Error as exc:
                 raise StoreError(f"{self._where}: {exc}") from exc

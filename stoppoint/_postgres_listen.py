@@ -7,7 +7,10 @@ read did not (the fallback while notifications do not arrive).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import select
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -72,7 +75,8 @@ class Notices:
 class Listener:
     """The store's `LISTEN` thread: started with the store's first claim, stopped by `stop()`. It reconnects
     (backing off up to 2 s) whenever its connection fails; TCP keepalives (the store's connection options)
-    make a half-open connection fail instead of hanging."""
+    make a half-open connection fail instead of hanging. It waits on the connection's socket and on a socket
+    pair of its own, so that `stop()` wakes it at once."""
 
     def __init__(self, connect: Callable[[], psycopg.Connection[Any]], schema: str, notices: Notices) -> None:
         self._connect = connect
@@ -81,12 +85,15 @@ class Listener:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._wake_r: socket.socket | None = None  # the wake-up pair, made by start()
+        self._wake_w: socket.socket | None = None
         self.listening = threading.Event()
         """Set while LISTEN is in effect (for tests and the store's tools)."""
 
     def start(self) -> None:
         with self._lock:
             if self._thread is None and not self._stop.is_set():
+                self._wake_r, self._wake_w = socket.socketpair()
                 self._thread = threading.Thread(target=self._run, name=f"stoppoint-listen-{self._schema}", daemon=True)
                 self._thread.start()
 
@@ -94,17 +101,25 @@ class Listener:
         """Stop listening; returns within about half a second (the thread's wait for notifications)."""
         self._stop.set()
         with self._lock:
-            thread = self._thread
-        if thread is not None:
-            thread.join(timeout=5)
+            thread, wake_r, wake_w = self._thread, self._wake_r, self._wake_w
+            self._wake_r = self._wake_w = None
+        if thread is None or wake_r is None or wake_w is None:
+            return
+        with contextlib.suppress(OSError):
+            wake_w.send(b"x")
+        thread.join(timeout=5)
+        wake_r.close()
+        wake_w.close()
 
     def _run(self) -> None:
+        wake = self._wake_r
+        assert wake is not None
         backoff = 0.05
         while not self._stop.is_set():
             try:
                 connection = self._connect()
             except psycopg.Error:
-                self._stop.wait(backoff)
+                self._wait(wake, backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
             backoff = 0.05
@@ -114,13 +129,24 @@ class Listener:
                     self._notices.changed(None)  # the catch-up: what was sent before LISTEN is read again
                     self.listening.set()
                     while not self._stop.is_set():
-                        for notification in connection.notifies(timeout=0.5):
+                        # What arrived (or was read along with an earlier reply), without waiting; then wait
+                        # for more on the socket, or for stop().
+                        for notification in connection.notifies(timeout=0):
                             self._heard(notification.payload)
+                        self._wait(wake, None, connection.fileno())
             except psycopg.Error:
                 pass
             finally:
                 self.listening.clear()
                 self._notices.changed(None)
+
+    def _wait(self, wake: socket.socket, timeout: float | None, fileno: int | None = None) -> None:
+        """Until `fileno` is readable, stop() is called (`wake` is readable), or `timeout` seconds pass."""
+        sockets: list[socket.socket | int] = [wake] if fileno is None else [wake, fileno]
+        try:
+            select.select(sockets, [], [], timeout)
+        except (OSError, ValueError):  # (the wake-up pair closed: stopping)
+            self._stop.set()
 
     def _heard(self, text: str) -> None:
         try:

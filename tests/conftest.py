@@ -19,14 +19,19 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[sp.Store]:
-    """Each store that comes with stoppoint (test_store.py has its own, with more)."""
+    """Each store that comes with stoppoint (test_store.py has its own, with more); PostgresStore in the test's
+    own schema (`pg_schema`)."""
     if request.param == "memory":
         yield sp.MemoryStore()
-    else:
+    elif request.param == "sqlite":
         async with sp.SQLiteStore(tmp_path / "runs.db") as sqlite:
             yield sqlite
+    else:
+        target = request.getfixturevalue("pg_schema")
+        async with sp.PostgresStore(target.dsn, schema=target.schema) as postgres:
+            yield postgres
 
 
 Channel = tuple[sp.Interrupter, MemoryObjectReceiveStream[sp.InterruptSignal]]

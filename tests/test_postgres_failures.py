@@ -430,7 +430,9 @@ async def test_after_a_server_restart_an_operation_retried_on_a_new_connection_s
     succeed at its first call after the restart, whatever number of broken connections the pool held: the
     retry is not made on the next broken one (which would fail a run's renewal or commit for nothing)."""
     target = PgTarget(restartable.dsn, pg.unique_schema())
-    query: LiteralString = "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'stoppoint'"
+    query = sql.SQL("SELECT count(*) FROM pg_stat_activity WHERE application_name = {}").format(
+        sql.Literal(f"stoppoint pool {target.schema}")  # the store's pooled connections
+    )
     async with opened(target) as store:
 
         async def pool_grew() -> bool:  # loads at once, until the pool holds 3 connections

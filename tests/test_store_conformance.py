@@ -23,6 +23,7 @@ from stoppoint._lease import Claim, Lease, Queue
 from stoppoint._memory import MemoryStore
 from stoppoint._sqlite import SQLiteStore
 from stoppoint._store import LabelStore, RunRecord, RunState, RunStatus, StepRow, Store, StoredRun
+from tests.pg import PgTarget
 
 pytestmark = pytest.mark.anyio
 
@@ -44,17 +45,34 @@ async def sqlite_store(directory: Path, lease: float) -> AsyncIterator[Store]:
         yield store
 
 
+def postgres_store(target: PgTarget) -> Callable[[Path, float], AbstractAsyncContextManager[Store]]:
+    """PostgresStore in the test's own schema (`pg_schema`: dropped after the test)."""
+
+    @asynccontextmanager
+    async def open_store(directory: Path, lease: float) -> AsyncIterator[Store]:
+        from stoppoint._postgres import PostgresStore
+
+        async with PostgresStore(target.dsn, lease=lease, schema=target.schema) as store:
+            yield store
+
+    return open_store
+
+
 Opener = Callable[..., AbstractAsyncContextManager[Store]]
 STORES: list[Callable[[Path, float], AbstractAsyncContextManager[Store]]] = [memory_store, sqlite_store]
-"""Every store of stoppoint, opened in a test's directory with a lease: a new store is one more line here."""
+"""Every store of stoppoint that needs no server, opened in a test's directory with a lease: a new store is one
+more line here (one that needs a server, as PostgresStore, one more `elif` in `opener`)."""
 
 
-@pytest.fixture(params=STORES, ids=lambda opener: opener.__name__.removesuffix("_store"))
+@pytest.fixture(params=[*STORES, postgres_store], ids=lambda opener: opener.__name__.removesuffix("_store"))
 def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
     """Opens the store under test: `opener()` with the default lease, `opener(SHORT)` with a short one."""
+    make = request.param
+    if make is postgres_store:
+        make = postgres_store(request.getfixturevalue("pg_schema"))
 
     def open_store(lease: float = 15.0) -> AbstractAsyncContextManager[Store]:
-        return request.param(tmp_path, lease)  # type: ignore[no-any-return]
+        return make(tmp_path, lease)  # type: ignore[no-any-return]
 
     return open_store
 
