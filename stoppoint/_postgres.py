@@ -80,7 +80,9 @@ class PostgresStore:
     Every operation runs in an anyio worker thread (psycopg's synchronous API, so trio works too), at most
     `max_connections` at a time per event loop. An operation that only rewrites what it names (a step row,
     a head, a renewal, a read) is tried once more on a new connection when its connection was broken (a
-    server restart); others fail with `StoreError`.
+    server restart); others fail with `StoreError`. An operation waits for a connection at most the lease
+    (at least 1 s, at most 15 s), then fails with `StoreError`: an owner cut off from the server has lost its
+    lease by then anyway, and its `run()` must not wait any longer to raise `LeaseLost`.
 
     Args:
         dsn: A libpq connection string or URI (`postgresql://user@host:5432/db`).
@@ -119,6 +121,7 @@ class PostgresStore:
         self._dsn = dsn
         self._schema = schema
         self._size = max_connections
+        self._wait = min(15.0, max(1.0, self._lease))  # seconds an operation waits for a connection
         host = params.get("host") or params.get("hostaddr") or "localhost"
         self._where = f"PostgresStore({host}:{params.get('port') or 5432}/{params.get('dbname') or ''}, {schema!r})"
         self._lock = threading.Lock()  # guards _pool and _closed
@@ -382,7 +385,7 @@ class PostgresStore:
                     max_size=self._size,
                     kwargs={"autocommit": True, "application_name": f"stoppoint pool {self._schema}", **_OPTIONS},
                     configure=self._configure,
-                    timeout=15.0,
+                    timeout=self._wait,
                     open=False,
                     name=f"stoppoint-{self._schema}",
                 )
