@@ -367,7 +367,13 @@ class PostgresStore:
         return psycopg.Connection.connect(self._dsn, autocommit=True, application_name=name, **_OPTIONS)
 
     def _configure(self, connection: psycopg.Connection[Any]) -> None:
+        """Every pooled connection: the store's schema; and a transaction left open longer than the connection
+        wait ends the session (the store's transactions run no user code and take milliseconds: one left open
+        is a client paused or cut off mid-write, whose row locks would hold every claim of the run back)."""
         connection.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self._schema)))
+        connection.execute(
+            sql.SQL("SET idle_in_transaction_session_timeout = {}").format(sql.Literal(int(self._wait * 1000)))
+        )
 
     def _open(self) -> ConnectionPool[psycopg.Connection[tuple[Any, ...]]]:
         with self._lock:

@@ -149,6 +149,23 @@ async def test_a_claim_on_a_broken_connection_fails_with_a_store_error(
     await claimed(store)  # the pool has a new connection now
 
 
+async def test_a_transaction_left_open_by_a_paused_client_is_ended_by_the_server(pg_schema: PgTarget) -> None:
+    """A client stopped mid-write (SIGSTOP, a partition) would hold the run's row lock, and with it every claim
+    of the run: the server ends such a session once it has been idle in its transaction for the store's
+    connection wait (the lease, 1 to 15 s)."""
+    async with PostgresStore(pg_schema.dsn, schema=pg_schema.schema, lease=1) as store:
+        lease = await claimed(store)
+        pool = store._open()
+        with pool.connection() as stalled:
+            stalled.execute("BEGIN")
+            stalled.execute("SELECT 1 FROM runs WHERE run_id = 'r1' FOR UPDATE")  # then nothing, as if paused
+            with anyio.fail_after(10):
+                await store.commit_step(lease, done("a", 1))  # waits for the lock, until the server ends it
+            with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout):
+                stalled.execute("SELECT 1")
+        assert outputs(await store.load("f", "r1")) == {"a": 1}
+
+
 # -- hearing of interrupt requests ------------------------------------------------------------------------
 
 
