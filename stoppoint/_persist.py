@@ -131,10 +131,8 @@ class Leased(Persist):
         """Top-level step `step`'s row: its output if it completed, else its include's checkpoint so far
         (None if it has neither: an output a save dropped)."""
         top = self.top
-        # model_construct: the fields are this run's own, of their types already; validating them again cost
-        # about a fifth of building the row.
         if step in top.outputs:
-            part = Checkpoint.model_construct(
+            part = Checkpoint(
                 flow=top.name,
                 flow_version=top.plan.version,
                 run_id=top.run_id,
@@ -146,7 +144,7 @@ class Leased(Persist):
             nested = inner.checkpoint() if inner is not None else top.partial.get(step)
             if nested is None:
                 return None
-            part = Checkpoint.model_construct(
+            part = Checkpoint(
                 flow=top.name,
                 flow_version=top.plan.version,
                 run_id=top.run_id,
