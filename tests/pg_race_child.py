@@ -12,8 +12,8 @@ steps noting `START`/`END` with the run's id). Modes:
 * `worker DSN SCHEMA LEASE BACKEND MAX_RUNS QUEUE[=LIMIT] FLOW[,FLOW...] [BARRIER]`: `sp.Worker` serving those
   flows from that queue until SIGTERM (graceful stop); `serving` printed once its store is open and, with
   BARRIER, it starts claiming once that file exists.
-* `interrupt DSN SCHEMA FLOW RUN_ID REASON force|graceful`: `store.interrupt(...)`, printing `asked` or
-  `no run`.
+
+(Interrupts from another process are sent with the real `stoppoint interrupt ... --store postgresql://...`.)
 
 In `run` mode the store is watched: each connection its LISTEN thread makes is noted (`LISTENER connected PID
 N BACKEND_PID`, N its count), each reconnection too (`LISTENER reconnecting PID N`); each read of a run's
@@ -154,12 +154,6 @@ async def work_until_sigterm(
     note("WORKER", "stopped", 0)
 
 
-async def interrupt(dsn: str, schema: str, flow: str, run_id: str, reason: str, force: bool) -> None:
-    async with sp.PostgresStore(dsn, schema=schema) as store:
-        asked = await store.interrupt(flow, run_id, reason, force=force, source="another process")
-    print("asked" if asked else "no run", flush=True)
-
-
 def queue_of(text: str) -> sp.Queue:
     name, _, limit = text.partition("=")
     return sp.Queue(name, concurrency=int(limit) if limit else None)
@@ -187,8 +181,5 @@ if __name__ == "__main__":
             barrier,
             backend=backend,
         )
-    elif mode == "interrupt":
-        dsn, schema, flow_name, run_id, reason, how = args[:6]
-        anyio.run(interrupt, dsn, schema, flow_name, run_id, reason, how == "force")
     else:
         sys.exit(f"unknown mode {mode!r}")

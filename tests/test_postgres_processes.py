@@ -323,7 +323,8 @@ async def test_a_queue_limit_of_3_holds_across_three_worker_processes(
 async def test_an_interrupt_from_another_process_stops_the_owner(
     tmp_path: Path, anyio_backend: str, pg_schema: PgTarget, force: bool
 ) -> None:
-    """A process of its own calls `store.interrupt(...)` for a run another process owns. Graceful: the step
+    """`stoppoint interrupt RUN_ID --store postgresql://... --schema S` asks for a run another process owns.
+    Graceful: the step
     `b` stops at its stopping point, the run is interrupted, `c` never starts. Forced: the step `forever`,
     with no stopping point, is cancelled. Either way the owner stores the run interrupted, the request among
     its report's interrupts, and the delivery (from the request to the step's stop) is measured."""
@@ -333,11 +334,12 @@ async def test_an_interrupt_from_another_process_stops_the_owner(
         owner = spawn(*run_child(pg_schema, flow, 1.0, "stop-me", anyio_backend))
         await side.wait("START", step, owner.pid)
         how = "force" if force else "graceful"
-        args = ("interrupt", pg_schema.dsn, pg_schema.schema, flow, "stop-me", "stop from afar", how)
-        interrupter = spawn("-m", "tests.pg_race_child", *args)
+        store_args = ("--store", pg_schema.dsn, "--schema", pg_schema.schema, "--reason", "stop from afar")
+        interrupter = spawn("-m", "stoppoint", "interrupt", "stop-me", *store_args, *(["--force"] if force else []))
         code, out, err = ended(interrupter)
         assert code == 0, err
-        assert out == "asked\n", out
+        assert out.startswith("asked "), out
+        assert f"to stop run stop-me of flow {flow}" in out, out
         code, _, err = ended(owner)
         assert code == 0, err
     [stop] = side.where("STOP", step, owner.pid)
@@ -349,7 +351,7 @@ async def test_an_interrupt_from_another_process_stops_the_owner(
     assert (stored.record.status, stored.record.owner) == (sp.RunStatus.INTERRUPTED, None)
     report = sp.RunReport.model_validate_json(stored.report_json)
     [signal_] = report.interrupts
-    assert (signal_.reason, signal_.force, signal_.source) == ("stop from afar", force, "another process")
+    assert (signal_.reason, signal_.force, signal_.source) == ("stop from afar", force, "cli")
     assert report.steps[step].status is (sp.StepStatus.CANCELLED if force else sp.StepStatus.INTERRUPTED)
     if not force:
         assert report.steps["a"].status is sp.StepStatus.COMPLETED
