@@ -7,7 +7,10 @@ and `await result()` gives its outcome. Finished runs stay available until more 
 piled up; the oldest are then forgotten.
 
 The flow is a batch ETL: `extract` lists the orders of a batch, `transform` fetches each order from an upstream
-API and converts its amount to euros (reporting its progress per order), and `load` stores the rows.
+API and converts its amount to euros (reporting its progress per order), and `load` stores the rows. The API
+client and the warehouse are live objects the service creates once (in a web server, in its lifespan) and shares
+between runs: the steps take them as `sp.Resource[...]` parameters, given to each run as `resources=`, so they are
+neither flow inputs (a store could not keep them) nor module globals.
 
 `main()` starts three batches from one task. Another task, the "operator" (think of the HTTP handler of
 `DELETE /runs/{run_id}`), cancels the "south" batch by its run id while that batch waits for a slow answer about
@@ -46,7 +49,8 @@ class FlowService:
 
     Args:
         flow: The flow to run.
-        shared_inputs: Inputs every run gets (clients, connections); a run's own inputs come on top.
+        resources: The live objects every run gets (clients, connections), by the name of the steps'
+            `sp.Resource[...]` parameters; never stored, so a run resumed later needs them again.
         keep_finished: How many finished runs to keep for `status()` and `result()`, the most recent ones.
         grace: Seconds after an interrupt after which the steps still running are cancelled (None: never).
     """
@@ -55,14 +59,14 @@ class FlowService:
         self,
         flow: sp.Flow,
         *,
-        shared_inputs: Mapping[str, Any] | None = None,
+        resources: Mapping[str, Any] | None = None,
         keep_finished: int = 100,
         grace: float | None = None,
     ) -> None:
         if keep_finished < 0:
             raise ValueError(f"keep_finished must be >= 0, got {keep_finished!r}")
         self._flow = flow
-        self._shared_inputs = dict(shared_inputs or {})
+        self._resources = dict(resources or {})
         self._keep_finished = keep_finished
         self._grace = grace
         self._runs: dict[str, sp.FlowRun] = {}  # started and not yet forgotten, in the order they started
@@ -101,14 +105,14 @@ class FlowService:
 
         Raises:
             RuntimeError: The service is not running (outside its `async with` block).
-            sp.FlowInputError: Missing or unknown inputs (nothing is started).
+            sp.FlowInputError: Missing or unknown inputs or resources (nothing is started).
         """
         if self._task_group is None:
             raise RuntimeError("FlowService is not running: start runs inside `async with FlowService(...)`")
         self._started += 1
         run_id = f"{self._flow.name}-{self._started}"
         handle = await self._flow.start(
-            self._task_group, {**self._shared_inputs, **(inputs or {})}, run_id=run_id, grace=self._grace
+            self._task_group, inputs, run_id=run_id, grace=self._grace, resources=self._resources
         )
         self._runs[run_id] = handle
         self._task_group.start_soon(self._retire, handle, name=f"retire {run_id}")
@@ -262,13 +266,13 @@ etl = sp.Flow("etl")
 
 
 @etl.step
-async def extract(ctx: sp.StepContext, api: OrdersApi, batch: str) -> list[int]:
+async def extract(ctx: sp.StepContext, api: sp.Resource[OrdersApi], batch: str) -> list[int]:
     await ctx.checkpoint()
     return await api.list_orders(batch)
 
 
 @etl.step
-async def transform(ctx: sp.StepContext, api: OrdersApi, extract: list[int]) -> list[Row]:
+async def transform(ctx: sp.StepContext, api: sp.Resource[OrdersApi], extract: list[int]) -> list[Row]:
     rows: list[Row] = []
     # A stopping point before each order: once interrupted, the step stops there, between two orders.
     async for order_id in ctx.iterate(extract):
@@ -280,7 +284,7 @@ async def transform(ctx: sp.StepContext, api: OrdersApi, extract: list[int]) -> 
 
 
 @etl.step
-async def load(ctx: sp.StepContext, warehouse: Warehouse, batch: str, transform: list[Row]) -> LoadSummary:
+async def load(ctx: sp.StepContext, warehouse: sp.Resource[Warehouse], batch: str, transform: list[Row]) -> LoadSummary:
     await ctx.checkpoint()
     count = await warehouse.insert(f"orders_{batch}", transform)
     return LoadSummary(batch, count, sum((row.amount_eur for row in transform), Decimal("0.00")))
@@ -328,7 +332,8 @@ async def main() -> dict[str, Outcome]:
     api = OrdersApi(ORDERS)
     slow = api.slow(204)  # south's 4th order
     warehouse = Warehouse()
-    async with FlowService(etl, shared_inputs={"api": api, "warehouse": warehouse}) as service:
+    # Created once, like an HTTP client or a connection pool in a web server's lifespan, and given to every run.
+    async with FlowService(etl, resources={"api": api, "warehouse": warehouse}) as service:
         run_ids = {batch: await service.start({"batch": batch}) for batch in ORDERS}
         for batch, run_id in run_ids.items():
             print(f"started:   {run_id} for batch {batch}")

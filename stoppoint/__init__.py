@@ -49,6 +49,7 @@ from ._outcome import Progress as Progress
 from ._outcome import RunReport as RunReport
 from ._outcome import StepReport as StepReport
 from ._outcome import StepStatus as StepStatus
+from ._resource import Resource as Resource
 from ._signal import Interrupter as Interrupter
 from ._signal import InterruptSignal as InterruptSignal
 from ._signal import interrupt_channel as interrupt_channel
@@ -104,6 +105,7 @@ __all__ = [
     "PostgresStore",
     "Progress",
     "Queue",
+    "Resource",
     "RunEvent",
     "RunOwned",
     "RunRecord",

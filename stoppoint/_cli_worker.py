@@ -38,6 +38,7 @@ from ._cli_store import (
     store_words,
 )
 from ._display import printable
+from ._errors import FlowInputError
 from ._flow import Flow, plan_of
 from ._launch import submit
 from ._lease import Queue
@@ -181,6 +182,8 @@ async def cmd_worker(args: argparse.Namespace, signals: CommandSignals) -> int:
             worker = Worker(store, flows, queues=queues, max_runs=args.max_runs)
         except (TypeError, ValueError) as exc:
             _fail(str(exc).removeprefix("Worker(flows): ").removeprefix("Worker(queues): "))
+        except FlowInputError as exc:  # a flow takes resources, which only code can give (sp.Worker(resources=))
+            _fail(f"{exc}; the command cannot give resources: run sp.Worker(store, flows, resources=...) from code")
         worker._listener = _Lines(store_name(opened))
         forced = False
         interrupter, receiver = interrupt_channel()

@@ -74,6 +74,7 @@ class Control:
         "polled",
         "probe",
         "received",
+        "resources",
         "run_id",
         "running",
         "save_lock",
@@ -106,6 +107,7 @@ class Control:
         # The top-level run's timeline, and how the run writes to its store: set by the run's attempt.
         self.timeline: Timeline | None = None
         self.persist: Persist | None = None
+        self.resources: dict[str, Any] = {}  # live objects for the steps' Resource[T] parameters (never stored)
         self.epoch = 0  # the run's claim number (StepContext.epoch), with a leased store
         # Fail the steps whose outputs cannot be stored, leaving them out; True if any (the attempt's).
         self.unstorable: Callable[[], bool] | None = None

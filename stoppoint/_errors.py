@@ -54,8 +54,8 @@ class FlowDefinitionError(StoppointError):
 
 
 class FlowInputError(StoppointError):
-    """`Flow.run()` was given missing, unknown or invalid inputs, or a run id no store can keep;
-    raised before any step starts or anything is stored.
+    """`Flow.run()` was given missing, unknown or invalid inputs, missing or unknown resources, or a
+    run id no store can keep; raised before any step starts or anything is stored.
 
     An input is invalid when a resume could not read it back as given: it does not validate as the
     annotation of the step parameter that takes it (pydantic, as `load_checkpoint` does), would be
@@ -68,6 +68,8 @@ class FlowInputError(StoppointError):
         unknown: Given names that are not inputs of the flow, sorted.
         invalid: Given inputs a resume could not read back as given, each with why.
         invalid_run_id: The run id, when it is what was refused (text UTF-8 cannot encode), else None.
+        missing_resources: Resources the flow's steps take (`Resource[T]`) that were not given.
+        unknown_resources: Given resource names that no step of the flow takes, sorted.
     """
 
     def __init__(
@@ -77,12 +79,17 @@ class FlowInputError(StoppointError):
         unknown: tuple[str, ...] = (),
         invalid: dict[str, str] | None = None,
         invalid_run_id: str | None = None,
+        *,
+        missing_resources: tuple[str, ...] = (),
+        unknown_resources: tuple[str, ...] = (),
     ) -> None:
         self.flow = flow
         self.missing = missing
         self.unknown = unknown
         self.invalid = dict(invalid or {})
         self.invalid_run_id = invalid_run_id
+        self.missing_resources = missing_resources
+        self.unknown_resources = unknown_resources
         parts = []
         if invalid_run_id is not None:
             parts.append(
@@ -94,6 +101,15 @@ class FlowInputError(StoppointError):
         if unknown:
             parts.append("unknown input(s) " + ", ".join(repr(n) for n in unknown))
         parts.extend(f"input {name!r}: {why}" for name, why in self.invalid.items())
+        if missing_resources:
+            parts.append(
+                "missing resource(s) "
+                + ", ".join(repr(n) for n in missing_resources)
+                + " (live objects its steps take as Resource[...]: give them as resources={name: object}, "
+                "on every run and resume)"
+            )
+        if unknown_resources:
+            parts.append("unknown resource(s) " + ", ".join(repr(n) for n in unknown_resources))
         super().__init__(f"flow {flow!r}: " + "; ".join(parts))
 
 

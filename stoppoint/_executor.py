@@ -242,7 +242,7 @@ class Run(StepEndings):
             elif not self.may_start(name, spec.fn is not None):
                 return
             # The step's keyword arguments: outputs it depends on, inputs it takes (an include
-            # step's are the included flow's inputs). The only place they are built.
+            # step's are the included flow's inputs), resources it takes. The only place they are built.
             kwargs: dict[str, Any] = {}
             outputs = self.outputs
             for dependency in spec.dependencies:
@@ -251,6 +251,10 @@ class Run(StepEndings):
             for item in spec.inputs:
                 if item.param in inputs:
                     kwargs[item.param] = inputs[item.param]
+            if spec.resources:  # (one attribute read for the steps that take none)
+                resources = control.resources
+                for resource in spec.resources:
+                    kwargs[resource] = resources[resource]
             fn = spec.fn
             if fn is None:
                 assert spec.include is not None

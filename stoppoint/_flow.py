@@ -19,6 +19,7 @@ from ._handle import FlowRun
 from ._launch import RunOptions, open_run, submit
 from ._outcome import Completed
 from ._plan import Input, Plan, StepSpec, compile_plan
+from ._resource import is_resource
 from ._signal import InterruptSignal
 from ._strategy import AtCheckpoint, Strategy
 
@@ -48,9 +49,9 @@ def _is_context_annotation(annotation: Any) -> bool:
 
 def _parameters(
     where: str, fn: Callable[..., Awaitable[Any]], step_name: str, earlier: Mapping[str, object]
-) -> tuple[str | None, list[str], list[Input]]:
+) -> tuple[str | None, list[str], list[Input], list[str]]:
     """Sort a step function's parameters: (its context parameter, the earlier steps whose outputs
-    it takes, the flow inputs it takes).
+    it takes, the flow inputs it takes, its resources).
 
     Raises:
         FlowDefinitionError: A parameter no step may have (`where` names the flow and step).
@@ -62,6 +63,7 @@ def _parameters(
     context_param: str | None = None
     dependencies: list[str] = []
     inputs: list[Input] = []
+    resources: list[str] = []
     for param in signature.parameters.values():
         if param.kind is inspect.Parameter.VAR_POSITIONAL or param.kind is inspect.Parameter.VAR_KEYWORD:
             star = "*" if param.kind is inspect.Parameter.VAR_POSITIONAL else "**"
@@ -81,15 +83,54 @@ def _parameters(
                 f"{where}: parameter {param.name!r} has the step's own name; a step cannot take its own "
                 "output, and an input of that name would be shadowed by the step"
             )
+        elif is_resource(fn, param.annotation):
+            if param.name in earlier:
+                raise FlowDefinitionError(
+                    f"{where}: resource parameter {param.name!r} has the name of an earlier step; rename one"
+                )
+            if param.default is not _NO_DEFAULT:
+                raise FlowDefinitionError(
+                    f"{where}: resource parameter {param.name!r} has a default; a resource is always given to "
+                    "the run (resources={...})"
+                )
+            resources.append(param.name)
         elif param.name in earlier:
             dependencies.append(param.name)
         else:
             inputs.append(Input(param.name, param.default is _NO_DEFAULT))
-    return context_param, dependencies, inputs
+    return context_param, dependencies, inputs, resources
 
 
-def _check_new_name(where: str, step_name: str, specs: Mapping[str, StepSpec], input_users: Mapping[str, str]) -> None:
-    """Refuse a step name that is taken: by a step, the step context, or an earlier step's input."""
+def _check_kinds(
+    where: str,
+    inputs: Iterable[str],
+    resources: Iterable[str],
+    input_users: Mapping[str, str],
+    resource_users: Mapping[str, str],
+) -> None:
+    """Refuse a name that would be a flow input in one step and a resource in another."""
+    for name in inputs:
+        if name in resource_users:
+            raise FlowDefinitionError(
+                f"{where}: {name!r} is a resource of earlier step {resource_users[name]!r} (annotated Resource[...]) "
+                "and an input here; annotate both alike or rename one"
+            )
+    for name in resources:
+        if name in input_users:
+            raise FlowDefinitionError(
+                f"{where}: {name!r} is an input of earlier step {input_users[name]!r} and a resource here "
+                "(annotated Resource[...]); annotate both alike or rename one"
+            )
+
+
+def _check_new_name(
+    where: str,
+    step_name: str,
+    specs: Mapping[str, StepSpec],
+    input_users: Mapping[str, str],
+    resource_users: Mapping[str, str],
+) -> None:
+    """Refuse a step name that is taken: by a step, the step context, or an earlier step's input or resource."""
     if step_name in specs:
         raise FlowDefinitionError(f"{where}: duplicate step name {step_name!r}")
     if step_name == _CONTEXT_NAME:
@@ -98,6 +139,11 @@ def _check_new_name(where: str, step_name: str, specs: Mapping[str, StepSpec], i
         raise FlowDefinitionError(
             f"{where}: the name {step_name!r} is already an input of earlier step "
             f"{input_users[step_name]!r}; rename the step or that parameter"
+        )
+    if step_name in resource_users:
+        raise FlowDefinitionError(
+            f"{where}: the name {step_name!r} is already a resource of earlier step "
+            f"{resource_users[step_name]!r}; rename the step or that parameter"
         )
 
 
@@ -118,7 +164,8 @@ class Flow:
 
     A parameter annotated `StepContext` (or named `ctx`) receives the step's context, a parameter
     named like an earlier step receives that step's output, and any other parameter is a flow
-    input given to `run()`. Steps may only depend on steps declared earlier, so a flow is a DAG by
+    input given to `run()`; a parameter annotated `Resource[T]` receives a live object given to the
+    run as `resources=` (never stored). Steps may only depend on steps declared earlier, so a flow is a DAG by
     construction. The flow's result is the output of its last declared step unless `result=`
     names another.
 
@@ -155,6 +202,8 @@ class Flow:
         # input name -> first step that uses it (to name it in errors)
         self._input_users: dict[str, str] = {}
         self._required_inputs: dict[str, None] = {}  # ordered set
+        # resource name -> first step that takes it (an include step for its flow's resources)
+        self._resource_users: dict[str, str] = {}
         self._plan: Plan | None = None
 
     # -- read-only views -------------------------------------------------------------------------
@@ -183,6 +232,12 @@ class Flow:
     def inputs(self) -> tuple[str, ...]:
         """Names of the required inputs, in order of first use."""
         return tuple(self._required_inputs)
+
+    @property
+    def resources(self) -> tuple[str, ...]:
+        """Names of the resources its steps take (its included flows' too), in order of first use:
+        each must be given to every run as `resources={name: object}`."""
+        return tuple(self._resource_users)
 
     @property
     def result(self) -> str:
@@ -264,11 +319,12 @@ class Flow:
             kind = "an async generator" if inspect.isasyncgenfunction(fn) else "not an `async def` function"
             raise FlowDefinitionError(f"{where}: {kind}; a step must be declared with `async def`")
         step_name: str = label
-        _check_new_name(where, step_name, self._specs, self._input_users)
+        _check_new_name(where, step_name, self._specs, self._input_users, self._resource_users)
         after_names = _after_names(where, after, self._specs)
 
-        context_param, dependencies, inputs = _parameters(where, fn, step_name, self._specs)
-        self._register(step_name, fn, None, context_param, dependencies, after_names, inputs)
+        context_param, dependencies, inputs, resources = _parameters(where, fn, step_name, self._specs)
+        _check_kinds(where, (item.param for item in inputs), resources, self._input_users, self._resource_users)
+        self._register(step_name, fn, None, context_param, dependencies, after_names, inputs, resources)
 
     def include(self, other: Flow, name: str | None = None, *, after: str | Iterable[str] = ()) -> None:
         """Use the whole flow `other` as one step of this flow (a nested flow).
@@ -307,7 +363,7 @@ class Flow:
             raise FlowDefinitionError(
                 f"{where}: the flow has already run or been included; declare every step before that"
             )
-        _check_new_name(where, step_name, self._specs, self._input_users)
+        _check_new_name(where, step_name, self._specs, self._input_users, self._resource_users)
         after_names = _after_names(where, after, self._specs)
         dependencies: list[str] = []
         inputs: list[Input] = []
@@ -321,11 +377,20 @@ class Flow:
                 dependencies.append(input_name)
             else:
                 inputs.append(Input(input_name, input_name in other._required_inputs))
+        # Its resources are the including run's: the same names, given to that run.
+        resources = list(other._resource_users)
+        for resource in resources:
+            if resource == step_name or resource in self._specs:
+                raise FlowDefinitionError(
+                    f"{where}: flow {other._name!r} has a resource named {resource!r} like a step of this flow; "
+                    "rename one"
+                )
+        _check_kinds(where, (item.param for item in inputs), resources, self._input_users, self._resource_users)
         try:
             plan = other._freeze()  # last: a refused include leaves `other` open to more steps
         except FlowDefinitionError as exc:
             raise FlowDefinitionError(f"{where}: cannot include flow {other._name!r}: {exc}") from exc
-        self._register(step_name, None, plan, None, dependencies, after_names, inputs)
+        self._register(step_name, None, plan, None, dependencies, after_names, inputs, resources)
 
     def _register(
         self,
@@ -336,6 +401,7 @@ class Flow:
         dependencies: list[str],
         after: tuple[str, ...],
         inputs: list[Input],
+        resources: list[str],
     ) -> None:
         self._specs[step_name] = StepSpec(
             name=step_name,
@@ -346,7 +412,11 @@ class Flow:
             after=after,
             inputs=tuple(inputs),
             waits_for=tuple(dependencies) + tuple(a for a in after if a not in dependencies),
+            # An include step's are its flow's steps' (given to them from the run, not by this step).
+            resources=tuple(resources) if include is None else (),
         )
+        for resource in resources:
+            self._resource_users.setdefault(resource, step_name)
         for item in inputs:
             self._input_users.setdefault(item.param, step_name)
             if item.required:
@@ -366,6 +436,7 @@ class Flow:
                 self.result,  # raises on an empty flow or a bad result=
                 self._input_users,
                 self.inputs,
+                self.resources,
             )
         return self._plan
 
@@ -404,6 +475,7 @@ class Flow:
         grace: float | None = None,
         deadline: float | None = None,
         on_event: EventCallback | None = None,
+        resources: Mapping[str, Any] | None = None,
     ) -> Completed[Any] | Interrupted:
         """Run the flow until every step completed or an interrupt stopped it.
 
@@ -444,14 +516,18 @@ class Flow:
                 should return quickly. An exception it raises is logged and does not affect the
                 run. The same events go to structlog (logger `"stoppoint"`) once the application
                 has configured structlog. With neither, no event is built.
+            resources: Live objects (a client, a pool) for the steps' parameters annotated
+                `Resource[T]`, by parameter name: every one the flow's steps take (`flow.resources`),
+                no other. They are passed to the steps as given, never serialised or stored, so a
+                resume needs them again.
 
         Returns:
             `Completed` with the result when every step completed, else `Interrupted`.
 
         Raises:
             FlowDefinitionError: The flow has no steps or a bad `result=`.
-            FlowInputError: Missing, unknown or invalid inputs, or a `run_id` UTF-8 cannot encode
-                (before any step starts or anything is stored).
+            FlowInputError: Missing, unknown or invalid inputs, missing or unknown resources, or a
+                `run_id` UTF-8 cannot encode (before any step starts or anything is stored).
             StepFailed: A step raised; `__cause__` is its exception.
             CheckpointMismatch: `resume` (or the stored run) is of another flow or version, or
                 `inputs` differ from its inputs.
@@ -467,7 +543,9 @@ class Flow:
             TypeError: A bad `interrupts`, `strategy`, `resume`, `store` or `run_id`.
             ValueError: A bad `grace` or `deadline`.
         """
-        options = RunOptions(inputs, interrupts, strategy, resume, store, run_id, grace, deadline, on_event)
+        options = RunOptions(
+            inputs, interrupts, strategy, resume, store, run_id, grace, deadline, on_event, resources=resources
+        )
         run = await open_run(self._freeze(), options)
         if isinstance(run, Completed):
             return run
@@ -490,6 +568,7 @@ class Flow:
         grace: float | None = None,
         deadline: float | None = None,
         on_event: EventCallback | None = None,
+        resources: Mapping[str, Any] | None = None,
     ) -> FlowRun:
         """Start a run in `task_group` and return a handle on it once it has begun.
 
@@ -510,6 +589,7 @@ class Flow:
             grace: As for `run()`.
             deadline: As for `run()`.
             on_event: As for `run()`.
+            resources: As for `run()`.
 
         Returns:
             The run's handle.
@@ -527,7 +607,9 @@ class Flow:
                 f"flow {self._name!r}: start() needs an anyio task group (async with anyio.create_task_group() "
                 f"as tg), got {type(task_group).__name__}"
             )
-        options = RunOptions(inputs, interrupts, strategy, resume, store, run_id, grace, deadline, on_event)
+        options = RunOptions(
+            inputs, interrupts, strategy, resume, store, run_id, grace, deadline, on_event, resources=resources
+        )
         run = await open_run(self._freeze(), options)
         if isinstance(run, Completed):
             return FlowRun._finished(self._name, run)

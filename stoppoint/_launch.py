@@ -32,7 +32,7 @@ from ._signal import InterruptSignal
 from ._store import BasicStore, RunState, RunStatus, Store, StoredRun
 from ._strategy import AtCheckpoint, Strategy
 
-__all__ = ["RunOptions", "check_options", "new_state", "open_run", "prepare", "submit"]
+__all__ = ["RunOptions", "check_options", "check_resources", "new_state", "open_run", "prepare", "submit"]
 
 _DEFAULT_STRATEGY = AtCheckpoint()  # strategies are frozen: one instance serves every run
 
@@ -54,6 +54,7 @@ class RunOptions:
     deadline: float | None = None
     on_event: EventCallback | None = None
     claim: Claim | None = None  # a worker's: the run is claimed already (the store is a Store)
+    resources: Mapping[str, Any] | None = None  # live objects for the steps' Resource[T] parameters
 
 
 async def open_run(plan: Plan, options: RunOptions) -> Attempt | Completed[Any]:
@@ -65,6 +66,8 @@ async def open_run(plan: Plan, options: RunOptions) -> Attempt | Completed[Any]:
     _check_run_id(flow, run_id)
     if isinstance(resume, Checkpoint):
         _check_run_id(flow, resume.run_id)
+    # Resources first: a run without them must not touch the store (nor claim, nor resume).
+    options = replace(options, resources=check_resources(plan, options.resources))
     if store is not None and (isinstance(store, type) or not isinstance(store, BasicStore)):
         raise TypeError(
             f"flow {flow!r}: store must implement the Store protocol (such as SQLiteStore(path)), or at least "
@@ -331,6 +334,8 @@ def prepare(plan: Plan, options: RunOptions, lease: Lease | None = None, *, rows
         raise TypeError(f"flow {flow!r}: run_id must be a non-empty str, got {run_id!r}")
     # (open_run checked the run id already: the given one, or the checkpoint's)
     control = Control(flow, run_id, options.strategy, grace, store, Observers(options.on_event))
+    if options.resources:
+        control.resources = dict(options.resources)
     inputs = _check_inputs(plan, inputs, store is not None)
     level = Run(plan, inputs, control, run_id, signals=control.signals, resume=resume)
     if lease is not None:
@@ -339,6 +344,29 @@ def prepare(plan: Plan, options: RunOptions, lease: Lease | None = None, *, rows
     elif store is not None:
         control.persist = WholeSaves(level, store)
     return Attempt(level, control, deadline)
+
+
+def check_resources(plan: Plan, resources: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The resources of one run of the flow of `plan`, checked: every one its steps take given, no other.
+
+    Raises:
+        FlowInputError: A resource is missing or unknown.
+        TypeError: `resources` is not a mapping of names.
+    """
+    if resources is None:
+        given: dict[str, Any] = {}
+    elif isinstance(resources, Mapping):
+        given = dict(resources)
+    else:
+        raise TypeError(
+            f"flow {plan.flow!r}: resources must be a mapping of resource names to objects, "
+            f"got {type(resources).__name__}"
+        )
+    missing = tuple(name for name in plan.resources if name not in given)
+    unknown = tuple(sorted(str(name) for name in given if name not in plan.resources))
+    if missing or unknown:
+        raise FlowInputError(plan.flow, missing_resources=missing, unknown_resources=unknown)
+    return given
 
 
 def _check_resume_inputs(plan: Plan, inputs: Mapping[str, Any] | None, checkpoint: Checkpoint) -> None:

@@ -34,6 +34,7 @@ class StepSpec:
     after: tuple[str, ...]  # ordering-only edges
     inputs: tuple[Input, ...]
     waits_for: tuple[str, ...]  # every step that must complete first: data edges, then `after=`
+    resources: tuple[str, ...] = ()  # parameters annotated `Resource[T]`: given by the run, never stored
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,8 @@ class Plan:
     entries: dict[str, tuple[StepSpec, tuple[tuple[str, bool], ...]]]
     counted: dict[str, int]  # step -> how many steps it waits for, if more than one (each run counts down a copy)
     roots: tuple[str, ...]  # steps that wait for nothing, in declaration order
+    # Every resource a run of the flow needs (its included flows' too), in order of first use.
+    resources: tuple[str, ...] = ()
 
     def resumed(
         self, completed: Mapping[str, object]
@@ -84,6 +87,7 @@ def compile_plan(
     result: str,
     input_users: Mapping[str, str],
     required_inputs: tuple[str, ...],
+    resources: tuple[str, ...] = (),
 ) -> Plan:
     """The plan of a flow whose steps are `specs` (checked by `Flow` as they were declared)."""
     dependants: dict[str, list[str]] = {name: [] for name in specs}
@@ -107,4 +111,5 @@ def compile_plan(
         },
         counted={name: left for name, left in waiting.items() if left > 1},
         roots=tuple(name for name, spec in specs.items() if not spec.waits_for),
+        resources=resources,
     )

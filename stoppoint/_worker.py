@@ -19,7 +19,7 @@ import anyio
 import structlog
 from anyio.abc import TaskGroup, TaskStatus
 
-from ._errors import StepFailed
+from ._errors import FlowInputError, StepFailed
 from ._flow import Flow, plan_of
 from ._handle import FlowRun
 from ._launch import RunOptions, open_run
@@ -78,12 +78,14 @@ class Worker:
         queues: The queues it serves, by name or as `Queue` (a `Queue` with a `concurrency` limit caps
             that queue's running runs across every worker of the store).
         max_runs: At most this many runs at once in this worker.
-        resources: Reserved for resources (live objects such as clients, given to the runs' steps):
-            kept, not passed to any run yet.
+        resources: Live objects (clients, pools) for the steps' `Resource[T]` parameters, by name. Each
+            run gets those its flow takes (`flow.resources`); the others are not passed to it. Every
+            resource of every flow it serves must be here.
 
     Raises:
         TypeError: `store` is not a `Store`, a flow is not a `Flow`, a queue not a str or `Queue`,
             `max_runs` not an int >= 1, or `resources` not a mapping of names.
+        FlowInputError: A flow takes a resource `resources` lacks (before anything is claimed).
         ValueError: No flow, two flows of one name, no queue, or one queue named twice.
         FlowDefinitionError: A flow has no steps or a bad `result=`.
     """
@@ -112,7 +114,14 @@ class Worker:
             not isinstance(resources, Mapping) or not all(isinstance(name, str) for name in resources)
         ):
             raise TypeError(f"Worker(resources): resources must be a mapping of names to objects, got {resources!r}")
-        self._resources = dict(resources or {})  # reserved: passed to no run yet
+        given = dict(resources or {})
+        # Each flow's runs get the resources its steps take, checked now, before anything is claimed.
+        self._resources: dict[str, dict[str, Any]] = {}
+        for flow_name, plan in self._plans.items():
+            missing = tuple(name for name in plan.resources if name not in given)
+            if missing:
+                raise FlowInputError(flow_name, missing_resources=missing)
+            self._resources[flow_name] = {name: given[name] for name in plan.resources}
         lease = store.lease
         self._interval = min(0.2, lease / 10) if isinstance(lease, int | float) and lease > 0 else 0.2
         self._listener: Listener | None = None
@@ -270,7 +279,9 @@ class Worker:
                 await self._release(lease)
                 return
             self._note("info", "worker.claimed", flow=lease.flow, run_id=lease.run_id, epoch=lease.epoch, was=status)
-            options = RunOptions(store=self._store, run_id=lease.run_id, claim=claim)
+            options = RunOptions(
+                store=self._store, run_id=lease.run_id, claim=claim, resources=self._resources[lease.flow]
+            )
             try:
                 attempt = await open_run(self._plans[lease.flow], options)
             except Exception as exc:

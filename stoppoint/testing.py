@@ -145,14 +145,17 @@ def interrupt_at(
     return _probing(_Recorder((step, checkpoint, flow, path), reason))
 
 
-async def stopping_points(flow: Flow, inputs: Mapping[str, Any] | None = None) -> list[StoppingPoint]:
-    """The stopping points an uninterrupted run of `flow` passes, in the order it passes them.
+async def stopping_points(
+    flow: Flow, inputs: Mapping[str, Any] | None = None, *, resources: Mapping[str, Any] | None = None
+) -> list[StoppingPoint]:
+    """The stopping points an uninterrupted run of `flow` passes, in the order it passes them
+    (`resources`: as for `flow.run()`).
 
     Raises:
         AssertionError: The run did not complete.
     """
     recorder = _Recorder()
-    outcome = await flow.run(inputs, interrupts=_probing(recorder))
+    outcome = await flow.run(inputs, interrupts=_probing(recorder), resources=resources)
     if not isinstance(outcome, Completed):
         raise AssertionError(f"flow {flow.name!r}: an uninterrupted run did not complete: {outcome!r}")
     return recorder.passed
@@ -200,7 +203,12 @@ class ResumabilityReport:
 
 
 async def check_resumable(
-    flow: Flow, inputs: Mapping[str, Any] | None = None, *, max_chain: int = 3, through_json: bool = True
+    flow: Flow,
+    inputs: Mapping[str, Any] | None = None,
+    *,
+    max_chain: int = 3,
+    through_json: bool = True,
+    resources: Mapping[str, Any] | None = None,
 ) -> ResumabilityReport:
     """Prove that `flow` can be stopped at each of its stopping points and resumed to the same result.
 
@@ -210,7 +218,7 @@ async def check_resumable(
     objects and that only ever resume in the same process); interrupts the resumed run again at its
     next stopping point of the original run, up to `max_chain` interrupts in all; and resumes to the
     end. Each chain must end `Completed` with a value equal to the uninterrupted one, and no step a
-    checkpoint holds completed may run again.
+    checkpoint holds completed may run again. `resources` are given to every run and resume.
 
     Returns:
         What was tried.
@@ -222,7 +230,7 @@ async def check_resumable(
     if isinstance(max_chain, bool) or not isinstance(max_chain, int) or max_chain < 1:
         raise ValueError(f"check_resumable(): max_chain must be an int >= 1, got {max_chain!r}")
     baseline = _Recorder()
-    first = await flow.run(inputs, interrupts=_probing(baseline))
+    first = await flow.run(inputs, interrupts=_probing(baseline), resources=resources)
     if not isinstance(first, Completed):
         raise AssertionError(f"flow {flow.name!r}: an uninterrupted run did not complete: {first!r}")
     run_id = first.report.run_id  # every chain is this run again
@@ -238,9 +246,9 @@ async def check_resumable(
             recorder = _Recorder((target.step, target.n, target.flow, target.path) if target is not None else None)
             try:
                 if checkpoint is None:
-                    outcome = await flow.run(inputs, interrupts=_probing(recorder), run_id=run_id)
+                    outcome = await flow.run(inputs, interrupts=_probing(recorder), run_id=run_id, resources=resources)
                 else:
-                    outcome = await flow.run(resume=checkpoint, interrupts=_probing(recorder))
+                    outcome = await flow.run(resume=checkpoint, interrupts=_probing(recorder), resources=resources)
             except Exception as exc:  # StepFailed: a step that cannot be run again, say
                 raise AssertionError(f"{where}: the {'resumed ' if checkpoint else ''}run raised {exc!r}") from exc
             if checkpoint is not None:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -190,21 +191,21 @@ async def test_every_example_flow_resumes_to_the_same_result_from_every_stopping
     nightly = load_example(RESUME)
     nightly.STOP_AFTER_PAGE = None  # the example's own operator stays out of it
     service = load_example(SERVICE)
-    cases = [
-        (deploy.deploy, {}, True, 10),
-        (etl.etl, {"records": 5000}, True, 13),
-        (invoice.invoice, {"customer": "acme"}, True, 6),
-        (nightly.flow, {"regions": ["north", "south", "east"]}, True, 7),
-        # Live objects as inputs (an API client, a warehouse): resumable in the same process only.
+    cases: list[tuple[sp.Flow, dict[str, Any], dict[str, Any], int | None]] = [
+        (deploy.deploy, {}, {}, 10),
+        (etl.etl, {"records": 5000}, {}, 13),
+        (invoice.invoice, {"customer": "acme"}, {}, 6),
+        (nightly.flow, {"regions": ["north", "south", "east"]}, {}, 7),
+        # Live objects (an API client, a warehouse) as resources: not in the checkpoint, given to every resume.
         (
             service.etl,
-            {"api": service.OrdersApi(service.ORDERS), "warehouse": service.Warehouse(), "batch": "north"},
-            False,
+            {"batch": "north"},
+            {"api": service.OrdersApi(service.ORDERS), "warehouse": service.Warehouse()},
             None,
         ),
     ]
-    for flow, inputs, through_json, points in cases:
-        report = await check_resumable(flow, inputs, through_json=through_json)
+    for flow, inputs, resources, points in cases:
+        report = await check_resumable(flow, inputs, resources=resources)
         if points is not None:
             assert len(report.points) == points, flow.name
         assert all(report.chains.values())
