@@ -134,6 +134,29 @@ async def test_restored_is_what_earlier_attempts_saved_not_this_one() -> None:
     assert reads[2:] == ["second", "second"]
 
 
+async def test_a_new_attempt_of_the_step_restores_what_the_previous_one_saved() -> None:
+    """The contract a retry relies on: `ctx._attempt(level)` begins another attempt of the step in the same run
+    (what a retry calls before re-invoking the step function), and its `restored()` is the last save before it."""
+    flow = sp.Flow("again")
+    reads: list[Any] = []
+
+    @flow.step
+    async def work(ctx: sp.StepContext) -> int:
+        reads.append(ctx.restored(int))
+        await ctx.save(1)
+        await ctx.save(2)
+        assert ctx._level is not None
+        ctx._attempt(ctx._level)  # a retry's next attempt
+        reads.append(ctx.restored(int))
+        await ctx.save(3)
+        reads.append(ctx.restored(int))
+        return 0
+
+    outcome = await flow.run()
+    assert isinstance(outcome, sp.Completed)
+    assert reads == [None, 2, 2]
+
+
 @dataclass
 class Page:
     number: int
