@@ -21,10 +21,10 @@ from importlib import metadata
 
 import anyio
 
-from . import across, latency, peers, persisted, postgres, scale, steps, stopping_point
+from . import across, latency, peers, persisted, postgres, saves, scale, steps, stopping_point
 from ._measure import Report
 
-SECTIONS = ["stopping-point", "steps", "latency", "scale", "peers", "persisted", "across", "postgres"]
+SECTIONS = ["stopping-point", "steps", "latency", "scale", "peers", "persisted", "saves", "across", "postgres"]
 
 
 def _versions() -> str:
@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> None:
         sizes = [20, 1_000] if quick else [20, 1_000, 10_000]
         # quick: whole saves (0.1, quadratic) at 20 steps only, to keep the smoke run short
         anyio.run(persisted.measure, report, sizes, 1 if quick else 3, 20 if quick else 1_000, backend=backend)
+    if "saves" in only:
+        anyio.run(saves.measure, report, 100 if quick else 2_000, 1 if quick else 5, backend=backend)
     if "across" in only:
         anyio.run(across.measure, report, 1 if quick else 5, 1 if quick else 3, backend, backend=backend)
     if "postgres" in only:

@@ -10,7 +10,9 @@ returns `sp.Interrupted`, whose report says what happened to each step.
 
 The run is persisted in the embedded store, an SQLite file (`.stoppoint/deploy.db` by default), and `main()`
 then runs the flow again with the same run id, which resumes it: `server` is not run again (its output comes
-back from the file), the upload starts over, and the deploy completes. Each run of the script is a new run id.
+back from the file), the upload goes on from the part where it stopped (it saves the parts it sent after each
+one, with `ctx.save()`, and reads them back with `ctx.restored()`), and the deploy completes. Each run of the
+script is a new run id.
 """
 
 import os
@@ -62,12 +64,14 @@ async def server(ctx: sp.StepContext, host: str = "web-1.example.com") -> Server
 
 @deploy.step
 async def upload(ctx: sp.StepContext, server: ServerInfo) -> UploadReceipt:
-    uploaded: list[str] = []
+    # The parts an earlier attempt of this run sent (a resume's, a recovery's): they are not sent again.
+    uploaded = ctx.restored(list[str], default=[])
     # `ctx.iterate` puts a stopping point before every part: if the run was interrupted, the step stops there.
-    async for part in ctx.iterate(PARTS):
+    async for part in ctx.iterate(PARTS[len(uploaded) :]):
         ctx.progress(len(uploaded), len(PARTS), f"sending {part}")
         await anyio.sleep(PART_SECONDS)  # pretend to send the part
         uploaded.append(part)
+        await ctx.save(uploaded)  # committed to the store before it returns: a resume starts after this part
         print(f"  uploaded part {len(uploaded)}/{len(PARTS)}: {part} -> {server.host}:{server.release_dir}")
         if len(uploaded) == 1 and first_part_uploaded is not None:
             first_part_uploaded.set()
@@ -99,8 +103,10 @@ def print_report(outcome: sp.Completed[Any] | sp.Interrupted) -> None:
     match outcome:
         case sp.Completed(value):
             print(f"result:      {value!r}")
-        case sp.Interrupted(signal):
+        case sp.Interrupted(signal, checkpoint=checkpoint):
             print(f"signal:      {signal.reason!r} (source: {signal.source})")
+            for name, state in checkpoint.progress.items():
+                print(f"saved:       {name}: {state!r} (a resume goes on from there)")
     resumed = [name for name, step in report.steps.items() if step.resumed]
     if resumed:
         print(f"resumed:     {', '.join(resumed)} (outputs from the store, not run again)")

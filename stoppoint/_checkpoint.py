@@ -27,11 +27,14 @@ __all__ = [
     "check_belongs",
     "input_refusal",
     "same_value",
+    "saved_json",
     "typed",
+    "validate_saved",
 ]
 
 FORMAT = "stoppoint.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The checkpoint format written: 2 added `progress` (saved state of unfinished steps); 1 is still read."""
 
 
 class Checkpoint(BaseModel):
@@ -45,6 +48,9 @@ class Checkpoint(BaseModel):
         outputs: Outputs of the steps that completed, by step name.
         nested: For an include step (`Flow.include`) that started but did not complete, the
             included flow's own checkpoint (its completed steps), by include step name.
+        progress: The state each unfinished step of this level last saved (`StepContext.save()`), as
+            JSON values, by step name; a step's entry is dropped when it completes. A resumed step
+            reads it with `StepContext.restored()`.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -55,6 +61,7 @@ class Checkpoint(BaseModel):
     inputs: dict[str, Any]
     outputs: dict[str, Any]
     nested: dict[str, Checkpoint] = {}
+    progress: dict[str, Any] = {}
 
     # The values of this run a save found shallow enough to read back (a runtime's checkpoints
     # share their level's dict; see `_too_deep`); None for a checkpoint built otherwise.
@@ -136,6 +143,7 @@ class Checkpoint(BaseModel):
         many include steps deep this checkpoint sits in the document)."""
         values = [(f"input {n!r}", v) for n, v in self.inputs.items()]
         values += [(f"the output of step {n!r}", v) for n, v in self.outputs.items()]
+        values += [(f"the state step {n!r} saved", v) for n, v in self.progress.items()]
         for what, value in values:
             self._check(what, self._value(what, value), level)
         for checkpoint in self.nested.values():
@@ -170,6 +178,7 @@ class Checkpoint(BaseModel):
             "inputs": {name: self._value(f"input {name!r}", v) for name, v in self.inputs.items()},
             "outputs": {name: self._value(f"the output of step {name!r}", v) for name, v in self.outputs.items()},
             "nested": {name: checkpoint._jsonable() for name, checkpoint in self.nested.items()},
+            "progress": {name: self._value(f"the state step {name!r} saved", v) for name, v in self.progress.items()},
         }
 
     def _value(self, what: str, value: Any) -> Any:
@@ -188,13 +197,14 @@ class CheckpointFile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     format: Literal["stoppoint.checkpoint"]
-    format_version: Literal[1]
+    format_version: Literal[1, 2]  # 1: stoppoint 0.1 and 0.2 before saved progress (no `progress`)
     flow: str
     flow_version: str
     run_id: str
     inputs: dict[str, Any]
     outputs: dict[str, Any]
     nested: dict[str, CheckpointFile] = {}
+    progress: dict[str, Any] = {}
 
     @classmethod
     def parse(cls, text: str | bytes) -> CheckpointFile:
@@ -233,6 +243,12 @@ def check_belongs(plan: Plan, checkpoint: Checkpoint | CheckpointFile) -> None:
         raise CheckpointMismatch(
             f"{where} of flow {plan.flow!r} has outputs for {', '.join(map(repr, unknown))}, which the flow "
             f"has no such (include) step for (steps: {', '.join(specs)})"
+        )
+    unknown = [name for name in checkpoint.progress if name not in specs or specs[name].include is not None]
+    if unknown:
+        raise CheckpointMismatch(
+            f"{where} of flow {plan.flow!r} has saved progress for {', '.join(map(repr, unknown))}, which the flow "
+            f"has no such step for (steps: {', '.join(specs)})"
         )
     strangers = [name for name in checkpoint.inputs if name not in plan.input_users]
     if strangers:
@@ -274,6 +290,8 @@ def typed(plan: Plan, file: CheckpointFile) -> Checkpoint:
         inputs=inputs,
         outputs=outputs,
         nested=nested,
+        # JSON values, as saved: `StepContext.restored()` validates one into the type its step asks for.
+        progress={name: value for name, value in file.progress.items() if name not in outputs},
     )
 
 
@@ -346,6 +364,38 @@ def _depth(jsonable: Any) -> int:
             deepest = max(deepest, depth)
             todo.extend((child, depth + 1) for child in children)
     return deepest
+
+
+def saved_json(flow: str, run_id: str, step: str, level: int, state: Any) -> Any:
+    """`state`, which step `step` saves (`StepContext.save()`), as the JSON value a checkpoint holds (a
+    copy: changing `state` afterwards changes nothing saved). `level`: how many include steps deep the
+    step's flow sits in the run.
+
+    Raises:
+        CheckpointError: `state` cannot be turned into JSON that reads back (naming the step).
+    """
+    where = f"checkpoint of flow {flow!r}, run {run_id!r}: the state step {step!r} saved"
+    try:
+        jsonable = pydantic_core.to_jsonable_python(state)
+    except (pydantic_core.PydanticSerializationError, ValueError, TypeError) as exc:
+        raise CheckpointError(
+            f"{where} ({type(state).__name__}) cannot be serialised to JSON: {exc}; save a pydantic model, a "
+            "dataclass or builtin values"
+        ) from exc
+    problem = json_problem(jsonable, level)[0]
+    if problem is not None:
+        raise CheckpointError(f"{where} {problem}")
+    return jsonable
+
+
+def validate_saved(flow: str, run_id: str, step: str, annotation: Any, value: Any) -> Any:
+    """A step's saved state `value` (JSON), validated into `annotation` (`StepContext.restored()`).
+
+    Raises:
+        CheckpointError: It does not validate (naming the step).
+    """
+    where = f"checkpoint of flow {flow!r}, run {run_id!r}"
+    return _validate(where, f"the state step {step!r} saved", annotation, value)
 
 
 def json_problem(jsonable: Any, level: int) -> tuple[str | None, str]:

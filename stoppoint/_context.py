@@ -18,18 +18,25 @@ from collections.abc import (
 )
 from time import perf_counter as _perf_counter
 from types import FrameType, TracebackType
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import anyio
 import anyio.lowlevel
 import structlog
 
+from ._checkpoint import saved_json, validate_saved
 from ._errors import StopRequested
 from ._sources import END_OF_SOURCE, close_generator, is_generator, open_source
+
+if TYPE_CHECKING:
+    from ._executor import Run
 
 __all__ = ["Shield", "StepContext"]
 
 T = TypeVar("T")
+D = TypeVar("D")
+
+_NOTHING: Any = object()  # `_restored` when no earlier attempt saved anything
 
 YIELD_INTERVAL = 0.001
 """Seconds of a step's time between checkpoints after which a checkpoint yields to the loop."""
@@ -99,10 +106,12 @@ class StepContext:
         "_forced",
         "_last_check",
         "_last_yield",
+        "_level",
         "_log",
         "_open",
         "_probe",
         "_progress",
+        "_restored",
         "_run_id",
         "_shielded",
         "_shields",
@@ -142,6 +151,15 @@ class StepContext:
         self._shielded = False  # a shield() block was entered (the run checks for cancellation after the step)
         self._progress: tuple[float, float | None, str | None] | None = None  # floats, checked
         self._probe: Callable[[], None] | None = None  # stoppoint.testing: told of every checkpoint
+        self._level: Run | None = None  # the level of the run the step runs in (None: a context made by hand)
+        self._restored: Any = _NOTHING  # what an earlier attempt saved (JSON), as this attempt began
+
+    def _attempt(self, level: Run) -> None:
+        """An attempt of the step begins in `level` (the executor calls this, and so does a retry before each
+        attempt): `restored()` gives what was saved before now, not what this attempt will save."""
+        self._level = level
+        progress = level.progress
+        self._restored = progress.get(self._step, _NOTHING) if progress else _NOTHING
 
     @property
     def run_id(self) -> str:
@@ -294,6 +312,60 @@ class StepContext:
         if not math.isfinite(number):
             raise ValueError(f"step {self._step!r}: progress({name}=) must be finite, got {value!r}")
         return number
+
+    async def save(self, state: Any) -> None:
+        """Save the step's progress, durably: a resume, a recovery or a retry of this step in this run
+        reads the last state saved with `restored()` and goes on from there.
+
+        `state` is turned into JSON at once (a copy: changing it afterwards changes nothing saved). With a
+        store, it is committed, under the run's lease, before this returns: each call is one write (see
+        the "Long steps that resume" guide for what that costs; save every few hundred items, not every
+        item, if items are cheap). Without a store, it travels in the checkpoint of an `Interrupted` or
+        `StepFailed` outcome (`checkpoint.progress[step]`). Each save replaces the step's last one, and
+        the step's saved state is dropped when it completes. A context made by hand keeps nothing.
+
+        Raises:
+            CheckpointError: `state` cannot be serialised to JSON, or not into JSON that reads back
+                (the message names the step); nothing is saved.
+            LeaseLost: The run lost its claim in the store (another process may be running it): nothing
+                was written, and the run is ending. Likewise the `StoreError` of a store that failed.
+        """
+        level = self._level
+        saved = saved_json(self._flow, self._run_id, self._step, len(level.path) if level is not None else 0, state)
+        if level is None:
+            return
+        level.progress[self._step] = saved
+        if level.persist:
+            await level.save_progress(self._step)
+            control = level.control
+            if control.store_down and control.store_error is not None:
+                raise control.store_error
+
+    @overload
+    def restored(self, type_: type[T]) -> T | None: ...
+    @overload
+    def restored(self, type_: type[T], default: D) -> T | D: ...
+    def restored(self, type_: Any, default: Any = None) -> Any:
+        """The state an earlier attempt of this step in this run last saved (`save()`), validated into
+        `type_` with pydantic, else `default`.
+
+        An earlier attempt is one that ended before this one began: the attempt a resume (from a
+        checkpoint or a store) or a recovery (another process claiming the run) goes on from, or the
+        attempt a retry follows. What this attempt saves is not "restored": the value is the same
+        throughout the attempt, whatever it saves meanwhile.
+
+        Args:
+            type_: What to validate the saved JSON into (`list[str]`, a model, `int`, ...).
+            default: What to return when no earlier attempt saved anything.
+
+        Raises:
+            CheckpointError: The saved state does not validate as `type_` (the step saves another shape
+                than it reads back?), naming the step.
+        """
+        value = self._restored
+        if value is _NOTHING:
+            return default
+        return validate_saved(self._flow, self._run_id, self._step, type_, value)
 
     @overload
     def iterate(self, source: AsyncIterable[T], every: int = 1) -> AsyncIterator[T]: ...

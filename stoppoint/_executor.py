@@ -70,6 +70,7 @@ class Run(StepEndings):
         "path",
         "persist",
         "plan",
+        "progress",
         "ready",
         "records",
         "run_id",
@@ -109,10 +110,12 @@ class Run(StepEndings):
             self.ready = list(plan.roots)
             self.outputs: dict[str, Any] = {}
             self.partial: dict[str, Checkpoint] = {}  # include steps left unfinished: their checkpoints
+            self.progress: dict[str, Any] = {}  # unfinished steps: the state each last saved (ctx.save)
         else:
             # Completed steps do not run again: their outputs come from the checkpoint.
             self.outputs = dict(resume.outputs)
             self.partial = dict(resume.nested)
+            self.progress = dict(resume.progress)
             self.timeline.resumed = frozenset(self.outputs)
             self.waiting, self.ready, self.entries = plan.resumed(self.outputs)
         # The ready queue is ready[head:]: a list and an index take a tenth of the memory of a
@@ -268,6 +271,7 @@ class Run(StepEndings):
                     ctx = _new_context(self.run_id, self.name, name, started)
                     if control.epoch:
                         ctx._epoch = control.epoch
+                    ctx._attempt(self)
                     if control.probe is not None:
                         ctx._probe = control.probe.counter(self.path, self.name, name)
                     kwargs[spec.context_param] = ctx
@@ -301,6 +305,8 @@ class Run(StepEndings):
                     record.status = _COMPLETED
                     record.finished = now
                     outputs[name] = value
+                    if self.progress:
+                        self.progress.pop(name, None)  # its saved state is dropped: its output replaces it
                     if self.persist:
                         # Durability: the output is committed before any step that needs it starts.
                         record.duration = now - started  # (the saved report reads the record)
@@ -342,6 +348,12 @@ class Run(StepEndings):
                         self.ready.append(dependant)
         finally:
             self.active -= 1
+
+    async def save_progress(self, name: str) -> None:
+        """Commit the state step `name` just saved (`StepContext.save()`; it is in `self.progress`)."""
+        persist = self.control.persist
+        if persist is not None:
+            await self.control.save(partial(persist.step, self, name))
 
     async def commit_step(self, name: str) -> None:
         """Save after step `name` completed. The save is shielded, so a cancellation of the run may
@@ -394,7 +406,7 @@ class Run(StepEndings):
                 record.stopped_at = stopped_at
         finally:
             self.includes.pop(name, None)
-            if record.status is not StepStatus.COMPLETED and (inner.outputs or inner.partial):
+            if record.status is not StepStatus.COMPLETED and (inner.outputs or inner.partial or inner.progress):
                 self.partial[name] = inner.checkpoint()
             record.told = True
             tell = self.observers.tell
@@ -455,6 +467,7 @@ class Run(StepEndings):
             inputs=dict(self.inputs),
             outputs=dict(self.outputs),
             nested={**self.partial, **{name: inner.checkpoint() for name, inner in self.includes.items()}},
+            progress=dict(self.progress),
         )
         checkpoint._fit = self.fit
         return checkpoint

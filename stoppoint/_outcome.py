@@ -217,7 +217,8 @@ class Interrupted(_Outcome):
     Attributes:
         signal: The first signal received: the one that stopped the run.
         report: Which steps completed, which stopped (and where), which never started.
-        checkpoint: What a later run needs to go on: the completed steps' outputs.
+        checkpoint: What a later run needs to go on: the completed steps' outputs, and the state unfinished
+            steps saved (`StepContext.save()`).
         forced: True when the run was escalated before it ended (a signal with `force=True`, or
             `grace` ran out): the steps then in flight were cancelled (`CANCELLED`) instead of
             being left to reach a stopping point.

@@ -5,11 +5,13 @@
 - `WholeSaves`, for a `BasicStore` (stoppoint 0.1's protocol): the whole checkpoint and report at
   every save.
 - `Leased`, for a `Store`: the head at the attempt's start (`write`), one step row per completed
-  step (`commit_step`), the head and the unfinished includes' rows at its end (`finish`, which gives
-  the lease up); every write carries the lease, so once another claim came none lands. In the
-  background, while steps run, it renews the lease every `lease / 3` s, stops the run when no
-  renewal succeeded for `0.8 x lease` (self-fencing: another process may claim it at `lease`), and
-  asks the store for interrupt requests every `store.interrupt_poll` s, delivering them as signals.
+  step (`commit_step`), one per `ctx.save()` (`commit_step` too: the row's checkpoint part holds the
+  saved state, in `progress`, until the step's output replaces it), the head and the unfinished
+  includes' rows at its end (`finish`, which gives the lease up); every write carries the lease, so
+  once another claim came none lands. In the background, while steps run, it renews the lease every
+  `lease / 3` s, stops the run when no renewal succeeded for `0.8 x lease` (self-fencing: another
+  process may claim it at `lease`), and asks the store for interrupt requests every
+  `store.interrupt_poll` s, delivering them as signals.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ class Persist(ABC):
 
     @abstractmethod
     async def step(self, level: Run, name: str) -> None:
-        """Step `name` of `level` completed: commit its output before any step that depends on it starts."""
+        """Step `name` of `level` completed: commit its output before any step that depends on it starts.
+        Also called when it saved its progress (`ctx.save()`): commit that before the save returns."""
 
     @abstractmethod
     async def end(self) -> None:
@@ -128,8 +131,8 @@ class Leased(Persist):
         )
 
     def row(self, step: str) -> StepRow | None:
-        """Top-level step `step`'s row: its output if it completed, else its include's checkpoint so far
-        (None if it has neither: an output a save dropped)."""
+        """Top-level step `step`'s row: its output if it completed, else its include's checkpoint so far,
+        else the state it saved (None if it has none of them: an output a save dropped)."""
         top = self.top
         if step in top.outputs:
             part = Checkpoint(
@@ -138,6 +141,15 @@ class Leased(Persist):
                 run_id=top.run_id,
                 inputs={},
                 outputs={step: top.outputs[step]},
+            )
+        elif step in top.progress:
+            part = Checkpoint(
+                flow=top.name,
+                flow_version=top.plan.version,
+                run_id=top.run_id,
+                inputs={},
+                outputs={},
+                progress={step: top.progress[step]},
             )
         else:
             inner = top.includes.get(step)
@@ -159,7 +171,7 @@ class Leased(Persist):
     async def start(self) -> None:
         # A checkpoint given to run(resume=...) may hold outputs the store lacks: they go in with the head.
         # One the store gave holds none (rewriting them would cost a resume of a long run one row per step).
-        resumed = () if self.rows_stored else (*self.top.timeline.resumed, *self.top.partial)
+        resumed = () if self.rows_stored else (*self.top.timeline.resumed, *self.top.partial, *self.top.progress)
         rows = [row for step in resumed if (row := self.row(step)) is not None]
         await self.store.write(self.lease, self.state(), rows)
 
@@ -172,11 +184,12 @@ class Leased(Persist):
         top = self.top
         rows = [row for step in (*top.partial, *top.includes) if (row := self.row(step)) is not None]
         # A step that ran and did not complete may have a row of its progress, reporting it running:
-        # its row gets how it ended, as the head's report says.
+        # its row gets how it ended, as the head's report says (with the state it saved, kept).
         written = {row.step for row in rows}
         for name, record in top.records.items():
             if record.status is not StepStatus.COMPLETED and name not in written:
-                rows.append(StepRow(name, top.timeline.step_report(name).model_dump_json()))
+                row = self.row(name) if name in top.progress else None
+                rows.append(row or StepRow(name, top.timeline.step_report(name).model_dump_json()))
         await self.store.finish(self.lease, self.state(), rows)
 
     async def over(self) -> None:

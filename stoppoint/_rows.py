@@ -292,9 +292,9 @@ def merge_rows(
     checkpoint_json: str, report_json: str, rows: Iterable[tuple[int, StepRow]], epoch: int
 ) -> tuple[str, str]:
     """A run's checkpoint and report as `Store.load()` gives them: its head's, with every step row's part
-    of the checkpoint added (outputs and nested checkpoints) and the reports of the rows of `epoch`
-    (the current attempt's) in place of their steps'. A head that is not JSON objects is returned as it
-    is, for `to_stored` to refuse saying why.
+    of the checkpoint added (outputs, nested checkpoints, and the state unfinished steps saved) and the
+    reports of the rows of `epoch` (the current attempt's) in place of their steps'. A head that is not
+    JSON objects is returned as it is, for `to_stored` to refuse saying why.
 
     Raises:
         ValueError: A step row's text is not what `commit_step` or `progress` stores (naming the step).
@@ -308,20 +308,26 @@ def merge_rows(
         return checkpoint_json, report_json
     outputs = checkpoint.setdefault("outputs", {})
     nested = checkpoint.setdefault("nested", {})
+    progress = checkpoint.get("progress", {})
     steps = report.setdefault("steps", {})
-    if not isinstance(outputs, dict) or not isinstance(nested, dict) or not isinstance(steps, dict):
+    if not all(isinstance(part, dict) for part in (outputs, nested, progress, steps)):
         return checkpoint_json, report_json
     for row_epoch, row in rows:
         if row.checkpoint_json is not None:
             part = _json_object(row.step, "checkpoint", row.checkpoint_json)
             part_outputs, part_nested = part.get("outputs", {}), part.get("nested", {})
-            if not isinstance(part_outputs, dict) or not isinstance(part_nested, dict):
+            part_progress = part.get("progress", {})
+            if not all(isinstance(p, dict) for p in (part_outputs, part_nested, part_progress)):
                 raise ValueError(f"the stored row of step {row.step!r}: its checkpoint part is not a checkpoint")
             if row.step in part_outputs:
                 outputs[row.step] = part_outputs[row.step]
                 nested.pop(row.step, None)
+                progress.pop(row.step, None)
             elif row.step in part_nested:
                 nested[row.step] = part_nested[row.step]
+            elif row.step in part_progress:  # the state a step that has not completed saved (ctx.save())
+                progress[row.step] = part_progress[row.step]
+                checkpoint["progress"] = progress
         if row_epoch == epoch:
             steps[row.step] = _json_object(row.step, "report", row.report_json)
     return json.dumps(checkpoint, ensure_ascii=False), json.dumps(report, ensure_ascii=False)

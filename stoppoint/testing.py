@@ -20,7 +20,7 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from ._checkpoint import same_value
+from ._checkpoint import Checkpoint, same_value
 from ._flow import Flow
 from ._outcome import Completed, Interrupted
 from ._plan import Plan
@@ -97,6 +97,11 @@ def _steps(plan: Plan) -> Iterator[tuple[str, str]]:
             yield from _steps(spec.include)
         else:
             yield name, plan.flow
+
+
+def _holds_progress(checkpoint: Checkpoint) -> bool:
+    """Whether a step of `checkpoint`, at any level, saved state that a resume restores."""
+    return bool(checkpoint.progress) or any(_holds_progress(inner) for inner in checkpoint.nested.values())
 
 
 def _include_steps(plan: Plan) -> set[str]:
@@ -190,11 +195,14 @@ class ResumabilityReport:
         points: The stopping points of the uninterrupted run, each of which was tried.
         chains: For each tried point, the points the run was interrupted at, in order (the first is
             the tried point; later ones interrupted the resumed runs, up to `max_chain`).
+        restored: How many of the resumes went on from state a step had saved (`StepContext.save()`):
+            0 for a flow that saves nothing.
     """
 
     value: Any
     points: list[StoppingPoint]
     chains: dict[StoppingPoint, list[StoppingPoint]] = field(default_factory=dict)
+    restored: int = 0
 
     @property
     def runs(self) -> int:
@@ -219,6 +227,13 @@ async def check_resumable(
     next stopping point of the original run, up to `max_chain` interrupts in all; and resumes to the
     end. Each chain must end `Completed` with a value equal to the uninterrupted one, and no step a
     checkpoint holds completed may run again. `resources` are given to every run and resume.
+
+    Saved progress is covered: a step that saved (`ctx.save()`) before the interrupt resumes from
+    what it saved (`ctx.restored()`), read back from the checkpoint's JSON as from a store, so a step
+    whose saved state does not match the work it did (saved before doing it, or missing part of what
+    it returns) resumes to another result and fails the check. A resumed step that restores its state
+    passes fewer stopping points than the uninterrupted run: the later interrupts of a chain are
+    counted in the resumed run's own stopping points of that step.
 
     Returns:
         What was tried.
@@ -269,6 +284,8 @@ async def check_resumable(
                 checkpoint = flow.load_checkpoint(outcome.checkpoint.to_json()) if through_json else outcome.checkpoint
             except Exception as exc:  # CheckpointError: an output or input JSON cannot hold
                 raise AssertionError(f"{where}: its checkpoint cannot go through JSON: {exc}") from exc
+            if _holds_progress(checkpoint):
+                report.restored += 1
             # The next interrupt of the chain: the next point of the original run that belongs to a
             # step the checkpoint does not hold completed (a step resumed runs again from its start).
             target = None

@@ -431,9 +431,20 @@ async def test_to_json_writes_the_documented_layout(channel: Channel) -> None:
     outcome = await people_flow(Stopper(interrupter, "end")).run(PEOPLE_INPUTS, interrupts=receiver, run_id="r-7")
     assert isinstance(outcome, sp.Interrupted)
     doc = json.loads(outcome.checkpoint.to_json())
-    assert list(doc) == ["format", "format_version", "flow", "flow_version", "run_id", "inputs", "outputs", "nested"]
+    assert list(doc) == [
+        "format",
+        "format_version",
+        "flow",
+        "flow_version",
+        "run_id",
+        "inputs",
+        "outputs",
+        "nested",
+        "progress",
+    ]
     assert doc["format"] == "stoppoint.checkpoint"
-    assert doc["format_version"] == 1
+    assert doc["format_version"] == 2
+    assert doc["progress"] == {}
     assert (doc["flow"], doc["flow_version"], doc["run_id"]) == ("people", "2024-06", "r-7")
     assert doc["inputs"]["born"] == "1990-05-17T08:30:00Z"
     assert doc["outputs"]["pet"] == {"kind": "dog", "good": True}
@@ -552,7 +563,7 @@ GOOD_DOC = checkpoint_doc(small_flow(), inputs={"count": 3}, outputs={"n": 3})
         pytest.param(json.dumps({**GOOD_DOC, "run_id": 7}), "run_id", id="run_id-an-int"),
         pytest.param(json.dumps({**GOOD_DOC, "format": "pickle"}), "format", id="wrong-format"),
         pytest.param(json.dumps({k: v for k, v in GOOD_DOC.items() if k != "format"}), "format", id="no-format"),
-        pytest.param(json.dumps({**GOOD_DOC, "format_version": 2}), "format_version", id="newer-version"),
+        pytest.param(json.dumps({**GOOD_DOC, "format_version": 3}), "format_version", id="newer-version"),
         pytest.param(json.dumps({**GOOD_DOC, "format_version": 0}), "format_version", id="older-version"),
         pytest.param(json.dumps({**GOOD_DOC, "format_version": "1"}), "format_version", id="version-a-string"),
         pytest.param(json.dumps({**GOOD_DOC, "pickle": "gASVAA=="}), "Extra inputs are not permitted", id="extra-key"),

@@ -47,16 +47,23 @@ def test_deploy_script_prints_report(tmp_path: Path) -> None:
     assert re.search(r"^stopped:\s+upload at deploy\.py:\d+$", out, re.MULTILINE), out
     assert re.search(r"^not started:\s+config, start$", out, re.MULTILINE), out
     assert "operator pressed stop" in out
+    assert re.search(r"^saved:\s+upload: \['app.tar.gz'", out, re.MULTILINE), out
     assert re.search(r"^outcome:\s+Completed$", out, re.MULTILINE), out
+    # The resume goes on from the part where the upload stopped: no part is sent twice.
+    for part in ("app.tar.gz", "static.tar.gz", "migrations.sql"):
+        assert len(re.findall(rf"^  uploaded part \d/3: {re.escape(part)} ", out, re.MULTILINE)) == 1, out
     assert re.search(r"^resumed:\s+server \(outputs from the store", out, re.MULTILINE), out
     assert (tmp_path / ".stoppoint" / "deploy.db").is_file()
 
 
 @pytest.mark.anyio
-async def test_deploy_main_is_interrupted_in_upload_then_resumed(anyio_backend: str, tmp_path: Path) -> None:
+async def test_deploy_main_is_interrupted_in_upload_then_resumed(
+    anyio_backend: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     example = load_example(DEPLOY)
     example.PART_SECONDS = 0.05
     outcome, resumed = await example.main(tmp_path / "deploy.db")
+    out = capsys.readouterr().out
     assert isinstance(outcome, sp.Interrupted)
     assert not outcome.forced
     assert outcome.signal.reason == "operator pressed stop"
@@ -73,6 +80,12 @@ async def test_deploy_main_is_interrupted_in_upload_then_resumed(anyio_backend: 
     )
     assert report.steps["upload"].stopped_at == f"deploy.py:{loop_line}"
     assert list(outcome.checkpoint.outputs) == ["server"]
+    # The parts sent before the stop were saved (ctx.save), and the resume sent only the others.
+    sent = outcome.checkpoint.progress["upload"]
+    assert sent == list(example.PARTS[: len(sent)])
+    assert 1 <= len(sent) < len(example.PARTS)
+    _, after = out.split("resuming run", 1)
+    assert re.findall(r"uploaded part (\d)/3", after) == [str(n) for n in range(len(sent) + 1, 4)]
     # The same run, resumed from the store: `server` is not run again, the rest completes.
     assert isinstance(resumed, sp.Completed)
     assert resumed.report.run_id == report.run_id
@@ -158,8 +171,12 @@ async def test_etl_stops_part_way_through_the_batch_and_resumes(anyio_backend: s
     assert step.progress is not None
     assert step.progress.done == 30_000  # stopped within `every=1000` records of the stop
     assert stopped.report.completed == ["extract"]
+    saved = stopped.checkpoint.progress["transform"]
+    assert saved["done"] == 30_000
+    assert len(saved["out"]) == 30_000
     assert isinstance(resumed, sp.Completed)
     assert resumed.value == sum((i % 97) * 2 for i in range(100_000))
+    assert example.began_at == [0, 30_000]  # the resume went on from the last save, not from record 0
 
 
 def test_the_users_test_file_passes_with_the_plugin() -> None:
@@ -187,6 +204,7 @@ async def test_every_example_flow_resumes_to_the_same_result_from_every_stopping
     deploy = load_example(DEPLOY)
     deploy.PART_SECONDS = 0.0
     etl = load_example(ETL)
+    etl.SAVE_EVERY = 1000  # saves within the 5,000 records checked
     invoice = load_example(TESTING_MY_FLOW)
     nightly = load_example(RESUME)
     nightly.STOP_AFTER_PAGE = None  # the example's own operator stays out of it
@@ -204,11 +222,16 @@ async def test_every_example_flow_resumes_to_the_same_result_from_every_stopping
             None,
         ),
     ]
+    restored = []
     for flow, inputs, resources, points in cases:
         report = await check_resumable(flow, inputs, resources=resources)
         if points is not None:
             assert len(report.points) == points, flow.name
         assert all(report.chains.values())
+        restored.append(report.restored)
+    # The flows that save their progress (deploy's upload, etl's transform) resumed from it, to the same result.
+    assert restored[0] > 0
+    assert restored[1] > 0
 
 
 def test_every_example_file_is_run_by_this_module() -> None:
