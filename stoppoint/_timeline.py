@@ -173,6 +173,8 @@ class Timeline:
         )
         if record.errors is not None:  # a step with a retry policy or a timeout (_retry.py)
             report = report.model_copy(update={"attempts": record.attempts, "errors": list(record.errors)})
+        elif record.status is StepStatus.FAILED and record.error is not None:
+            report = report.model_copy(update={"errors": [record.error]})  # its one attempt
         if record.status is StepStatus.COMPLETED:  # final: nothing changes a completed step's record
             self.cache[name] = report
         return report
