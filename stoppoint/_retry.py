@@ -236,8 +236,7 @@ async def run_guarded(run: Run, name: str, spec: StepSpec, kwargs: dict[str, Any
                 return False
             except cancelled_exc as exc:
                 if cancelled_exc is asyncio.CancelledError and not cancellation_in_effect():
-                    error = exc  # raised by the step while nobody cancelled it: a failure (not retried)
-                    run.failed(name, record, exc)
+                    run.failed(name, record, exc)  # raised while nobody cancelled: a failure, not retried
                     return False
                 record.finish(StepStatus.CANCELLED)
                 raise
