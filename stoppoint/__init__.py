@@ -17,6 +17,7 @@ from ._errors import FlowInputError as FlowInputError
 from ._errors import LeaseLost as LeaseLost
 from ._errors import RunOwned as RunOwned
 from ._errors import StepFailed as StepFailed
+from ._errors import StepTimeout as StepTimeout
 from ._errors import StoppointError as StoppointError
 from ._errors import StopRequested as StopRequested
 from ._errors import StoreError as StoreError
@@ -30,6 +31,7 @@ from ._events import RunEvent as RunEvent
 from ._events import StepCancelledEvent as StepCancelledEvent
 from ._events import StepCompletedEvent as StepCompletedEvent
 from ._events import StepFailedEvent as StepFailedEvent
+from ._events import StepRetryingEvent as StepRetryingEvent
 from ._events import StepStartedEvent as StepStartedEvent
 from ._events import StepStoppedEvent as StepStoppedEvent
 from ._feed import EventStream as EventStream
@@ -50,6 +52,7 @@ from ._outcome import RunReport as RunReport
 from ._outcome import StepReport as StepReport
 from ._outcome import StepStatus as StepStatus
 from ._resource import Resource as Resource
+from ._retry import Retry as Retry
 from ._signal import Interrupter as Interrupter
 from ._signal import InterruptSignal as InterruptSignal
 from ._signal import interrupt_channel as interrupt_channel
@@ -106,6 +109,7 @@ __all__ = [
     "Progress",
     "Queue",
     "Resource",
+    "Retry",
     "RunEvent",
     "RunOwned",
     "RunRecord",
@@ -120,10 +124,12 @@ __all__ = [
     "StepFailed",
     "StepFailedEvent",
     "StepReport",
+    "StepRetryingEvent",
     "StepRow",
     "StepStartedEvent",
     "StepStatus",
     "StepStoppedEvent",
+    "StepTimeout",
     "StopRequested",
     "StoppointError",
     "Store",

@@ -17,6 +17,7 @@ from ._events import (
     RunEvent,
     StepCompletedEvent,
     StepFailedEvent,
+    StepRetryingEvent,
     StepStoppedEvent,
 )
 from ._outcome import RunReport, StepReport, StepStatus
@@ -93,7 +94,7 @@ def step_lines(report: RunReport) -> list[str]:
     width = max((len(printable(name)) for name in report.steps), default=0)
     lines = []
     for name, step in report.steps.items():
-        status = step.status.value + (f" at {step.stopped_at}" if step.stopped_at else "")
+        status = step.status.value + _attempts(step) + (f" at {step.stopped_at}" if step.stopped_at else "")
         progress = _progress(step)
         lines.append(f"  {printable(name):<{width}}  {status}" + (f"  {progress}" if progress else ""))
     return lines
@@ -103,6 +104,15 @@ def printable(text: str) -> str:
     """`text` as is, or quoted with its newlines and other control characters escaped (`repr`), so
     that a run id cannot break a line or a column of the output."""
     return text if text.isprintable() else repr(text)
+
+
+def _attempts(step: StepReport) -> str:
+    """`" (attempt N)"` of a retried step still running, `" (N attempts)"` of one that ended; "" for one attempt."""
+    if step.attempts <= 1:
+        return ""
+    if step.status is StepStatus.RUNNING:
+        return f" (attempt {step.attempts})"
+    return f" ({step.attempts} attempts)"
 
 
 def _progress(step: StepReport) -> str:
@@ -184,6 +194,8 @@ class Display:
             detail = f" at {event.stopped_at}"
         elif isinstance(event, StepFailedEvent):
             detail = f": {event.error}"
+        elif isinstance(event, StepRetryingEvent):
+            detail = f": attempt {event.attempt} failed ({event.error}), next in {event.delay_s:.2f} s"
         where = f" {event.flow}.{step}" if step is not None and event.flow != self._flow else f" {step or ''}"
         self._line(f"{event.at.astimezone().strftime('%H:%M:%S')} {event.event}{where.rstrip()}{detail}")
 
@@ -212,7 +224,7 @@ class Display:
         table.add_column("time", justify="right")
         for name, step in report.steps.items():
             seconds = f"{step.duration_s:.2f} s" if step.duration_s is not None else ""
-            status = step.status.value + (f" at {step.stopped_at}" if step.stopped_at else "")
+            status = step.status.value + _attempts(step) + (f" at {step.stopped_at}" if step.stopped_at else "")
             # Text, not markup: names and progress messages are the user's, "[...]" included.
             table.add_row(Text(name), Text(status, style=_STYLES[step.status]), Text(_progress(step)), seconds)
         return table
@@ -228,11 +240,12 @@ def summary(report: RunReport, *, resume: str | None) -> str:
             label = f"{name} (at {step.stopped_at})" if step.stopped_at else name
             groups.setdefault("stopped", []).append(label)
         elif status is StepStatus.FAILED:
-            groups.setdefault("failed", []).append(f"{name} ({step.error})")
+            after = f"after {step.attempts} attempts: " if step.attempts > 1 else ""
+            groups.setdefault("failed", []).append(f"{name} ({after}{step.error})")
         elif status in (StepStatus.NOT_STARTED, StepStatus.PENDING):
             groups.setdefault("not started", []).append(name)
         else:
-            groups.setdefault(status.value, []).append(name + (" (resumed)" if step.resumed else ""))
+            groups.setdefault(status.value, []).append(name + (" (resumed)" if step.resumed else "") + _attempts(step))
     width = max((len(key) for key in groups), default=0)
     lines = ["", "summary:"]
     for key in ("completed", "stopped", "failed", "cancelled", "not started", "running"):

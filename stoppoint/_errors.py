@@ -10,8 +10,9 @@ The tree::
           +-- CheckpointError           a checkpoint cannot be read or used
           |    +-- CheckpointMismatch   a checkpoint of another flow, version or inputs
           +-- StoreError                a store cannot be read or written
-               +-- RunOwned             another live owner holds the run's lease
-               +-- LeaseLost            this process lost the run's lease (another may own it now)
+          |    +-- RunOwned             another live owner holds the run's lease
+          |    +-- LeaseLost            this process lost the run's lease (another may own it now)
+          +-- StepTimeout               an attempt of a step ran over its `timeout=` (also a TimeoutError)
 
     BaseException
      +-- StopRequested                  not an error: how a stopping point unwinds a step
@@ -35,6 +36,7 @@ __all__ = [
     "LeaseLost",
     "RunOwned",
     "StepFailed",
+    "StepTimeout",
     "StopRequested",
     "StoppointError",
     "StoreError",
@@ -178,6 +180,26 @@ class LeaseLost(StoreError):
     def __init__(self, flow: str, run_id: str, epoch: int, why: str) -> None:
         self.flow, self.run_id, self.epoch = flow, run_id, epoch
         super().__init__(f"flow {flow!r}, run {run_id!r}: lost the lease of epoch {epoch}: {why}")
+
+
+class StepTimeout(StoppointError, TimeoutError):
+    """An attempt of a step ran longer than its `timeout=` and was cancelled (API.md §11).
+
+    It is also a `TimeoutError`, so `except TimeoutError` and `Retry(on=(TimeoutError,))` catch it;
+    a step's `Retry` retries it when `on` matches it (the default `on=(Exception,)` does). When
+    no attempt is left, the step fails with it (`StepFailed.__cause__`).
+
+    Attributes:
+        step: The step's name.
+        seconds: The timeout each attempt had.
+    """
+
+    def __init__(self, step: str, seconds: float) -> None:
+        self.step, self.seconds = step, seconds
+        super().__init__(f"step {step!r}: the attempt ran over its timeout of {seconds:g} s and was cancelled")
+
+    def __reduce__(self) -> tuple[type[StepTimeout], tuple[str, float]]:
+        return type(self), (self.step, self.seconds)
 
 
 class StopRequested(BaseException):

@@ -26,6 +26,7 @@ __all__ = [
     "StepCancelledEvent",
     "StepCompletedEvent",
     "StepFailedEvent",
+    "StepRetryingEvent",
     "StepStartedEvent",
     "StepStoppedEvent",
 ]
@@ -87,6 +88,18 @@ class StepFailedEvent(RunEvent):
     error: str
 
 
+class StepRetryingEvent(RunEvent):
+    """An attempt of a step failed with an error its `Retry` retries: the step now waits `delay_s`
+    seconds (a stopping point) before attempt `attempt + 1` (`error`: `"ExcType: message"` of
+    attempt `attempt`, which counts from 1)."""
+
+    event: Literal["step.retrying"] = "step.retrying"
+    step: str
+    attempt: int
+    error: str
+    delay_s: float
+
+
 class StepCancelledEvent(RunEvent):
     """A step was cancelled mid-flight (forced, or a sibling failed)."""
 
@@ -132,6 +145,7 @@ Event = Annotated[
     | StepCompletedEvent
     | StepStoppedEvent
     | StepFailedEvent
+    | StepRetryingEvent
     | StepCancelledEvent
     | InterruptReceivedEvent
     | FlowCompletedEvent

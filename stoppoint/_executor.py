@@ -29,6 +29,7 @@ from ._errors import StopRequested
 from ._observers import step_ended, step_started
 from ._outcome import StepStatus
 from ._plan import Plan
+from ._retry import run_guarded
 from ._signal import InterruptSignal
 from ._timeline import StepRecord, Timeline
 
@@ -262,6 +263,9 @@ class Run(StepEndings):
             if fn is None:
                 assert spec.include is not None
                 if not await self.run_include(name, spec.include, kwargs):
+                    return
+            elif spec.guarded:  # a retry policy or a timeout: its own path, off this one
+                if not await run_guarded(self, name, spec, kwargs):
                     return
             else:
                 ctx: StepContext | None = None

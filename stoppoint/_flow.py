@@ -20,6 +20,7 @@ from ._launch import RunOptions, open_run, submit
 from ._outcome import Completed
 from ._plan import Input, Plan, StepSpec, compile_plan
 from ._resource import is_resource
+from ._retry import Retry, check_timeout
 from ._signal import InterruptSignal
 from ._strategy import AtCheckpoint, Strategy
 
@@ -34,6 +35,31 @@ StepFn = TypeVar("StepFn", bound=Callable[..., Awaitable[Any]])
 _CONTEXT_NAME = "ctx"
 _DEFAULT_STRATEGY = AtCheckpoint()
 _NO_DEFAULT = inspect.Parameter.empty
+
+
+class _Inherit:
+    """`retry=` / `timeout=` not given to `@flow.step`: the flow's default applies."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<the flow's default>"
+
+
+_INHERIT: Any = _Inherit()
+
+
+def _check_retry(where: str, retry: object) -> Retry | None:
+    if retry is not None and not isinstance(retry, Retry):
+        raise FlowDefinitionError(f"{where}: retry= must be a stoppoint.Retry or None, got {retry!r}")
+    return retry
+
+
+def _check_timeout(where: str, timeout: object) -> float | None:
+    try:
+        return check_timeout(where, timeout)
+    except (TypeError, ValueError) as exc:
+        raise FlowDefinitionError(str(exc)) from None
 
 
 def _is_context_annotation(annotation: Any) -> bool:
@@ -174,13 +200,22 @@ class Flow:
         version: Bumped when a change makes old checkpoints unusable.
         max_concurrency: At most this many steps run at once (None: no limit).
         result: Name of the step whose output is the flow's result (default: the last declared).
+        retry: The retry policy of every step that does not give its own (`@flow.step(retry=...)`).
+        timeout: Seconds each attempt of a step may run, for every step that does not give its own.
 
     Raises:
-        FlowDefinitionError: A bad name, version or `max_concurrency`.
+        FlowDefinitionError: A bad name, version, `max_concurrency`, `retry` or `timeout`.
     """
 
     def __init__(
-        self, name: str, *, version: str = "1", max_concurrency: int | None = None, result: str | None = None
+        self,
+        name: str,
+        *,
+        version: str = "1",
+        max_concurrency: int | None = None,
+        result: str | None = None,
+        retry: Retry | None = None,
+        timeout: float | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise FlowDefinitionError(f"Flow(): name must be a non-empty str, got {name!r}")
@@ -194,6 +229,8 @@ class Flow:
             )
         if result is not None and (not isinstance(result, str) or not result):
             raise FlowDefinitionError(f"flow {name!r}: result must be a step name, got {result!r}")
+        self._retry = _check_retry(f"flow {name!r}", retry)
+        self._timeout = _check_timeout(f"flow {name!r}", timeout)
         self._name = name
         self._version = version
         self._max_concurrency = max_concurrency
@@ -268,37 +305,58 @@ class Flow:
     @overload
     def step(self, fn: StepFn) -> StepFn: ...
     @overload
-    def step(self, *, name: str | None = None, after: str | Iterable[str] = ()) -> Callable[[StepFn], StepFn]: ...
+    def step(
+        self,
+        *,
+        name: str | None = None,
+        after: str | Iterable[str] = (),
+        retry: Retry | None = ...,
+        timeout: float | None = ...,
+    ) -> Callable[[StepFn], StepFn]: ...
     def step(
         self,
         fn: Callable[..., Awaitable[Any]] | None = None,
         *,
         name: str | None = None,
         after: str | Iterable[str] = (),
+        retry: Retry | None = _INHERIT,
+        timeout: float | None = _INHERIT,
     ) -> Any:
         """Declare an `async def` function as a step of this flow; returns the function unchanged.
 
-        Use as `@flow.step` or `@flow.step(name="...", after=("other",))`.
+        Use as `@flow.step` or `@flow.step(name="...", after=("other",), retry=sp.Retry(attempts=3),
+        timeout=30.0)`.
 
         Args:
             fn: The step function.
             name: The step's name (default: the function's name).
             after: Steps that must complete first although no output is passed.
+            retry: How the step is tried again when it fails (`sp.Retry`). Not given: the flow's
+                `retry=`; `None`: no retry, whatever the flow's default.
+            timeout: Seconds each attempt may run before it is cancelled with `sp.StepTimeout`.
+                Not given: the flow's `timeout=`; `None`: no timeout, whatever the flow's default.
 
         Raises:
             FlowDefinitionError: The declaration is invalid (the message names flow, step and problem).
         """
         if fn is not None:
-            self._add(fn, name, after)
+            self._add(fn, name, after, retry, timeout)
             return fn
 
         def decorate(fn: StepFn) -> StepFn:
-            self._add(fn, name, after)
+            self._add(fn, name, after, retry, timeout)
             return fn
 
         return decorate
 
-    def _add(self, fn: Callable[..., Awaitable[Any]], name: str | None, after: str | Iterable[str]) -> None:
+    def _add(
+        self,
+        fn: Callable[..., Awaitable[Any]],
+        name: str | None,
+        after: str | Iterable[str],
+        retry: Retry | None = _INHERIT,
+        timeout: float | None = _INHERIT,
+    ) -> None:
         if not callable(fn):
             raise FlowDefinitionError(
                 f"flow {self._name!r}, step {name!r}: a step must be an `async def` function, got {type(fn).__name__}"
@@ -322,9 +380,12 @@ class Flow:
         _check_new_name(where, step_name, self._specs, self._input_users, self._resource_users)
         after_names = _after_names(where, after, self._specs)
 
+        retry = self._retry if retry is _INHERIT else _check_retry(where, retry)
+        timeout = self._timeout if timeout is _INHERIT else _check_timeout(where, timeout)
+
         context_param, dependencies, inputs, resources = _parameters(where, fn, step_name, self._specs)
         _check_kinds(where, (item.param for item in inputs), resources, self._input_users, self._resource_users)
-        self._register(step_name, fn, None, context_param, dependencies, after_names, inputs, resources)
+        self._register(step_name, fn, None, context_param, dependencies, after_names, inputs, resources, retry, timeout)
 
     def include(self, other: Flow, name: str | None = None, *, after: str | Iterable[str] = ()) -> None:
         """Use the whole flow `other` as one step of this flow (a nested flow).
@@ -402,6 +463,8 @@ class Flow:
         after: tuple[str, ...],
         inputs: list[Input],
         resources: list[str],
+        retry: Retry | None = None,
+        timeout: float | None = None,
     ) -> None:
         self._specs[step_name] = StepSpec(
             name=step_name,
@@ -414,6 +477,9 @@ class Flow:
             waits_for=tuple(dependencies) + tuple(a for a in after if a not in dependencies),
             # An include step's are its flow's steps' (given to them from the run, not by this step).
             resources=tuple(resources) if include is None else (),
+            retry=retry,
+            timeout=timeout,
+            guarded=retry is not None or timeout is not None,
         )
         for resource in resources:
             self._resource_users.setdefault(resource, step_name)

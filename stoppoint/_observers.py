@@ -27,6 +27,7 @@ from ._events import (
     StepCancelledEvent,
     StepCompletedEvent,
     StepFailedEvent,
+    StepRetryingEvent,
     StepStartedEvent,
     StepStoppedEvent,
     log_event,
@@ -43,6 +44,7 @@ __all__ = [
     "past_events",
     "step_completed",
     "step_ended",
+    "step_retrying",
     "step_started",
 ]
 
@@ -151,6 +153,18 @@ def step_ended(timeline: Timeline, step: str, record: StepRecord, returned_at: f
     return StepCancelledEvent.model_construct(**common)
 
 
+def step_retrying(timeline: Timeline, step: str, at: float, attempt: int, error: str, delay_s: float) -> RunEvent:
+    return StepRetryingEvent.model_construct(
+        run_id=timeline.run_id,
+        flow=timeline.flow,
+        at=timeline.wall(at),
+        step=step,
+        attempt=attempt,
+        error=error,
+        delay_s=delay_s,
+    )
+
+
 def step_completed(timeline: Timeline, step: str, started: float, ended: float) -> RunEvent:
     return StepCompletedEvent.model_construct(
         run_id=timeline.run_id, flow=timeline.flow, at=timeline.wall(ended), step=step, duration_s=ended - started
@@ -197,5 +211,7 @@ def _step_events(timeline: Timeline, events: list[RunEvent]) -> None:
         events.append(step_started(timeline, name, record.started))
         if record.nested is not None:
             _step_events(record.nested, events)
+        for at, attempt, error, delay_s in record.retries:
+            events.append(step_retrying(timeline, name, at, attempt, error, delay_s))
         if record.told and record.finished is not None:
             events.append(step_ended(timeline, name, record))

@@ -6,9 +6,9 @@ from collections.abc import Callable
 from dataclasses import FrozenInstanceError
 from datetime import datetime
 from enum import StrEnum
-from typing import ClassVar, Generic, TypeVar, final
+from typing import Any, ClassVar, Generic, TypeVar, final
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from ._checkpoint import Checkpoint
 from ._signal import InterruptSignal
@@ -37,6 +37,9 @@ class StepStatus(StrEnum):
     """Never started: the run stopped or failed first."""
 
 
+_NOT_RUN = frozenset({"pending", "not_started", StepStatus.PENDING, StepStatus.NOT_STARTED})
+
+
 class Progress(BaseModel):
     """The last progress a step reported with `ctx.progress(done, total, message)`.
 
@@ -62,12 +65,19 @@ class StepReport(BaseModel):
         started_at: When it started (UTC), None if it never did.
         finished_at: When it ended (UTC), None if it never started or is still running.
         duration_s: Seconds between start and end.
-        stopped_at: `"file.py:LINE"` of the stopping point where an interrupted step stopped.
+        stopped_at: `"file.py:LINE"` of the stopping point where an interrupted step stopped (for a
+            stop in the wait between two attempts of a retried step: the step function's
+            `"file.py:LINE"` followed by `" (retry wait after attempt N)"`).
         error: `"ExcType: message"` of a failed step.
         progress: The last value the step reported with `ctx.progress()`.
         nested: For a step that includes another flow (`Flow.include`), that flow's report.
         resumed: True when the step completed in an earlier attempt of the run: its output came
             from the checkpoint (`run(resume=...)` or a store) and it did not run again.
+        attempts: How many times the step was tried in this attempt of the run (more than 1 only
+            with a `Retry`; 0 for a step that has not started; 1 for a resumed step). Counting
+            restarts at 1 when a run resumes.
+        errors: `"ExcType: message"` of each failed attempt, in order (a step that failed for
+            good has its last error here too, and in `error`).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -82,6 +92,16 @@ class StepReport(BaseModel):
     progress: Progress | None = None
     nested: RunReport | None = None
     resumed: bool = False
+    attempts: int = 1
+    errors: list[str] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _never_started(cls, data: Any) -> Any:
+        # A report stored before `attempts` existed: a step that never started made no attempt.
+        if isinstance(data, dict) and "attempts" not in data and data.get("status") in _NOT_RUN:
+            data = {**data, "attempts": 0}
+        return data
 
 
 class RunReport(BaseModel):

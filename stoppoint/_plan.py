@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._retry import Retry
 
 __all__ = ["Input", "Plan", "StepSpec", "compile_plan"]
 
@@ -35,6 +38,10 @@ class StepSpec:
     inputs: tuple[Input, ...]
     waits_for: tuple[str, ...]  # every step that must complete first: data edges, then `after=`
     resources: tuple[str, ...] = ()  # parameters annotated `Resource[T]`: given by the run, never stored
+    retry: Retry | None = None  # how a failed attempt is tried again (_retry.py)
+    timeout: float | None = None  # seconds per attempt
+    # A retry policy or a timeout: the step runs on _retry.py's path, not the executor's own.
+    guarded: bool = False
 
 
 @dataclass(frozen=True, slots=True)

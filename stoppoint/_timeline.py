@@ -40,6 +40,11 @@ class StepRecord:
     error: str | None = None
     nested: Timeline | None = None  # an include step's inner run
     progress: tuple[float, float | None, str | None] | None = None  # the context's, once the step is over
+    # A step with a retry policy or a timeout (_retry.py): its attempts so far, the errors of the
+    # failed ones, and (when, attempt, error, delay) of each `step.retrying` (a late listener's).
+    attempts = 1
+    errors: list[str] | None = None
+    retries: tuple[tuple[float, int, str, float], ...] | list[tuple[float, int, str, float]] = ()
     # Its end is final and was told to any listener: a listener who comes later learns it from the
     # record, and one who comes before hears it live, never both.
     told = False
@@ -146,7 +151,7 @@ class Timeline:
                 status = StepStatus.PENDING if self.ended is None else StepStatus.NOT_STARTED
             if cached is None or cached.status is not status:
                 self.cache[name] = cached = StepReport.model_construct(
-                    name=name, status=status, resumed=name in self.resumed
+                    name=name, status=status, resumed=name in self.resumed, attempts=int(name in self.resumed)
                 )
             return cached
         if cached is not None and cached.started_at is not None:
@@ -166,6 +171,10 @@ class Timeline:
             else Progress.model_construct(done=progress[0], total=progress[1], message=progress[2]),
             nested=None if record.nested is None else record.nested.report(),
         )
+        if record.errors is not None:  # a step with a retry policy or a timeout (_retry.py)
+            report = report.model_copy(update={"attempts": record.attempts, "errors": list(record.errors)})
+        elif record.status is StepStatus.FAILED and record.error is not None:
+            report = report.model_copy(update={"errors": [record.error]})  # its one attempt
         if record.status is StepStatus.COMPLETED:  # final: nothing changes a completed step's record
             self.cache[name] = report
         return report

@@ -134,27 +134,33 @@ async def test_restored_is_what_earlier_attempts_saved_not_this_one() -> None:
     assert reads[2:] == ["second", "second"]
 
 
-async def test_a_new_attempt_of_the_step_restores_what_the_previous_one_saved() -> None:
-    """The contract a retry relies on: `ctx._attempt(level)` begins another attempt of the step in the same run
-    (what a retry calls before re-invoking the step function), and its `restored()` is the last save before it."""
+async def test_a_retry_attempt_continues_from_what_the_failed_attempt_saved(store: sp.Store) -> None:
+    """A retried step's next attempt restores the last state the failed one saved (committed, with a store), and
+    what it saves itself is not restored within the attempt; the completed step's saved state is dropped."""
     flow = sp.Flow("again")
     reads: list[Any] = []
 
-    @flow.step
-    async def work(ctx: sp.StepContext) -> int:
-        reads.append(ctx.restored(int))
-        await ctx.save(1)
-        await ctx.save(2)
-        assert ctx._level is not None
-        ctx._attempt(ctx._level)  # a retry's next attempt
-        reads.append(ctx.restored(int))
-        await ctx.save(3)
-        reads.append(ctx.restored(int))
-        return 0
+    @flow.step(retry=sp.Retry(attempts=3, delay=0))
+    async def work(ctx: sp.StepContext) -> list[int]:
+        done: list[int] = ctx.restored(list[int], default=[])
+        reads.append(list(done))
+        for page in range(len(done), 4):
+            if page == 2 and len(reads) == 1:
+                raise ConnectionError("page 2: connection reset")  # the first attempt fails there
+            done.append(page)
+            await ctx.save(done)
+        reads.append(ctx.restored(list[int], default=[]))  # (this attempt's own saves are not restored)
+        return done
 
-    outcome = await flow.run()
-    assert isinstance(outcome, sp.Completed)
-    assert reads == [None, 2, 2]
+    outcome = await flow.run(store=store, run_id="r1")
+    assert isinstance(outcome, sp.Completed), outcome
+    assert outcome.value == [0, 1, 2, 3]
+    assert reads == [[], [0, 1], [0, 1]]  # the second attempt went on from page 2
+    step = outcome.report.steps["work"]
+    assert (step.attempts, step.errors) == (2, ["ConnectionError: page 2: connection reset"])
+    stored = await store.load("again", "r1")
+    assert stored is not None
+    assert json.loads(stored.checkpoint_json).get("progress", {}) == {}  # dropped once the step completed
 
 
 @dataclass
