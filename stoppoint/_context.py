@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import decimal
 import math
 import numbers
@@ -119,9 +120,12 @@ class StepContext:
         "_stop",
         "_stride",
     )
+    _level: Run | None  # (see `_setup`)
+    _restored: Any
 
     def __init__(self, *, run_id: str, flow: str, step: str, epoch: int = 0) -> None:
         self._setup(run_id, flow, step, _perf_counter())
+        self._level = None  # made by hand: in no run, it keeps nothing it saves
         if epoch:
             self._epoch = epoch
 
@@ -151,15 +155,27 @@ class StepContext:
         self._shielded = False  # a shield() block was entered (the run checks for cancellation after the step)
         self._progress: tuple[float, float | None, str | None] | None = None  # floats, checked
         self._probe: Callable[[], None] | None = None  # stoppoint.testing: told of every checkpoint
-        self._level: Run | None = None  # the level of the run the step runs in (None: a context made by hand)
-        self._restored: Any = _NOTHING  # what an earlier attempt saved (JSON), as this attempt began
+        # Not set here, to keep the per-step cost down: `_level` (the level of the run the step runs in; None
+        # for a context made by hand), set by the executor (or `_attempt`) and `__init__`; `_restored` (what an
+        # earlier attempt saved, as JSON), set on first use by `_before_this_attempt()`.
 
     def _attempt(self, level: Run) -> None:
-        """An attempt of the step begins in `level` (the executor calls this, and so does a retry before each
-        attempt): `restored()` gives what was saved before now, not what this attempt will save."""
+        """Another attempt of the step begins in `level` (a retry calls this before each attempt): `restored()`
+        gives what was saved before it, not what it will save."""
         self._level = level
-        progress = level.progress
-        self._restored = progress.get(self._step, _NOTHING) if progress else _NOTHING
+        with contextlib.suppress(AttributeError):
+            del self._restored
+
+    def _before_this_attempt(self) -> Any:
+        """What the step had saved when this attempt began (`_NOTHING`: nothing). Read on first use, which is
+        before this attempt's first `save()` (that calls this first), so the attempt's own saves are not in it."""
+        try:
+            return self._restored
+        except AttributeError:
+            level = self._level
+            progress = level.progress if level is not None else None
+            self._restored = value = progress.get(self._step, _NOTHING) if progress else _NOTHING
+            return value
 
     @property
     def run_id(self) -> str:
@@ -330,6 +346,7 @@ class StepContext:
             LeaseLost: The run lost its claim in the store (another process may be running it): nothing
                 was written, and the run is ending. Likewise the `StoreError` of a store that failed.
         """
+        self._before_this_attempt()  # (what restored() gives, read before this save replaces it)
         level = self._level
         saved = saved_json(self._flow, self._run_id, self._step, len(level.path) if level is not None else 0, state)
         if level is None:
@@ -362,7 +379,7 @@ class StepContext:
             CheckpointError: The saved state does not validate as `type_` (the step saves another shape
                 than it reads back?), naming the step.
         """
-        value = self._restored
+        value = self._before_this_attempt()
         if value is _NOTHING:
             return default
         return validate_saved(self._flow, self._run_id, self._step, type_, value)

@@ -275,7 +275,7 @@ class Run(StepEndings):
                     ctx = _new_context(self.run_id, self.name, name, started)
                     if control.epoch:
                         ctx._epoch = control.epoch
-                    ctx._attempt(self)
+                    ctx._level = self
                     if control.probe is not None:
                         ctx._probe = control.probe.counter(self.path, self.name, name)
                     kwargs[spec.context_param] = ctx
