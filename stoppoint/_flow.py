@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import typing
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -12,15 +11,22 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from ._checkpoint import Checkpoint, CheckpointFile, typed
-from ._context import StepContext
+from ._declare import (
+    INHERIT,
+    check_after,
+    check_kinds,
+    check_new_name,
+    check_retry,
+    check_timeout_of,
+    step_parameters,
+)
 from ._errors import FlowDefinitionError
 from ._events import EventCallback
 from ._handle import FlowRun
 from ._launch import RunOptions, open_run, submit
 from ._outcome import Completed
 from ._plan import Input, Plan, StepSpec, compile_plan
-from ._resource import is_resource
-from ._retry import Retry, check_timeout
+from ._retry import Retry
 from ._signal import InterruptSignal
 from ._strategy import AtCheckpoint, Strategy
 
@@ -32,157 +38,7 @@ __all__ = ["Flow", "plan_of"]
 
 StepFn = TypeVar("StepFn", bound=Callable[..., Awaitable[Any]])
 
-_CONTEXT_NAME = "ctx"
 _DEFAULT_STRATEGY = AtCheckpoint()
-_NO_DEFAULT = inspect.Parameter.empty
-
-
-class _Inherit:
-    """`retry=` / `timeout=` not given to `@flow.step`: the flow's default applies."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "<the flow's default>"
-
-
-_INHERIT: Any = _Inherit()
-
-
-def _check_retry(where: str, retry: object) -> Retry | None:
-    if retry is not None and not isinstance(retry, Retry):
-        raise FlowDefinitionError(f"{where}: retry= must be a stoppoint.Retry or None, got {retry!r}")
-    return retry
-
-
-def _check_timeout(where: str, timeout: object) -> float | None:
-    try:
-        return check_timeout(where, timeout)
-    except (TypeError, ValueError) as exc:
-        raise FlowDefinitionError(str(exc)) from None
-
-
-def _is_context_annotation(annotation: Any) -> bool:
-    """`StepContext`, or an optional/union that includes it (`StepContext | None`)."""
-    if annotation is StepContext:
-        return True
-    if isinstance(annotation, str):
-        # Under `from __future__ import annotations` the annotation is a string; do not eval it.
-        parts = annotation.replace("Optional[", "").replace("]", "").split("|")
-        return any(part.strip().rsplit(".", 1)[-1] == "StepContext" for part in parts)
-    return any(arg is StepContext for arg in typing.get_args(annotation))
-
-
-def _parameters(
-    where: str, fn: Callable[..., Awaitable[Any]], step_name: str, earlier: Mapping[str, object]
-) -> tuple[str | None, list[str], list[Input], list[str]]:
-    """Sort a step function's parameters: (its context parameter, the earlier steps whose outputs
-    it takes, the flow inputs it takes, its resources).
-
-    Raises:
-        FlowDefinitionError: A parameter no step may have (`where` names the flow and step).
-    """
-    try:
-        signature = inspect.signature(fn)
-    except (TypeError, ValueError) as exc:
-        raise FlowDefinitionError(f"{where}: cannot read the signature: {exc}") from exc
-    context_param: str | None = None
-    dependencies: list[str] = []
-    inputs: list[Input] = []
-    resources: list[str] = []
-    for param in signature.parameters.values():
-        if param.kind is inspect.Parameter.VAR_POSITIONAL or param.kind is inspect.Parameter.VAR_KEYWORD:
-            star = "*" if param.kind is inspect.Parameter.VAR_POSITIONAL else "**"
-            raise FlowDefinitionError(
-                f"{where}: parameter {star}{param.name} is not allowed; steps take named parameters only"
-            )
-        if param.kind is inspect.Parameter.POSITIONAL_ONLY:
-            raise FlowDefinitionError(
-                f"{where}: parameter {param.name!r} is positional-only; steps are called by parameter name"
-            )
-        if _is_context_annotation(param.annotation) or param.name == _CONTEXT_NAME:
-            if context_param is not None:
-                raise FlowDefinitionError(f"{where}: two context parameters ({context_param!r} and {param.name!r})")
-            context_param = param.name
-        elif param.name == step_name:
-            raise FlowDefinitionError(
-                f"{where}: parameter {param.name!r} has the step's own name; a step cannot take its own "
-                "output, and an input of that name would be shadowed by the step"
-            )
-        elif is_resource(fn, param.annotation):
-            if param.name in earlier:
-                raise FlowDefinitionError(
-                    f"{where}: resource parameter {param.name!r} has the name of an earlier step; rename one"
-                )
-            if param.default is not _NO_DEFAULT:
-                raise FlowDefinitionError(
-                    f"{where}: resource parameter {param.name!r} has a default; a resource is always given to "
-                    "the run (resources={...})"
-                )
-            resources.append(param.name)
-        elif param.name in earlier:
-            dependencies.append(param.name)
-        else:
-            inputs.append(Input(param.name, param.default is _NO_DEFAULT))
-    return context_param, dependencies, inputs, resources
-
-
-def _check_kinds(
-    where: str,
-    inputs: Iterable[str],
-    resources: Iterable[str],
-    input_users: Mapping[str, str],
-    resource_users: Mapping[str, str],
-) -> None:
-    """Refuse a name that would be a flow input in one step and a resource in another."""
-    for name in inputs:
-        if name in resource_users:
-            raise FlowDefinitionError(
-                f"{where}: {name!r} is a resource of earlier step {resource_users[name]!r} (annotated Resource[...]) "
-                "and an input here; annotate both alike or rename one"
-            )
-    for name in resources:
-        if name in input_users:
-            raise FlowDefinitionError(
-                f"{where}: {name!r} is an input of earlier step {input_users[name]!r} and a resource here "
-                "(annotated Resource[...]); annotate both alike or rename one"
-            )
-
-
-def _check_new_name(
-    where: str,
-    step_name: str,
-    specs: Mapping[str, StepSpec],
-    input_users: Mapping[str, str],
-    resource_users: Mapping[str, str],
-) -> None:
-    """Refuse a step name that is taken: by a step, the step context, or an earlier step's input or resource."""
-    if step_name in specs:
-        raise FlowDefinitionError(f"{where}: duplicate step name {step_name!r}")
-    if step_name == _CONTEXT_NAME:
-        raise FlowDefinitionError(f"{where}: {_CONTEXT_NAME!r} is reserved for the step context")
-    if step_name in input_users:
-        raise FlowDefinitionError(
-            f"{where}: the name {step_name!r} is already an input of earlier step "
-            f"{input_users[step_name]!r}; rename the step or that parameter"
-        )
-    if step_name in resource_users:
-        raise FlowDefinitionError(
-            f"{where}: the name {step_name!r} is already a resource of earlier step "
-            f"{resource_users[step_name]!r}; rename the step or that parameter"
-        )
-
-
-def _after_names(where: str, after: str | Iterable[str], specs: Mapping[str, StepSpec]) -> tuple[str, ...]:
-    """`after=` as a tuple of earlier steps' names, each once."""
-    after_names = (after,) if isinstance(after, str) else tuple(after)
-    for other in after_names:
-        if not isinstance(other, str):
-            raise FlowDefinitionError(f"{where}: after= must hold step names, got {other!r}")
-        if other not in specs:
-            known = ", ".join(specs) or "none yet"
-            raise FlowDefinitionError(f"{where}: after={other!r} is not an earlier step (declared so far: {known})")
-    return tuple(dict.fromkeys(after_names))
 
 
 class Flow:
@@ -229,8 +85,8 @@ class Flow:
             )
         if result is not None and (not isinstance(result, str) or not result):
             raise FlowDefinitionError(f"flow {name!r}: result must be a step name, got {result!r}")
-        self._retry = _check_retry(f"flow {name!r}", retry)
-        self._timeout = _check_timeout(f"flow {name!r}", timeout)
+        self._retry = check_retry(f"flow {name!r}", retry)
+        self._timeout = check_timeout_of(f"flow {name!r}", timeout)
         self._name = name
         self._version = version
         self._max_concurrency = max_concurrency
@@ -319,8 +175,8 @@ class Flow:
         *,
         name: str | None = None,
         after: str | Iterable[str] = (),
-        retry: Retry | None = _INHERIT,
-        timeout: float | None = _INHERIT,
+        retry: Retry | None = INHERIT,
+        timeout: float | None = INHERIT,
     ) -> Any:
         """Declare an `async def` function as a step of this flow; returns the function unchanged.
 
@@ -354,8 +210,8 @@ class Flow:
         fn: Callable[..., Awaitable[Any]],
         name: str | None,
         after: str | Iterable[str],
-        retry: Retry | None = _INHERIT,
-        timeout: float | None = _INHERIT,
+        retry: Retry | None = INHERIT,
+        timeout: float | None = INHERIT,
     ) -> None:
         if not callable(fn):
             raise FlowDefinitionError(
@@ -377,14 +233,14 @@ class Flow:
             kind = "an async generator" if inspect.isasyncgenfunction(fn) else "not an `async def` function"
             raise FlowDefinitionError(f"{where}: {kind}; a step must be declared with `async def`")
         step_name: str = label
-        _check_new_name(where, step_name, self._specs, self._input_users, self._resource_users)
-        after_names = _after_names(where, after, self._specs)
+        check_new_name(where, step_name, self._specs, self._input_users, self._resource_users)
+        after_names = check_after(where, after, self._specs)
 
-        retry = self._retry if retry is _INHERIT else _check_retry(where, retry)
-        timeout = self._timeout if timeout is _INHERIT else _check_timeout(where, timeout)
+        retry = self._retry if retry is INHERIT else check_retry(where, retry)
+        timeout = self._timeout if timeout is INHERIT else check_timeout_of(where, timeout)
 
-        context_param, dependencies, inputs, resources = _parameters(where, fn, step_name, self._specs)
-        _check_kinds(where, (item.param for item in inputs), resources, self._input_users, self._resource_users)
+        context_param, dependencies, inputs, resources = step_parameters(where, fn, step_name, self._specs)
+        check_kinds(where, (item.param for item in inputs), resources, self._input_users, self._resource_users)
         self._register(step_name, fn, None, context_param, dependencies, after_names, inputs, resources, retry, timeout)
 
     def include(self, other: Flow, name: str | None = None, *, after: str | Iterable[str] = ()) -> None:
@@ -424,8 +280,8 @@ class Flow:
             raise FlowDefinitionError(
                 f"{where}: the flow has already run or been included; declare every step before that"
             )
-        _check_new_name(where, step_name, self._specs, self._input_users, self._resource_users)
-        after_names = _after_names(where, after, self._specs)
+        check_new_name(where, step_name, self._specs, self._input_users, self._resource_users)
+        after_names = check_after(where, after, self._specs)
         dependencies: list[str] = []
         inputs: list[Input] = []
         for input_name in other._input_users:
@@ -446,7 +302,7 @@ class Flow:
                     f"{where}: flow {other._name!r} has a resource named {resource!r} like a step of this flow; "
                     "rename one"
                 )
-        _check_kinds(where, (item.param for item in inputs), resources, self._input_users, self._resource_users)
+        check_kinds(where, (item.param for item in inputs), resources, self._input_users, self._resource_users)
         try:
             plan = other._freeze()  # last: a refused include leaves `other` open to more steps
         except FlowDefinitionError as exc:
