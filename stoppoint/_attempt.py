@@ -89,6 +89,9 @@ class Attempt:
         if probe is not None:
             probe.attached(level.plan)
             probe.deliver = control.on_signal
+        tracing = control.observers.tracing
+        if tracing is not None:
+            await tracing.begin(level.timeline, control.store)  # the run's span, linked to earlier attempts'
         if control.observers.tell is not None:
             control.observers.tell(flow_started(level.timeline))
         channel = None

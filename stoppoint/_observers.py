@@ -32,6 +32,7 @@ from ._events import (
     StepStoppedEvent,
     log_event,
 )
+from ._otel import Tracing, tracing
 from ._outcome import Completed, Interrupted, StepStatus
 from ._signal import InterruptSignal
 from ._timeline import StepRecord, Timeline
@@ -54,16 +55,20 @@ _COMPLETED = StepStatus.COMPLETED  # (a module global: see _timeline)
 class Observers:
     """The listeners of one run, shared by every level of it (included flows too)."""
 
-    __slots__ = ("sinks", "tell")
+    __slots__ = ("sinks", "tell", "tracing")
 
     def __init__(self, on_event: EventCallback | None) -> None:
         # From its start: `on_event`, and structlog once the application configured it
-        # (unconfigured, structlog prints to stdout, which a library must not start doing).
+        # (unconfigured, structlog prints to stdout, which a library must not start doing),
+        # and OpenTelemetry's spans once the application configured a tracer provider (_otel).
         self.sinks: list[EventCallback] = []
         if on_event is not None:
             self.sinks.append(on_event)
         if structlog.is_configured():
             self.sinks.append(log_event)
+        self.tracing: Tracing | None = tracing()
+        if self.tracing is not None:
+            self.sinks.append(self.tracing)
         # What the run calls with each event: None while nobody listens.
         self.tell: Callable[[RunEvent], None] | None = self._dispatch if self.sinks else None
 
