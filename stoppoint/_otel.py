@@ -53,14 +53,16 @@ tracer_provider: TracerProvider | None = None
 """When set, the provider runs are traced with instead of the global one (`opentelemetry.trace`'s): for
 tests, which may set the global provider only once per process."""
 
-_ENV = "OTEL_PYTHON_TRACER_PROVIDER"
+# The variable that names a provider `get_tracer_provider()` loads: read once (a process's environment is
+# set before it starts), so that a run's check costs no environment look-up.
+_ENV_PROVIDER = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
 
 
 def tracing() -> Tracing | None:
     """A run's tracing observer, or None while no tracer provider is configured (see the module docstring)."""
     provider = tracer_provider
     if provider is None:
-        if "opentelemetry.trace" not in sys.modules and _ENV not in os.environ:
+        if "opentelemetry.trace" not in sys.modules and not _ENV_PROVIDER:
             return None
         try:
             from opentelemetry import trace
