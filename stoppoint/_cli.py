@@ -407,7 +407,7 @@ async def cmd_show(args: argparse.Namespace, signals: CommandSignals) -> int:
         if history.dropped:
             print(f"  ({history.dropped} earlier events dropped: the store keeps the last {EVENTS_KEPT})")
         for event in history:
-            print(f"  {printable(event_line(event, record.flow, _EVENT_TIME))}")
+            print(f"  {printable(event_line(event, record.flow, _EVENT_TIME, history=True))}")
         if not history and not history.dropped:
             print("  (none stored)")
     if status is RunStatus.RUNNING:

@@ -127,9 +127,10 @@ def _progress(step: StepReport) -> str:
     return f"{text} {message}" if message else text
 
 
-def event_line(event: RunEvent, flow: str, time_format: str = "%H:%M:%S") -> str:
+def event_line(event: RunEvent, flow: str, time_format: str = "%H:%M:%S", *, history: bool = False) -> str:
     """One line for `event` of a run of `flow` (local time, its name, the step, what it says): as the live
-    display prints the steps' events, and `stoppoint show --events` every event."""
+    display prints the steps' events, and, with `history`, `stoppoint show --events` every event (the run's
+    start, end and interrupts with what they say: the live display says it in its notes and summary)."""
     step = getattr(event, "step", None)
     detail = ""
     if isinstance(event, StepCompletedEvent):
@@ -143,6 +144,8 @@ def event_line(event: RunEvent, flow: str, time_format: str = "%H:%M:%S") -> str
     elif isinstance(event, StepProgressEvent):
         done = f"{event.done:g}/{event.total:g}" if event.total is not None else f"{event.done:g}"
         detail = f" {done}" + (f" {event.message}" if event.message else "")
+    elif not history:
+        pass
     elif isinstance(event, FlowStartedEvent) and event.resumed:
         detail = f" (resumed: {', '.join(event.resumed)} completed before)"
     elif isinstance(event, InterruptReceivedEvent):
