@@ -36,7 +36,7 @@ from ._errors import LeaseLost, StoreError
 from ._events import RunEvent
 from ._lease import Lease
 from ._outcome import StepStatus
-from ._store import BasicStore, EventStore, RunState, RunStatus, StepRow, Store, run_status
+from ._store import EVENTS_KEPT, BasicStore, EventStore, RunState, RunStatus, StepRow, Store, run_status
 
 if TYPE_CHECKING:
     from ._control import Control
@@ -328,6 +328,7 @@ class Leased(Persist):
                 history.clear()  # not this attempt's run any more: the renewal says so too
             except StoreError:
                 history[:0] = batch  # a store down for a moment: the next append tries again
+                del history[:-EVENTS_KEPT]  # (a store that never takes them: no more than it would keep)
             except Exception:  # events are for people watching: a failure to store them must not stop the run
                 logging.getLogger("stoppoint").exception(
                     "storing the events of run %s of flow %s failed", self.lease.run_id, self.lease.flow

@@ -1,8 +1,9 @@
-"""Stores: where runs are persisted so they survive the process (the `Store` and `LabelStore` protocols
-and records).
+"""Stores: where runs are persisted so they survive the process (the `Store`, `LabelStore` and `EventStore`
+protocols and records).
 
-A store keeps, per `(flow, run_id)`, the run's latest checkpoint and report as JSON text, and (a
-`LabelStore`) the run's labels, str key/value pairs for the tools that run it. It never
+A store keeps, per `(flow, run_id)`, the run's latest checkpoint and report as JSON text, (a
+`LabelStore`) the run's labels, str key/value pairs for the tools that run it, and (an `EventStore`) the
+run's history, its last `EVENTS_KEPT` events. It never
 unpickles or evaluates anything: what comes back is validated by pydantic (the flow turns the
 checkpoint's outputs back into each step's return type), so a tampered file yields an error, not
 code execution.
@@ -10,7 +11,8 @@ code execution.
 Two stores come with stoppoint: `MemoryStore` (`_memory.py`: a dict, for tests and runs that need not
 outlive the process) and `SQLiteStore` (`_sqlite.py`; `_sqlite_file.py` has its on-disk schema: one SQLite
 file, shared safely by several processes). Both keep the same rows, as text (`_rows.py`), so a value
-that cannot be serialised fails the same way in both; both are `LabelStore`s.
+that cannot be serialised fails the same way in both; both are `LabelStore`s and `EventStore`s, as is
+`PostgresStore`.
 """
 
 from __future__ import annotations
