@@ -31,6 +31,7 @@ from ._events import RunEvent as RunEvent
 from ._events import StepCancelledEvent as StepCancelledEvent
 from ._events import StepCompletedEvent as StepCompletedEvent
 from ._events import StepFailedEvent as StepFailedEvent
+from ._events import StepProgressEvent as StepProgressEvent
 from ._events import StepRetryingEvent as StepRetryingEvent
 from ._events import StepStartedEvent as StepStartedEvent
 from ._events import StepStoppedEvent as StepStoppedEvent
@@ -58,12 +59,14 @@ from ._signal import InterruptSignal as InterruptSignal
 from ._signal import interrupt_channel as interrupt_channel
 from ._sqlite import SQLiteStore as SQLiteStore
 from ._store import BasicStore as BasicStore
+from ._store import EventStore as EventStore
 from ._store import LabelStore as LabelStore
 from ._store import RunRecord as RunRecord
 from ._store import RunState as RunState
 from ._store import RunStatus as RunStatus
 from ._store import StepRow as StepRow
 from ._store import Store as Store
+from ._store import StoredEvents as StoredEvents
 from ._store import StoredRun as StoredRun
 from ._strategy import AtCheckpoint as AtCheckpoint
 from ._strategy import FinishCurrent as FinishCurrent
@@ -83,6 +86,7 @@ __all__ = [
     "Claim",
     "Completed",
     "Event",
+    "EventStore",
     "EventStream",
     "FinishCurrent",
     "Flow",
@@ -123,6 +127,7 @@ __all__ = [
     "StepContext",
     "StepFailed",
     "StepFailedEvent",
+    "StepProgressEvent",
     "StepReport",
     "StepRetryingEvent",
     "StepRow",
@@ -134,6 +139,7 @@ __all__ = [
     "StoppointError",
     "Store",
     "StoreError",
+    "StoredEvents",
     "StoredRun",
     "Strategy",
     "Worker",

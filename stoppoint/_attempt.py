@@ -133,9 +133,16 @@ class Attempt:
                 await persist.over()
         if level.fatal is not None:
             self.tell_end(level.fatal)
+            if persist is not None:
+                await persist.flush()
             raise level.fatal
         await level.let_cancellation_through()
-        return self.outcome()
+        if persist is None:
+            return self.outcome()
+        try:
+            return self.outcome()
+        finally:
+            await persist.flush()  # the events of its end, told after its end was written
 
     # -- its end --------------------------------------------------------------------------------------
 

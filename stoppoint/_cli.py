@@ -4,7 +4,7 @@
                                [--strategy at-checkpoint|finish-current|poll-next-N|ignore] [--grace SECONDS]
     stoppoint resume RUN_ID [--store STORE]
     stoppoint runs [--flow NAME] [--store STORE]
-    stoppoint show RUN_ID [--json] [--store STORE]
+    stoppoint show RUN_ID [--json] [--events] [--store STORE]
     stoppoint submit | worker | interrupt ...   (queues and workers: `_cli_worker`)
 
 Runs are kept in an embedded SQLite file, `.stoppoint/runs.db` under the current directory unless
@@ -53,12 +53,12 @@ from ._cli_store import (
     add_store_options,
     lease_of,
 )
-from ._display import Display, lease_text, print_styled, printable, status_style, step_lines, summary
+from ._display import Display, event_line, lease_text, print_styled, printable, status_style, step_lines, summary
 from ._errors import FlowDefinitionError, FlowInputError, StepFailed, StoppointError
 from ._flow import Flow, plan_of
 from ._outcome import Interrupted, RunReport
 from ._signal import interrupt_channel
-from ._store import CLI_TARGET_LABEL, BasicStore, RunStatus
+from ._store import CLI_TARGET_LABEL, EVENTS_KEPT, BasicStore, EventStore, RunStatus
 from ._strategy import AtCheckpoint, FinishCurrent, IgnoreInterruptions, PollNextN, Strategy
 from ._types import Unresolved, adapter, input_type, type_name
 
@@ -338,11 +338,19 @@ async def cmd_runs(args: argparse.Namespace, signals: CommandSignals) -> int:
     return EXIT_COMPLETED
 
 
+_EVENT_TIME = "%Y-%m-%d %H:%M:%S"  # a stored history may span days: its lines carry the date
+
+
 async def cmd_show(args: argparse.Namespace, signals: CommandSignals) -> int:
     run_id = _check_run_id(args.run_id)
     async with _stored_run(args.store, run_id, schema=args.schema) as (store, record):
         stored = await store.load(record.flow, run_id)  # a running run's steps as its owner last wrote them
         target = await _target_of(store, record)
+        history = None
+        if args.events:
+            if not isinstance(store, EventStore):
+                _fail(f"{type(store).__name__} keeps no events (it is not an EventStore)")
+            history = await store.events(record.flow, run_id)
     assert stored is not None
     record = stored.record  # as of the load: the same moment as the report
     report = RunReport.model_validate_json(stored.report_json)
@@ -360,6 +368,14 @@ async def cmd_show(args: argparse.Namespace, signals: CommandSignals) -> int:
                     "lease_expires_at": expires.isoformat() if expires is not None else None,
                     "queue": record.queue,
                     "report": json.loads(report.model_dump_json()),
+                    **(
+                        {}
+                        if history is None
+                        else {
+                            "events": [json.loads(event.model_dump_json()) for event in history],
+                            "events_dropped": history.dropped,
+                        }
+                    ),
                 },
                 indent=2,
             )
@@ -386,6 +402,14 @@ async def cmd_show(args: argparse.Namespace, signals: CommandSignals) -> int:
     resumable = status in (RunStatus.INTERRUPTED, RunStatus.FAILED, RunStatus.ORPHANED) and target is not None
     resume = _command("resume", record.run_id, args.store, args.schema) if resumable else None
     print(summary(report, resume=resume))
+    if history is not None:
+        print("events:")
+        if history.dropped:
+            print(f"  ({history.dropped} earlier events dropped: the store keeps the last {EVENTS_KEPT})")
+        for event in history:
+            print(f"  {printable(event_line(event, record.flow, _EVENT_TIME, history=True))}")
+        if not history and not history.dropped:
+            print("  (none stored)")
     if status is RunStatus.RUNNING:
         print(f"to stop it: {_command('interrupt', record.run_id, args.store, args.schema)}")
     elif status is RunStatus.QUEUED:
@@ -441,6 +465,7 @@ def _parser() -> argparse.ArgumentParser:
     show = commands.add_parser("show", help="show one stored run")
     show.add_argument("run_id", metavar="RUN_ID")
     show.add_argument("--json", action="store_true", help="print it as JSON")
+    show.add_argument("--events", action="store_true", help="print its stored events too, one line each")
     add_store_options(show, store_help)
     from ._cli_worker import add_commands  # it imports this module's helpers: not at the top
 

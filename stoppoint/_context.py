@@ -18,6 +18,7 @@ from collections.abc import (
     Iterator,
 )
 from time import perf_counter as _perf_counter
+from time import perf_counter as _progress_clock
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -27,6 +28,7 @@ import structlog
 
 from ._checkpoint import saved_json, validate_saved
 from ._errors import StopRequested
+from ._observers import step_progress
 from ._sources import END_OF_SOURCE, close_generator, is_generator, open_source
 
 if TYPE_CHECKING:
@@ -46,6 +48,9 @@ YIELD_INTERVAL = 0.001
 # 32 amortises it to a few percent, while a step whose iterations suddenly turn slow still yields
 # within 32 of them. Small ints are cached, so the countdown allocates nothing.
 _MAX_STRIDE = 32
+
+PROGRESS_EVENT_INTERVAL = 0.1
+"""Seconds between two `StepProgressEvent`s of a step (about 10 a second; the last one is always told)."""
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -112,6 +117,7 @@ class StepContext:
         "_open",
         "_probe",
         "_progress",
+        "_progress_told",
         "_restored",
         "_run_id",
         "_shielded",
@@ -121,6 +127,7 @@ class StepContext:
         "_stride",
     )
     _level: Run | None  # (see `_setup`)
+    _progress_told: tuple[float, bool]  # (see `_tell_progress`)
     _restored: Any
 
     def __init__(self, *, run_id: str, flow: str, step: str, epoch: int = 0) -> None:
@@ -302,7 +309,10 @@ class StepContext:
     def progress(self, done: float, total: float | None = None, message: str | None = None) -> None:
         """Report how far the step has got; the run's report shows the last value (`StepReport.progress`).
 
-        Cheap enough to call per item: it stores the values and does nothing else.
+        Cheap enough to call per item: it stores the values, and, while someone listens to the run's events
+        (`on_event=`, `FlowRun.events()`, structlog, or a store that keeps them: an `EventStore`), tells them
+        as a `StepProgressEvent`, at most about 10 a second (a value that comes sooner waits, and is told when
+        the step ends if no later one came: the last value is always told).
 
         Args:
             done: Work done so far, in any unit (items, bytes, percent).
@@ -316,6 +326,33 @@ class StepContext:
         if message is not None and not isinstance(message, str):
             raise TypeError(f"step {self._step!r}: progress(message=) must be a str or None, got {message!r}")
         self._progress = (self._finite("done", done), None if total is None else self._finite("total", total), message)
+        level = self._level
+        if level is not None and level.observers.tell is not None:
+            self._tell_progress(level, False)
+
+    def _tell_progress(self, level: Run, ending: bool) -> None:
+        """Tell the listeners the step's progress as a `StepProgressEvent`: at most one per
+        `PROGRESS_EVENT_INTERVAL` s (`_progress_told`: when the last one was told, and whether a later value
+        waits); `ending`: the step is ending, and a value that waits is told now (its last one)."""
+        tell = level.observers.tell
+        progress = self._progress
+        if tell is None or progress is None:
+            return
+        try:
+            last, waiting = self._progress_told
+        except AttributeError:  # (not set by _setup: one store less per step for the steps that never report)
+            last, waiting = -math.inf, False
+        if ending:
+            if waiting:
+                self._progress_told = (last, False)
+                tell(step_progress(level.timeline, self._step, _progress_clock(), progress))
+            return
+        now = _progress_clock()
+        if now - last >= PROGRESS_EVENT_INTERVAL:
+            self._progress_told = (now, False)
+            tell(step_progress(level.timeline, self._step, now, progress))
+        else:
+            self._progress_told = (last, True)
 
     def _finite(self, name: str, value: float) -> float:
         # Checked now, not when a report is built: a bad value must fail in the step that gave it.

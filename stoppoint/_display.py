@@ -12,11 +12,15 @@ import anyio
 from rich.text import Text
 
 from ._events import (
+    FlowCompletedEvent,
+    FlowFailedEvent,
+    FlowInterruptedEvent,
     FlowStartedEvent,
     InterruptReceivedEvent,
     RunEvent,
     StepCompletedEvent,
     StepFailedEvent,
+    StepProgressEvent,
     StepRetryingEvent,
     StepStoppedEvent,
 )
@@ -29,7 +33,7 @@ if TYPE_CHECKING:
 
     from ._handle import FlowRun
 
-__all__ = ["Display", "lease_text", "print_styled", "printable", "status_style", "step_lines", "summary"]
+__all__ = ["Display", "event_line", "lease_text", "print_styled", "printable", "status_style", "step_lines", "summary"]
 
 REFRESH_SECONDS = 0.2  # how often the live table reads the run's report (for ctx.progress)
 
@@ -123,6 +127,39 @@ def _progress(step: StepReport) -> str:
     return f"{text} {message}" if message else text
 
 
+def event_line(event: RunEvent, flow: str, time_format: str = "%H:%M:%S", *, history: bool = False) -> str:
+    """One line for `event` of a run of `flow` (local time, its name, the step, what it says): as the live
+    display prints the steps' events, and, with `history`, `stoppoint show --events` every event (the run's
+    start, end and interrupts with what they say: the live display says it in its notes and summary)."""
+    step = getattr(event, "step", None)
+    detail = ""
+    if isinstance(event, StepCompletedEvent):
+        detail = f" ({event.duration_s:.2f} s)"
+    elif isinstance(event, StepStoppedEvent) and event.stopped_at:
+        detail = f" at {event.stopped_at}"
+    elif isinstance(event, StepFailedEvent):
+        detail = f": {event.error}"
+    elif isinstance(event, StepRetryingEvent):
+        detail = f": attempt {event.attempt} failed ({event.error}), next in {event.delay_s:.2f} s"
+    elif isinstance(event, StepProgressEvent):
+        done = f"{event.done:g}/{event.total:g}" if event.total is not None else f"{event.done:g}"
+        detail = f" {done}" + (f" {event.message}" if event.message else "")
+    elif not history:
+        pass
+    elif isinstance(event, FlowStartedEvent) and event.resumed:
+        detail = f" (resumed: {', '.join(event.resumed)} completed before)"
+    elif isinstance(event, InterruptReceivedEvent):
+        detail = f" ({'forced, ' if event.signal.force else ''}{event.signal.reason})"
+    elif isinstance(event, FlowInterruptedEvent):
+        detail = f" ({'forced, ' if event.forced else ''}{event.signal.reason}; {event.duration_s:.2f} s)"
+    elif isinstance(event, FlowFailedEvent):
+        detail = f": {event.error} ({event.duration_s:.2f} s)"
+    elif isinstance(event, FlowCompletedEvent):
+        detail = f" ({event.duration_s:.2f} s)"
+    where = f" {event.flow}.{step}" if step is not None and event.flow != flow else f" {step or ''}"
+    return f"{event.at.astimezone().strftime(time_format)} {event.event}{where.rstrip()}{detail}"
+
+
 class Display:
     """Follows one run: `async with Display(handle, out) as display: tg.start_soon(display.follow)`."""
 
@@ -186,18 +223,9 @@ class Display:
             if event.resumed:
                 self._line(f"resumed: {', '.join(event.resumed)} completed before, not run again")
             return
-        step = getattr(event, "step", None)
-        detail = ""
-        if isinstance(event, StepCompletedEvent):
-            detail = f" ({event.duration_s:.2f} s)"
-        elif isinstance(event, StepStoppedEvent) and event.stopped_at:
-            detail = f" at {event.stopped_at}"
-        elif isinstance(event, StepFailedEvent):
-            detail = f": {event.error}"
-        elif isinstance(event, StepRetryingEvent):
-            detail = f": attempt {event.attempt} failed ({event.error}), next in {event.delay_s:.2f} s"
-        where = f" {event.flow}.{step}" if step is not None and event.flow != self._flow else f" {step or ''}"
-        self._line(f"{event.at.astimezone().strftime('%H:%M:%S')} {event.event}{where.rstrip()}{detail}")
+        if isinstance(event, StepProgressEvent):
+            return  # (a terminal shows it in the table; lines would be many)
+        self._line(event_line(event, self._flow))
 
     def _note(self, text: str) -> None:
         if self._live is not None:

@@ -26,6 +26,7 @@ __all__ = [
     "StepCancelledEvent",
     "StepCompletedEvent",
     "StepFailedEvent",
+    "StepProgressEvent",
     "StepRetryingEvent",
     "StepStartedEvent",
     "StepStoppedEvent",
@@ -78,6 +79,20 @@ class StepStoppedEvent(RunEvent):
     event: Literal["step.stopped"] = "step.stopped"
     step: str
     stopped_at: str | None = None
+
+
+class StepProgressEvent(RunEvent):
+    """A running step reported how far it got (`ctx.progress(done, total, message)`).
+
+    Told at most about 10 times a second per step: a report that comes sooner after the last one told
+    waits, and is told when the step ends (before its end event) unless a later one replaced it; so the
+    step's last report is always told."""
+
+    event: Literal["step.progress"] = "step.progress"
+    step: str
+    done: float
+    total: float | None = None
+    message: str | None = None
 
 
 class StepFailedEvent(RunEvent):
@@ -143,6 +158,7 @@ Event = Annotated[
     FlowStartedEvent
     | StepStartedEvent
     | StepCompletedEvent
+    | StepProgressEvent
     | StepStoppedEvent
     | StepFailedEvent
     | StepRetryingEvent

@@ -337,6 +337,8 @@ class Run(StepEndings):
                         record.told = True
                     tell = self.observers.tell  # (someone may have begun listening meanwhile)
                     if tell is not None:
+                        if ctx is not None:
+                            ctx._tell_progress(self, True)  # a progress event that waited: the last one
                         tell(step_ended(self.timeline, name, record, now))
                 if record.status is not _COMPLETED:
                     return

@@ -107,7 +107,8 @@ class FlowRun:
         the live ones; the stream ends after the run's end event. The run never waits for the
         consumer: one that falls more than `max_buffer` events behind loses the oldest
         (`EventStream.dropped` counts them). Any number of streams may be open on one run, and
-        while none is (and no `on_event` nor structlog listens), the run builds no event.
+        while none is (and no `on_event`, structlog or `EventStore` listens), the run builds no event.
+        Progress events (`StepProgressEvent`) are live only: the past ones are not rebuilt.
 
         Raises:
             ValueError: `max_buffer` is not an int >= 1.

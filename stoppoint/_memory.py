@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -15,6 +16,7 @@ from ._lease import Claim, Lease, Queue, check_lease
 from ._outcome import RunReport
 from ._rows import (
     Row,
+    check_events,
     check_names,
     check_state,
     checked_labels,
@@ -23,12 +25,13 @@ from ._rows import (
     interrupted_report,
     lease_record,
     now,
+    stored_events,
     to_row,
     to_stored,
     utc_text,
 )
 from ._signal import InterruptSignal
-from ._store import RunRecord, RunState, RunStatus, StepRow, StoredRun
+from ._store import EVENTS_KEPT, RunRecord, RunState, RunStatus, StepRow, StoredEvents, StoredRun
 
 __all__ = ["MemoryStore"]
 
@@ -59,7 +62,8 @@ class MemoryStore:
     so it behaves like a persistent store: an output that cannot be serialised fails here too, and
     what `load()` returns is validated the same way. One store may be shared by runs in several
     threads and event loops, with the same leases, fencing and interrupt requests as any `Store`
-    (within the process). It is a `LabelStore`: it keeps labels beside the runs.
+    (within the process). It is a `LabelStore`: it keeps labels beside the runs, and an `EventStore`: it
+    keeps each run's last `EVENTS_KEPT` events.
 
     Args:
         lease: Seconds a claim holds without renewal (owners renew every third of it).
@@ -75,6 +79,8 @@ class MemoryStore:
         self._lease = check_lease("MemoryStore", lease)
         self._runs: dict[tuple[str, str], _Run] = {}  # in the order of the runs' first saves
         self._run_labels: dict[tuple[str, str], dict[str, str]] = {}  # never holds an empty dict
+        # Per run: its last EVENTS_KEPT events' JSON, and how many it was ever given.
+        self._events: dict[tuple[str, str], tuple[deque[str], list[int]]] = {}
         self._lock = threading.Lock()
         self._requests = 0  # the last interrupt request's number
 
@@ -131,6 +137,7 @@ class MemoryStore:
         with self._lock:
             self._runs.pop((flow, run_id), None)
             self._run_labels.pop((flow, run_id), None)
+            self._events.pop((flow, run_id), None)
 
     # -- ownership -----------------------------------------------------------------------------------
 
@@ -328,6 +335,36 @@ class MemoryStore:
         with self._lock:
             labels = self._run_labels.get((flow, run_id), {})
             return dict(sorted(labels.items()))  # code point order: SQLite's order of UTF-8 text
+
+    # -- the EventStore protocol -------------------------------------------------------------------
+
+    async def append_events(self, lease: Lease, events: Sequence[str]) -> None:
+        """Append events to the run's history (see `EventStore.append_events`)."""
+        texts = check_events("MemoryStore", events)
+        await anyio.lowlevel.checkpoint()
+        with self._lock:
+            run = self._runs.get((lease.flow, lease.run_id))
+            if run is None or run.epoch != lease.epoch:
+                raise LeaseLost(
+                    lease.flow,
+                    lease.run_id,
+                    lease.epoch,
+                    "append_events(): the run is no longer stored"
+                    if run is None
+                    else f"append_events(): the run is at epoch {run.epoch}",
+                )
+            kept, count = self._events.setdefault((lease.flow, lease.run_id), (deque(maxlen=EVENTS_KEPT), [0]))
+            kept.extend(texts)
+            count[0] += len(texts)
+
+    async def events(self, flow: str, run_id: str) -> StoredEvents:
+        """The run's stored events, oldest first (see `EventStore.events`)."""
+        check_names("events", flow, run_id)
+        await anyio.lowlevel.checkpoint()
+        with self._lock:
+            kept, count = self._events.get((flow, run_id), ((), [0]))
+            texts = list(kept)
+        return stored_events("MemoryStore", flow, run_id, texts, count[0] - len(texts))
 
     # -- under the lock ----------------------------------------------------------------------------
 

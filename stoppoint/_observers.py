@@ -27,6 +27,7 @@ from ._events import (
     StepCancelledEvent,
     StepCompletedEvent,
     StepFailedEvent,
+    StepProgressEvent,
     StepRetryingEvent,
     StepStartedEvent,
     StepStoppedEvent,
@@ -45,6 +46,7 @@ __all__ = [
     "past_events",
     "step_completed",
     "step_ended",
+    "step_progress",
     "step_retrying",
     "step_started",
 ]
@@ -126,6 +128,21 @@ def flow_started(timeline: Timeline) -> RunEvent:
 
 def step_started(timeline: Timeline, step: str, at: float) -> RunEvent:
     return StepStartedEvent.model_construct(run_id=timeline.run_id, flow=timeline.flow, at=timeline.wall(at), step=step)
+
+
+def step_progress(
+    timeline: Timeline, step: str, at: float, progress: tuple[float, float | None, str | None]
+) -> RunEvent:
+    done, total, message = progress
+    return StepProgressEvent.model_construct(
+        run_id=timeline.run_id,
+        flow=timeline.flow,
+        at=timeline.wall(at),
+        step=step,
+        done=done,
+        total=total,
+        message=message,
+    )
 
 
 def interrupt_received(timeline: Timeline, signal: InterruptSignal, at: float) -> RunEvent:

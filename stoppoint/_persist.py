@@ -12,11 +12,19 @@
   `lease / 3` s, stops the run when no renewal succeeded for `0.8 x lease` (self-fencing: another
   process may claim it at `lease`), and asks the store for interrupt requests every
   `store.interrupt_poll` s, delivering them as signals.
+
+With an `EventStore`, the run's events (progress included) are kept in memory as they are told and
+appended in batches by a background writer every `EVENTS_INTERVAL` s, and once more after the run's end
+was told (`flush`): never on a step's path, so a persisted step costs the building of its events, not one
+write more. An append is fenced by the attempt's epoch (the run's end is told after `finish()` gave the
+lease up, and still belongs to the attempt). Events told after that flush (the end of a run whose caller
+cancelled it, told by `FlowRun`) are not stored.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
@@ -25,18 +33,22 @@ import anyio
 
 from ._checkpoint import Checkpoint
 from ._errors import LeaseLost, StoreError
+from ._events import RunEvent
 from ._lease import Lease
 from ._outcome import StepStatus
-from ._store import BasicStore, RunState, RunStatus, StepRow, Store, run_status
+from ._store import EVENTS_KEPT, BasicStore, EventStore, RunState, RunStatus, StepRow, Store, run_status
 
 if TYPE_CHECKING:
     from ._control import Control
     from ._executor import Run
 
-__all__ = ["PROGRESS_INTERVAL", "Leased", "Persist", "WholeSaves"]
+__all__ = ["EVENTS_INTERVAL", "PROGRESS_INTERVAL", "Leased", "Persist", "WholeSaves"]
 
 PROGRESS_INTERVAL = 1.0
 """Seconds between two writes of a running step's progress (API.md: at most once a second per step)."""
+
+EVENTS_INTERVAL = 0.5
+"""Seconds between two appends of a run's new events to an `EventStore` (in the background)."""
 
 
 class Persist(ABC):
@@ -69,6 +81,10 @@ class Persist(ABC):
         """The attempt is over, its end written or not (nothing to do without a lease)."""
         return
 
+    async def flush(self) -> None:
+        """The run's end was told: store the events not stored yet (nothing to do without an `EventStore`)."""
+        return
+
 
 class WholeSaves(Persist):
     """A `BasicStore`: the whole checkpoint and report at every save."""
@@ -96,7 +112,7 @@ class WholeSaves(Persist):
 class Leased(Persist):
     """A `Store`: fenced writes under the attempt's lease, renewed in the background."""
 
-    __slots__ = ("lease", "renewed", "requeue", "rows_stored", "seen", "store")
+    __slots__ = ("history", "lease", "renewed", "requeue", "rows_stored", "seen", "store")
 
     def __init__(self, top: Run, store: Store, lease: Lease, rows_stored: bool) -> None:
         super().__init__(top)
@@ -107,6 +123,11 @@ class Leased(Persist):
         self.renewed = anyio.current_time()  # when the last successful renewal (or the claim) was sent
         self.seen = 0  # the number of the last interrupt request delivered
         self.requeue = False  # a worker stopping: an interrupted end is stored queued, for another worker
+        # The events told and not appended yet (an EventStore's), in order; None: the store keeps none.
+        self.history: list[RunEvent] | None = None
+        if isinstance(store, EventStore):
+            self.history = []
+            self.control.observers.add(self.history.append)
 
     # -- writes ----------------------------------------------------------------------------------------
 
@@ -208,6 +229,8 @@ class Leased(Persist):
         control.spawn(self.fence)
         control.spawn(self.watch)
         control.spawn(self.report_progress)
+        if self.history is not None:
+            control.spawn(self.write_events)
 
     def lost(self, why: str | LeaseLost) -> None:
         """The lease is gone: stop at once, writing nothing more; run() raises LeaseLost."""
@@ -282,3 +305,35 @@ class Leased(Persist):
                         return
                     except StoreError:
                         pass  # progress is for people watching; the renewal says whether the store is gone
+
+    async def write_events(self) -> None:
+        """Append the events told since the last append, every `EVENTS_INTERVAL` s."""
+        while True:
+            await anyio.sleep(EVENTS_INTERVAL)
+            await self.append_history()
+
+    async def append_history(self) -> None:
+        """Append the events told and not appended yet (shielded: a batch taken is a batch written). A store
+        that fails keeps them for the next try; once the lease is lost, none is written any more."""
+        history, store = self.history, self.store
+        if not history or self.control.store_down:
+            return
+        batch = history[:]
+        del history[: len(batch)]  # (in place: the observers append to this list)
+        assert isinstance(store, EventStore)
+        with anyio.CancelScope(shield=True):
+            try:
+                await store.append_events(self.lease, [event.model_dump_json() for event in batch])
+            except LeaseLost:
+                history.clear()  # not this attempt's run any more: the renewal says so too
+            except StoreError:
+                history[:0] = batch  # a store down for a moment: the next append tries again
+                del history[:-EVENTS_KEPT]  # (a store that never takes them: no more than it would keep)
+            except Exception:  # events are for people watching: a failure to store them must not stop the run
+                logging.getLogger("stoppoint").exception(
+                    "storing the events of run %s of flow %s failed", self.lease.run_id, self.lease.flow
+                )
+
+    async def flush(self) -> None:
+        if self.history:
+            await self.append_history()

@@ -35,9 +35,18 @@ from ._lease import Claim, Lease, Queue, check_lease
 from ._outcome import RunReport
 from ._postgres_listen import Listener, Notices
 from ._postgres_schema import ensure_schema
-from ._rows import check_names, check_state, checked_labels, head_row, interrupt_signal, to_row, utf8
+from ._rows import (
+    check_events,
+    check_names,
+    check_state,
+    checked_labels,
+    head_row,
+    interrupt_signal,
+    to_row,
+    utf8,
+)
 from ._signal import InterruptSignal
-from ._store import RunRecord, RunState, StepRow, StoredRun
+from ._store import RunRecord, RunState, StepRow, StoredEvents, StoredRun
 from ._threads import Job
 
 __all__ = ["PostgresStore"]
@@ -313,6 +322,22 @@ class PostgresStore:
         if not _storable(flow, run_id):
             return {}
         return await self._call(runs.labels, self._where, flow, run_id, one=True, retry=True)
+
+    # -- the EventStore protocol -------------------------------------------------------------------
+
+    async def append_events(self, lease: Lease, events: Sequence[str]) -> None:
+        """Append events to the run's history, fenced, in one transaction (see `EventStore.append_events`)."""
+        texts = check_events(self._where, events)
+        self._text("append_events", *texts)
+        if texts:
+            await self._call(leases.append_events, lease, texts)
+
+    async def events(self, flow: str, run_id: str) -> StoredEvents:
+        """The run's stored events, oldest first (see `EventStore.events`)."""
+        check_names("events", flow, run_id)
+        if not _storable(flow, run_id):
+            return StoredEvents()
+        return await self._call(runs.events, self._where, flow, run_id)
 
     # -- opening and closing -----------------------------------------------------------------------
 

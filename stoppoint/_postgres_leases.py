@@ -37,10 +37,11 @@ from ._postgres_runs import (
 from ._postgres_schema import lock_key
 from ._rows import Row, interrupted_report
 from ._signal import InterruptSignal
-from ._store import RunStatus, StepRow
+from ._store import EVENTS_KEPT, RunStatus, StepRow
 
 __all__ = [
     "Requests",
+    "append_events",
     "claim",
     "claim_next",
     "commit_step",
@@ -149,6 +150,8 @@ def claim(
         other_flow(connection, where, flow, run_id)
         if new is None:
             return None
+        # (the events an older stoppoint's delete() left under the name: not this run's)
+        connection.execute("DELETE FROM events WHERE flow = %s AND run_id = %s", (flow, run_id))
         created = connection.execute(
             "INSERT INTO runs (flow, run_id, flow_version, status, started_at, updated_at, finished_at, checkpoint,"
             " report, owner, epoch, claimed_at, lease_expires_at)"
@@ -361,3 +364,24 @@ def submit(
         )
     merge_labels(connection, flow, run_id, labels)
     return True
+
+
+def append_events(connection: Connection, lease: Lease, events: list[str]) -> None:
+    """`EventStore.append_events`, in one transaction: fenced by the run's epoch (held, or finished since by the
+    lease's owner), under the run row's lock, which orders it against a claim and another append."""
+    key = (lease.flow, lease.run_id)
+    found = connection.execute("SELECT epoch FROM runs WHERE flow = %s AND run_id = %s FOR UPDATE", key).fetchone()
+    if found is None or found[0] != lease.epoch:
+        raise _lost(connection, lease, "append_events")
+    row = connection.execute("SELECT coalesce(max(seq), 0) FROM events WHERE flow = %s AND run_id = %s", key).fetchone()
+    last = int(row[0]) if row is not None else 0
+    with connection.cursor() as cursor:
+        cursor.executemany(
+            "INSERT INTO events (flow, run_id, seq, event) VALUES (%s, %s, %s, %s)",
+            [(*key, last + number, text) for number, text in enumerate(events, 1)],
+        )
+    end = last + len(events)
+    if end > EVENTS_KEPT:
+        connection.execute(
+            "DELETE FROM events WHERE flow = %s AND run_id = %s AND seq <= %s", (*key, end - EVENTS_KEPT)
+        )

@@ -12,13 +12,14 @@ from typing import Any
 import psycopg
 
 from ._errors import StoreError
-from ._rows import Row, lease_record, to_stored, utc_text
-from ._store import RunRecord, StepRow, StoredRun
+from ._rows import Row, lease_record, stored_events, to_stored, utc_text
+from ._store import RunRecord, StepRow, StoredEvents, StoredRun
 
 __all__ = [
     "FULL_COLUMNS",
     "Connection",
     "delete",
+    "events",
     "find_run",
     "insert_run",
     "labels",
@@ -103,7 +104,8 @@ def stored_run(connection: Connection, where: str, columns: tuple[Any, ...]) -> 
 
 
 def insert_run(connection: Connection, row: Row, *, queue: str | None = None) -> None:
-    """Insert a new run row, nobody's, epoch 0."""
+    """Insert a new run row, nobody's, epoch 0; the events an older stoppoint left under its name go."""
+    connection.execute("DELETE FROM events WHERE flow = %s AND run_id = %s", (row.flow, row.run_id))
     connection.execute(
         "INSERT INTO runs (flow, run_id, flow_version, status, started_at, updated_at, finished_at, checkpoint,"
         " report, queue) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
@@ -165,7 +167,7 @@ def list_runs(connection: Connection, where: str, flow: str | None) -> list[RunR
 
 
 def delete(connection: Connection, where: str, schema: str, flow: str, run_id: str) -> None:
-    for table in ("runs", "steps", "interrupts", "labels"):
+    for table in ("runs", "steps", "interrupts", "labels", "events"):
         connection.execute(f"DELETE FROM {table} WHERE flow = %s AND run_id = %s", (flow, run_id))
     notify(connection, schema, flow, run_id)  # an owner learns at once that its run is gone
 
@@ -177,3 +179,13 @@ def set_labels(connection: Connection, where: str, flow: str, run_id: str, label
 def labels(connection: Connection, where: str, flow: str, run_id: str) -> dict[str, str]:
     rows = connection.execute("SELECT key, value FROM labels WHERE flow = %s AND run_id = %s", (flow, run_id))
     return dict(sorted(rows.fetchall()))  # code point order, whatever the database's collation
+
+
+def events(connection: Connection, where: str, flow: str, run_id: str) -> StoredEvents:
+    """`EventStore.events`: one snapshot for the events and the count of dropped ones."""
+    connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+    rows = connection.execute(
+        "SELECT seq, event FROM events WHERE flow = %s AND run_id = %s ORDER BY seq", (flow, run_id)
+    ).fetchall()
+    dropped = int(rows[-1][0]) - len(rows) if rows else 0
+    return stored_events(where, flow, run_id, (text for _, text in rows), dropped)

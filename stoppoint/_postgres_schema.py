@@ -11,9 +11,15 @@
     interrupts  pending interrupt requests: id (bigserial: the request's number), flow, run_id, reason,
                 force, source, requested_at
     labels      (flow, run_id, key, value)
+    events      each run's history (EventStore): (flow, run_id, seq, event): seq numbers the run's events
+                from 1, event is one event's JSON; the last EVENTS_KEPT are kept, older ones deleted
 
 Created on first use, in one transaction under an advisory lock, so that processes starting together do
-not race; a schema of a newer version is refused.
+not race; a schema of a newer version is refused. The events table came later and keeps the schema version:
+it is purely additive (no table or column a stoppoint before it reads changed, and such a stoppoint ignores
+it), so a schema made before it gets it on first use, in the same transaction, rather than through an upgrade
+that would lock older stoppoints out. A new run row (a claim's or a submit's) first deletes any events left
+under its name (by an older stoppoint's `delete()`, which did not know them).
 """
 
 from __future__ import annotations
@@ -51,7 +57,11 @@ _TABLES = (
     "CREATE TABLE labels (flow text NOT NULL, run_id text NOT NULL, key text NOT NULL, value text NOT NULL,"
     " PRIMARY KEY (flow, run_id, key))",
 )
-_NAMES = {"meta", "runs", "steps", "interrupts", "labels"}
+_EVENTS = (
+    "CREATE TABLE events (flow text NOT NULL, run_id text NOT NULL, seq bigint NOT NULL, event text NOT NULL,"
+    " PRIMARY KEY (flow, run_id, seq))"
+)
+_NAMES = {"meta", "runs", "steps", "interrupts", "labels"}  # not events: a schema made before it lacks it
 
 
 def lock_key(schema: str, name: str) -> sql.Composed:
@@ -76,7 +86,7 @@ def ensure_schema(connection: psycopg.Connection[Any], schema: str, where: str) 
         }
         if not names & _NAMES:
             connection.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
-            for statement in _TABLES:
+            for statement in (*_TABLES, _EVENTS):
                 connection.execute(statement)
             connection.execute(
                 "INSERT INTO meta (key, value) VALUES ('app', %s), ('schema_version', %s)",
@@ -102,3 +112,5 @@ def ensure_schema(connection: psycopg.Connection[Any], schema: str, where: str) 
             raise StoreError(
                 f"{where}: schema {schema!r} is a damaged stoppoint store: its {missing[0]} table is missing"
             )
+        if "events" not in names:
+            connection.execute(_EVENTS)

@@ -300,4 +300,5 @@ async def run_guarded(run: Run, name: str, spec: StepSpec, kwargs: dict[str, Any
         record.told = True
         tell = run.observers.tell
         if tell is not None:
+            ctx._tell_progress(run, True)  # a progress event that waited: the last one
             tell(step_ended(run.timeline, name, record))

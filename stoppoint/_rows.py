@@ -12,19 +12,21 @@ from collections.abc import Collection, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from pydantic_core import PydanticSerializationError
 
 from ._checkpoint import Checkpoint, CheckpointFile
 from ._errors import CheckpointError, StoreError
+from ._events import Event
 from ._outcome import RunReport, StepStatus
 from ._signal import InterruptSignal
-from ._store import RunRecord, RunState, RunStatus, StepRow, StoredRun, run_status
+from ._store import RunRecord, RunState, RunStatus, StepRow, StoredEvents, StoredRun, run_status
 
 __all__ = [
     "RECORD_COLUMNS",
     "ROW_COLUMNS",
     "Row",
+    "check_events",
     "check_names",
     "check_state",
     "checked_labels",
@@ -34,6 +36,7 @@ __all__ = [
     "lease_record",
     "merge_rows",
     "now",
+    "stored_events",
     "to_record",
     "to_row",
     "to_stored",
@@ -409,3 +412,42 @@ def interrupted_report(report_json: str, signal: InterruptSignal, at: datetime) 
     return report.model_copy(
         update={"finished_at": at, "interrupts": [*report.interrupts, signal], "steps": steps}
     ).model_dump_json()
+
+
+_EVENT: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+def check_events(where: str, events: object) -> list[str]:
+    """The events given to `append_events`, checked: a sequence of str (each an event's JSON), encodable as
+    UTF-8 (as every store keeps text).
+
+    Raises:
+        TypeError: `events` is a str, or not a sequence of str.
+        StoreError: An event holds text that UTF-8 cannot encode.
+    """
+    if isinstance(events, str) or not isinstance(events, Collection):
+        raise TypeError(f"{where}: append_events() takes a sequence of JSON texts, got {events!r}")
+    texts = list(events)
+    for text in texts:
+        if not isinstance(text, str):
+            raise TypeError(f"{where}: append_events() takes JSON texts (str), got {text!r}")
+    if not utf8(*texts):
+        raise StoreError(f"{where}: append_events(): an event holds text that UTF-8 cannot encode")
+    return texts
+
+
+def stored_events(where: str, flow: str, run_id: str, texts: Iterable[object], dropped: int) -> StoredEvents:
+    """A run's stored events, read back from their JSON text.
+
+    Raises:
+        StoreError: A stored event is not one this stoppoint reads.
+    """
+    events = []
+    for text in texts:
+        try:
+            if not isinstance(text, str):
+                raise TypeError(f"it holds {type(text).__name__}, not text")
+            events.append(_EVENT.validate_json(text))
+        except (TypeError, ValidationError) as exc:
+            raise StoreError(f"{where}: run {run_id!r} of flow {flow!r}: a stored event is not valid: {exc}") from exc
+    return StoredEvents(events, dropped)

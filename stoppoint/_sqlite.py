@@ -25,6 +25,7 @@ from ._errors import StoreError
 from ._lease import Claim, Lease, Queue, check_lease
 from ._outcome import RunReport
 from ._rows import (
+    check_events,
     check_names,
     check_state,
     checked_labels,
@@ -35,7 +36,7 @@ from ._rows import (
 )
 from ._signal import InterruptSignal
 from ._sqlite_file import StoreFile, open_file, store_error
-from ._store import RunRecord, RunState, StepRow, StoredRun
+from ._store import RunRecord, RunState, StepRow, StoredEvents, StoredRun
 from ._threads import Job
 
 __all__ = ["SQLiteStore"]
@@ -291,6 +292,20 @@ class SQLiteStore:
         if not utf8(flow, run_id):  # as in load(): no run of that name is stored
             return {}
         return await self._call(runs.labels, flow, run_id)
+
+    # -- the EventStore protocol -------------------------------------------------------------------
+
+    async def append_events(self, lease: Lease, events: Sequence[str]) -> None:
+        """Append events to the run's history, in one transaction (see `EventStore.append_events`)."""
+        texts = check_events(self._where, events)
+        await self._call(leases.append_events, lease, texts)
+
+    async def events(self, flow: str, run_id: str) -> StoredEvents:
+        """The run's stored events, oldest first (see `EventStore.events`); never modifies the file."""
+        check_names("events", flow, run_id)
+        if not utf8(flow, run_id):
+            return StoredEvents()
+        return await self._call(runs.events, flow, run_id)
 
     # -- opening and closing -----------------------------------------------------------------------
 

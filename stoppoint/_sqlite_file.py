@@ -64,6 +64,14 @@ The on-disk schema of `SQLiteStore` (schema version 2), in SQLite's WAL journal 
         PRIMARY KEY (flow, run_id, key)
     );
 
+    CREATE TABLE events (  -- each run's history (EventStore): its last EVENTS_KEPT events
+        flow   TEXT NOT NULL,
+        run_id TEXT NOT NULL,
+        seq    INTEGER NOT NULL,  -- the event's number in the run's history, from 1; older ones deleted
+        event  TEXT NOT NULL,     -- JSON: RunEvent.model_dump_json()
+        PRIMARY KEY (flow, run_id, seq)
+    );
+
 A new file gets it all in one transaction. A step's completion is one small transaction: its row in
 `steps` (an upsert, keeping the row's place) and the run row's `updated_at`, both conditional on the
 run's `(owner, epoch)`; the head (`runs.checkpoint`, `runs.report`) is written at the start and at the end
@@ -104,6 +112,13 @@ header, which a store's saves of any size soon do. A log of another store that d
 or any log beside a file that has no id yet, cannot be told from the file's own and is replayed
 (`tests/test_hardening_store.py` shows it). The id is not in `meta`, whose page is written once, when
 the file is made, so that no log would ever hold it.
+
+The events table came after schema 2 and keeps its version: it is added with `CREATE TABLE IF NOT EXISTS`
+by the first write, like the labels table before it, and a file without it reads as one with no events (a
+stoppoint before it ignores the table: nothing it reads changed). An append is one transaction, fenced by
+the run's epoch, that inserts the new events and deletes those beyond the last `EVENTS_KEPT`; the count of
+dropped events is the last number less the count kept. A new run row (a first claim, save or submit) first
+deletes any events left under its name (by a stoppoint before events, whose `delete()` left them).
 
 Times are ISO 8601 text in UTC with microseconds, `2026-01-31T12:00:00.000000+00:00` (a naive time in
 a report is taken as UTC), so text order is time order: a lease is live while `lease_expires_at` is

@@ -31,9 +31,10 @@ from ._sqlite_runs import (
     other_flow,
     stored_run,
 )
-from ._store import RunStatus, StepRow
+from ._store import EVENTS_KEPT, RunStatus, StepRow
 
 __all__ = [
+    "append_events",
     "claim",
     "claim_next",
     "commit_step",
@@ -353,3 +354,29 @@ def submit(file: StoreFile, flow: str, run_id: str, new: Row, queue: str, labels
         return True
 
     return file.write(statements)
+
+
+def append_events(file: StoreFile, lease: Lease, events: list[str]) -> None:
+    """`EventStore.append_events`: fenced by the run's epoch (held, or finished since by the lease's owner)."""
+    connection = file.connection
+    key = (lease.flow, lease.run_id)
+
+    def statements() -> None:
+        found = connection.execute("SELECT epoch FROM runs WHERE flow = ? AND run_id = ?", key).fetchone()
+        if found is None or found[0] != lease.epoch:
+            raise _lost(file, lease, "append_events")
+        (last,) = connection.execute(
+            "SELECT coalesce(max(seq), 0) FROM events WHERE flow = ? AND run_id = ?", key
+        ).fetchone()
+        connection.executemany(
+            "INSERT INTO events (flow, run_id, seq, event) VALUES (?, ?, ?, ?)",
+            [(*key, last + number, text) for number, text in enumerate(events, 1)],
+        )
+        end = last + len(events)
+        if end > EVENTS_KEPT:
+            connection.execute(
+                "DELETE FROM events WHERE flow = ? AND run_id = ? AND seq <= ?", (*key, end - EVENTS_KEPT)
+            )
+
+    if events:
+        file.write(statements)

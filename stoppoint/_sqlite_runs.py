@@ -9,14 +9,15 @@ import sqlite3
 from typing import Any
 
 from ._errors import StoreError
-from ._rows import RECORD_COLUMNS, ROW_COLUMNS, Row, lease_record, now, to_stored, utc_text
+from ._rows import RECORD_COLUMNS, ROW_COLUMNS, Row, lease_record, now, stored_events, to_stored, utc_text
 from ._sqlite_file import StoreFile
 from ._sqlite_schema import OLD_TARGETS_TABLE, SCHEMA_VERSION, tables
-from ._store import CLI_TARGET_LABEL, RunRecord, StepRow, StoredRun
+from ._store import CLI_TARGET_LABEL, RunRecord, StepRow, StoredEvents, StoredRun
 
 __all__ = [
     "FULL_COLUMNS",
     "delete",
+    "events",
     "find_run",
     "insert_run",
     "labels",
@@ -108,7 +109,9 @@ def insert_run(
     claimed_at: str | None = None,
     queue: str | None = None,
 ) -> None:
-    """Insert a new run row (of a file written already: schema 2)."""
+    """Insert a new run row (of a file written already: schema 2, with an events table); the events a
+    stoppoint before events left under its name (its `delete()` did not know them) go."""
+    connection.execute("DELETE FROM events WHERE flow = ? AND run_id = ?", (row.flow, row.run_id))
     connection.execute(
         f"INSERT INTO runs ({FULL_COLUMNS}) VALUES ({', '.join('?' * 14)})",
         (*row, owner, epoch, expires_at, claimed_at, queue),
@@ -169,7 +172,7 @@ def list_runs(file: StoreFile, flow: str | None) -> list[RunRecord]:
 
 def delete(file: StoreFile, flow: str, run_id: str) -> None:
     def statements() -> None:
-        for table in ("runs", "steps", "interrupts", "labels"):
+        for table in ("runs", "steps", "interrupts", "labels", "events"):
             file.connection.execute(f"DELETE FROM {table} WHERE flow = ? AND run_id = ?", (flow, run_id))
 
     file.write(statements)
@@ -207,3 +210,25 @@ def labels(file: StoreFile, flow: str, run_id: str) -> dict[str, str]:
         return dict(sorted(found.items()))  # code point order: SQLite's order of UTF-8 text
 
     return file.read(statements)
+
+
+def events(file: StoreFile, flow: str, run_id: str) -> StoredEvents:
+    """`EventStore.events`: none in a file not written since before the events table."""
+
+    def statements() -> tuple[list[Any], int]:
+        if "events" not in tables(file.connection):
+            return [], 0
+        connection = file.connection
+        texts = [
+            text
+            for (text,) in connection.execute(
+                "SELECT event FROM events WHERE flow = ? AND run_id = ? ORDER BY seq", (flow, run_id)
+            )
+        ]
+        (last,) = connection.execute(
+            "SELECT coalesce(max(seq), 0) FROM events WHERE flow = ? AND run_id = ?", (flow, run_id)
+        ).fetchone()
+        return texts, int(last) - len(texts)
+
+    texts, dropped = file.read(statements)
+    return stored_events(file.where, flow, run_id, texts, dropped)

@@ -10,6 +10,7 @@ from ._errors import StoreError
 from ._store import CLI_TARGET_LABEL
 
 __all__ = [
+    "EVENTS_TABLE",
     "OLD_TARGETS_TABLE",
     "SCHEMA_VERSION",
     "check_old_targets",
@@ -27,6 +28,11 @@ SCHEMA_VERSION = 2
 _LABELS_TABLE = (  # IF NOT EXISTS: also how a file written before labels gets the table
     "CREATE TABLE IF NOT EXISTS labels (flow TEXT NOT NULL, run_id TEXT NOT NULL, key TEXT NOT NULL,"
     " value TEXT NOT NULL, PRIMARY KEY (flow, run_id, key))"
+)
+
+EVENTS_TABLE = (  # IF NOT EXISTS: how a file written before it gets the table, in its first write
+    "CREATE TABLE IF NOT EXISTS events (flow TEXT NOT NULL, run_id TEXT NOT NULL, seq INTEGER NOT NULL,"
+    " event TEXT NOT NULL, PRIMARY KEY (flow, run_id, seq))"
 )
 
 _LEASE_COLUMNS = (  # schema 2's columns of runs; ADD COLUMN puts them last, so a new file has them last too
@@ -56,11 +62,13 @@ _SCHEMA = (
     "CREATE INDEX runs_by_start ON runs (started_at)",
     *_SCHEMA_2,
     _LABELS_TABLE,
+    EVENTS_TABLE,
 )
 
 _TABLES = {1: {"meta", "runs"}, 2: {"meta", "runs", "steps", "interrupts"}}
 """The tables a file of each schema version must have. Not labels: schema 1's first files had none, and a file
-without it is read as such (its first write adds it)."""
+without it is read as such (its first write adds it); not events either, for the same reason (files written
+before event histories have none)."""
 
 OLD_TARGETS_TABLE = "cli_targets"
 """The table in which the `stoppoint` command kept each run's target before labels (see `_sqlite_file`)."""
@@ -93,9 +101,9 @@ def read_version(connection: sqlite3.Connection) -> int:
 
 
 def needs_upgrade(connection: sqlite3.Connection, version: int, names: set[str]) -> bool:
-    """Whether the first write must upgrade the file (`upgrade`): an earlier schema, no labels table yet, the
-    old command's targets still in their table, or no store id."""
-    if version < SCHEMA_VERSION or "labels" not in names or OLD_TARGETS_TABLE in names:
+    """Whether the first write must upgrade the file (`upgrade`): an earlier schema, no labels or events table
+    yet, the old command's targets still in their table, or no store id."""
+    if version < SCHEMA_VERSION or "labels" not in names or "events" not in names or OLD_TARGETS_TABLE in names:
         return True
     (store_id,) = connection.execute("PRAGMA user_version").fetchone()
     return bool(store_id == 0)
@@ -136,6 +144,7 @@ def upgrade(connection: sqlite3.Connection, path: str) -> bool:
             connection.execute(statement)
         connection.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
     connection.execute(_LABELS_TABLE)
+    connection.execute(EVENTS_TABLE)
     if OLD_TARGETS_TABLE in names:
         # A row without a run id, flow or target was never found by the command: there is nothing to keep.
         # OR REPLACE: an older stoppoint command wrote the row after an earlier move, so it is the newer one.

@@ -1,8 +1,9 @@
-"""Stores: where runs are persisted so they survive the process (the `Store` and `LabelStore` protocols
-and records).
+"""Stores: where runs are persisted so they survive the process (the `Store`, `LabelStore` and `EventStore`
+protocols and records).
 
-A store keeps, per `(flow, run_id)`, the run's latest checkpoint and report as JSON text, and (a
-`LabelStore`) the run's labels, str key/value pairs for the tools that run it. It never
+A store keeps, per `(flow, run_id)`, the run's latest checkpoint and report as JSON text, (a
+`LabelStore`) the run's labels, str key/value pairs for the tools that run it, and (an `EventStore`) the
+run's history, its last `EVENTS_KEPT` events. It never
 unpickles or evaluates anything: what comes back is validated by pydantic (the flow turns the
 checkpoint's outputs back into each step's return type), so a tampered file yields an error, not
 code execution.
@@ -10,12 +11,13 @@ code execution.
 Two stores come with stoppoint: `MemoryStore` (`_memory.py`: a dict, for tests and runs that need not
 outlive the process) and `SQLiteStore` (`_sqlite.py`; `_sqlite_file.py` has its on-disk schema: one SQLite
 file, shared safely by several processes). Both keep the same rows, as text (`_rows.py`), so a value
-that cannot be serialised fails the same way in both; both are `LabelStore`s.
+that cannot be serialised fails the same way in both; both are `LabelStore`s and `EventStore`s, as is
+`PostgresStore`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from pydantic import BaseModel, ConfigDict
 
 from ._checkpoint import Checkpoint
+from ._events import Event
 from ._outcome import RunReport
 from ._signal import InterruptSignal
 
@@ -32,13 +35,16 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CLI_TARGET_LABEL",
+    "EVENTS_KEPT",
     "BasicStore",
+    "EventStore",
     "LabelStore",
     "RunRecord",
     "RunState",
     "RunStatus",
     "StepRow",
     "Store",
+    "StoredEvents",
     "StoredRun",
     "run_status",
 ]
@@ -479,5 +485,63 @@ class LabelStore(BasicStore, Protocol):
         Raises:
             TypeError: `flow` or `run_id` is not a str.
             StoreError: The store cannot be read, or a stored label is not text.
+        """
+        ...
+
+
+EVENTS_KEPT = 1000
+"""How many events an `EventStore` keeps per run: the last ones (older ones are dropped, and counted)."""
+
+
+class StoredEvents(list[Event]):
+    """A run's stored events, oldest first (a list), and `dropped`: how many older events of the run the
+    store no longer keeps (it keeps the last `EVENTS_KEPT`)."""
+
+    __slots__ = ("dropped",)
+
+    def __init__(self, events: Iterable[Event] = (), dropped: int = 0) -> None:
+        super().__init__(events)
+        self.dropped = dropped
+
+    def __repr__(self) -> str:
+        return f"StoredEvents({list(self)!r}, dropped={self.dropped})"
+
+
+@runtime_checkable
+class EventStore(Store, Protocol):
+    """A `Store` that also keeps each run's **history**: the events its attempts told (`Event`s, progress
+    included), so it survives the process and can be read from anywhere (`stoppoint show RUN_ID --events`).
+
+    The runtime appends a run's events (in batches, in the background, under the attempt's lease) only to a
+    store that is an `EventStore`; a `Store` without these methods works as before, without history.
+
+    Each event is one append, never a rewrite. A store keeps the last `EVENTS_KEPT` (1,000) events of each
+    run and counts the older ones it dropped (`StoredEvents.dropped`): a long run's end, and its
+    latest progress, are what people look at. `delete(flow, run_id)` forgets them with the run; a
+    resumed run's attempts append to the same history. `MemoryStore`, `SQLiteStore` and `PostgresStore`
+    are event stores.
+    """
+
+    async def append_events(self, lease: Lease, events: Sequence[str]) -> None:
+        """Append `events` (each an event's JSON, as `RunEvent.model_dump_json()` writes it), in order, to
+        the history of the lease's run, dropping (and counting) the oldest beyond `EVENTS_KEPT`.
+
+        Fenced by the claim: they are appended only while the run's last claim is `lease`'s (its epoch),
+        held or finished since (the end of a run is told after `finish()` gave the lease up); once
+        another claim came, none is.
+
+        Raises:
+            LeaseLost: The run was claimed again since (or deleted).
+            StoreError: The store cannot be written.
+        """
+        ...
+
+    async def events(self, flow: str, run_id: str) -> StoredEvents:
+        """The run's stored events, oldest first, with the count of older ones dropped (an empty list,
+        dropped 0, for a run the store has no events of).
+
+        Raises:
+            TypeError: `flow` or `run_id` is not a str.
+            StoreError: The store cannot be read, or a stored event is not one this stoppoint reads.
         """
         ...

@@ -198,7 +198,7 @@ def test_the_target_is_kept_as_a_run_label(tmp_path: Path) -> None:
     with sqlite3.connect(store) as db:  # through the store's API: no table of the command's own beside it
         tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     db.close()
-    assert tables == {"meta", "runs", "steps", "interrupts", "labels", "sqlite_sequence"}  # schema 2's
+    assert tables == {"meta", "runs", "steps", "interrupts", "labels", "events", "sqlite_sequence"}  # schema 2's
 
 
 ONCE = """\
@@ -275,3 +275,33 @@ async def test_on_a_terminal_the_display_is_a_live_table(anyio_backend: str) -> 
     text = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", out.getvalue())  # without colours and cursor moves
     assert "shown - run r1" in text
     assert re.search(r"work\s*│\s*completed\s*│\s*1/2 half way", text), text
+
+
+def test_show_events_prints_a_runs_stored_history_across_its_attempts(tmp_path: Path) -> None:
+    running = Running("run", f"{DEPLOY}:deploy", "--run-id", "r1", cwd=tmp_path, part_seconds=0.3)
+    running.wait_for(r"step\.started upload")
+    running.process.send_signal(signal.SIGINT)
+    code, _, err = running.finish()
+    assert code == 130, err
+    resumed = stoppoint("resume", "r1", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "step.progress" not in resumed.stdout  # the live lines leave progress to the terminal's table
+
+    shown = stoppoint("show", "r1", "--events", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.split("events:\n", 1)[1].splitlines()
+    stamp = r"  \d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
+    names = [re.sub(stamp, "", line).split(" ")[0] for line in lines]
+    assert names[:3] == ["flow.started", "step.started", "step.completed"], shown.stdout
+    assert "interrupt.received" in names
+    assert names.count("flow.started") == 2
+    assert names[-1] == "flow.completed"
+    assert all(re.match(stamp, line) for line in lines), shown.stdout
+    assert any(re.match(stamp + r"step\.progress upload \d+/\d+ sending ", line) for line in lines), shown.stdout
+    assert any(re.match(stamp + r"flow\.started \(resumed: server completed before\)$", line) for line in lines)
+    assert any(re.match(stamp + r"step\.stopped upload at deploy\.py:\d+$", line) for line in lines)
+
+    data = json.loads(stoppoint("show", "r1", "--events", "--json", cwd=tmp_path).stdout)
+    assert [event["event"] for event in data["events"]] == names
+    assert data["events_dropped"] == 0
+    assert "events" not in json.loads(stoppoint("show", "r1", "--json", cwd=tmp_path).stdout)

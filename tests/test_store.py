@@ -754,7 +754,7 @@ async def test_sqlite_a_new_file_has_the_labels_table(tmp_path: Path) -> None:
     path = tmp_path / "runs.db"
     async with SQLiteStore(path):
         pass
-    assert tables_of(path) == {"meta", "runs", "steps", "interrupts", "labels", "sqlite_sequence"}
+    assert tables_of(path) == {"meta", "runs", "steps", "interrupts", "labels", "events", "sqlite_sequence"}
     with sqlite3.connect(path) as db:
         columns = [
             (name, kind, notnull, pk) for _, name, kind, notnull, _, pk in db.execute("PRAGMA table_info(labels)")

@@ -17,12 +17,23 @@ from typing import Any
 import anyio
 import pytest
 
-from stoppoint import Checkpoint, InterruptSignal, RunReport, StepReport, StepStatus
+from stoppoint import Checkpoint, InterruptSignal, RunReport, StepProgressEvent, StepReport, StepStatus
 from stoppoint._errors import LeaseLost, RunOwned, StoreError
 from stoppoint._lease import Claim, Lease, Queue
 from stoppoint._memory import MemoryStore
 from stoppoint._sqlite import SQLiteStore
-from stoppoint._store import LabelStore, RunRecord, RunState, RunStatus, StepRow, Store, StoredRun
+from stoppoint._store import (
+    EVENTS_KEPT,
+    EventStore,
+    LabelStore,
+    RunRecord,
+    RunState,
+    RunStatus,
+    StepRow,
+    Store,
+    StoredEvents,
+    StoredRun,
+)
 from tests.pg import PgTarget
 
 pytestmark = pytest.mark.anyio
@@ -794,3 +805,85 @@ async def test_a_queue_limit_holds_across_claims(store: Store) -> None:
     assert unlimited is not None
     assert unlimited.lease is not None
     assert unlimited.lease.run_id == "h3"
+
+
+# -- events (EventStore) ------------------------------------------------------------------------------------
+
+
+def progress_event(done: float, run_id: str = "r1", flow: str = "f") -> str:
+    """One event's JSON, as the runtime appends it."""
+    return StepProgressEvent(run_id=run_id, flow=flow, at=T0, step="a", done=done).model_dump_json()
+
+
+async def test_a_store_is_an_event_store(store: Store) -> None:
+    assert isinstance(store, EventStore)
+
+
+async def test_events_are_kept_in_the_order_appended(store: Store) -> None:
+    assert isinstance(store, EventStore)
+    lease = await claimed(store)
+    await store.append_events(lease, [progress_event(1), progress_event(2)])
+    await store.append_events(lease, [])
+    await store.append_events(lease, [progress_event(3)])
+    found = await store.events("f", "r1")
+    assert isinstance(found, StoredEvents)
+    assert [event.done for event in found if isinstance(event, StepProgressEvent)] == [1, 2, 3]
+    assert found.dropped == 0
+    assert found[0] == StepProgressEvent(run_id="r1", flow="f", at=T0, step="a", done=1)
+
+
+async def test_an_unknown_run_has_no_events(store: Store) -> None:
+    assert isinstance(store, EventStore)
+    lease = await claimed(store)
+    await store.append_events(lease, [progress_event(1)])
+    for flow, run_id in (("f", "r2"), ("g", "r1")):
+        found = await store.events(flow, run_id)
+        assert (list(found), found.dropped) == ([], 0)
+
+
+async def test_a_store_keeps_the_last_events_of_a_run_and_counts_the_dropped(store: Store) -> None:
+    assert isinstance(store, EventStore)
+    lease = await claimed(store)
+    await store.append_events(lease, [progress_event(n) for n in range(1, EVENTS_KEPT - 2)])
+    await store.append_events(lease, [progress_event(n) for n in range(EVENTS_KEPT - 2, EVENTS_KEPT + 6)])
+    found = await store.events("f", "r1")
+    assert len(found) == EVENTS_KEPT
+    assert found.dropped == 5
+    assert [event.done for event in found if isinstance(event, StepProgressEvent)] == list(range(6, EVENTS_KEPT + 6))
+
+
+async def test_deleting_a_run_deletes_its_events(store: Store) -> None:
+    assert isinstance(store, EventStore)
+    lease = await claimed(store)
+    await store.append_events(lease, [progress_event(1)])
+    await store.delete("f", "r1")
+    assert list(await store.events("f", "r1")) == []
+    lease = await claimed(store)  # the same id again: a history of its own
+    await store.append_events(lease, [progress_event(2)])
+    assert [event.done for event in await store.events("f", "r1") if isinstance(event, StepProgressEvent)] == [2]
+
+
+async def test_events_are_fenced_by_the_claim(store: Store) -> None:
+    """The attempt that finished may still append (its end is told after `finish`); an earlier one may not."""
+    assert isinstance(store, EventStore)
+    lease = await claimed(store)
+    await store.finish(lease, ended(status=RunStatus.INTERRUPTED))
+    await store.append_events(lease, [progress_event(1)])
+    claim = await store.claim("f", "r1", B)
+    assert claim is not None
+    assert claim.lease is not None
+    with pytest.raises(LeaseLost, match="append_events"):
+        await store.append_events(lease, [progress_event(2)])
+    await store.append_events(claim.lease, [progress_event(3)])  # a resumed run appends to the same history
+    assert [event.done for event in await store.events("f", "r1") if isinstance(event, StepProgressEvent)] == [1, 3]
+    stranger = Lease("f", "r9", A, 1, claim.lease.expires_at)
+    with pytest.raises(LeaseLost, match="no longer stored"):
+        await store.append_events(stranger, [progress_event(4)])
+
+
+async def test_events_must_be_json_texts(store: Store) -> None:
+    assert isinstance(store, EventStore)
+    lease = await claimed(store)
+    for bad in ("{}", [1], None):
+        with pytest.raises(TypeError, match="append_events"):
+            await store.append_events(lease, bad)  # type: ignore[arg-type]

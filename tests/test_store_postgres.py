@@ -18,7 +18,7 @@ import stoppoint as sp
 from stoppoint._postgres import PostgresStore
 from tests.conftest import until
 from tests.pg import PgTarget
-from tests.test_store_conformance import A, B, claimed, done, outputs, state
+from tests.test_store_conformance import T0, A, B, claimed, done, outputs, state
 
 pytestmark = pytest.mark.anyio
 
@@ -55,7 +55,23 @@ async def test_its_tables_are_made_on_first_use_in_its_own_schema(pg_schema: PgT
     async with store:
         await claimed(store)
     tables = sql(pg_schema, "SELECT tablename FROM pg_tables WHERE schemaname = %s", pg_schema.schema)
-    assert {name for (name,) in tables} == {"meta", "runs", "steps", "interrupts", "labels"}
+    assert {name for (name,) in tables} == {"meta", "runs", "steps", "interrupts", "labels", "events"}
+    assert dict(sql(pg_schema, "SELECT key, value FROM {s}.meta")) == {"app": "stoppoint", "schema_version": "1"}
+
+
+async def test_a_schema_made_before_events_gets_their_table_on_first_use(pg_schema: PgTarget) -> None:
+    """The events table is additive: the schema keeps its version, and a run's stale events (an older
+    stoppoint's `delete()` left them) go when a new run of that name is made."""
+    async with PostgresStore(pg_schema.dsn, schema=pg_schema.schema) as store:
+        await claimed(store)
+    sql(pg_schema, "DROP TABLE {s}.events")
+    async with PostgresStore(pg_schema.dsn, schema=pg_schema.schema) as store:
+        assert list(await store.events("f", "r1")) == []
+        event = sp.StepProgressEvent(run_id="r2", flow="f", at=T0, step="a", done=1).model_dump_json()
+        sql(pg_schema, "INSERT INTO {s}.events VALUES ('f', 'r2', 1, %s)", event)
+        assert len(await store.events("f", "r2")) == 1
+        await claimed(store, "r2")
+        assert list(await store.events("f", "r2")) == []
     assert dict(sql(pg_schema, "SELECT key, value FROM {s}.meta")) == {"app": "stoppoint", "schema_version": "1"}
 
 

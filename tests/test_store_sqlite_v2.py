@@ -24,7 +24,7 @@ import anyio
 import pytest
 
 import stoppoint._sqlite_leases
-from stoppoint import Checkpoint, RunReport, StepReport, StepStatus, StoreError
+from stoppoint import Checkpoint, RunReport, StepProgressEvent, StepReport, StepStatus, StoreError
 from stoppoint._lease import Lease
 from stoppoint._sqlite import SQLiteStore
 from stoppoint._store import RunStatus
@@ -416,3 +416,30 @@ async def test_a_step_costs_the_same_at_20_and_at_5000_steps(tmp_path: Path) -> 
     large = await pages_of_one_step(tmp_path, 5000)
     assert small <= 4
     assert large <= small + 2
+
+
+async def test_a_file_made_before_events_reads_none_and_gets_their_table_at_its_first_write(tmp_path: Path) -> None:
+    """The events table is additive (schema 2 stays): reading does not add it; the first write does, and a new
+    run's name loses the stale events an older stoppoint's `delete()` left."""
+    path = tmp_path / "runs.db"
+    async with SQLiteStore(path) as store:
+        await claimed(store)
+    with sqlite3.connect(path) as connection:
+        connection.execute("DROP TABLE events")
+    connection.close()
+    async with SQLiteStore(path) as store:
+        found = await store.events("f", "r1")
+        assert (list(found), found.dropped) == ([], 0)
+        with sqlite3.connect(path) as connection:
+            assert connection.execute("SELECT name FROM sqlite_master WHERE name = 'events'").fetchall() == []
+        connection.close()
+        await store.set_labels("f", "r1", {"k": "v"})  # any write
+        event = StepProgressEvent(run_id="r2", flow="f", at=T0, step="a", done=1).model_dump_json()
+        with sqlite3.connect(path) as connection:
+            connection.execute("INSERT INTO events VALUES ('f', 'r2', 1, ?)", (event,))
+            version = connection.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        connection.close()
+        assert version == ("2",)
+        assert len(await store.events("f", "r2")) == 1
+        await claimed(store, "r2")
+        assert list(await store.events("f", "r2")) == []
