@@ -36,10 +36,12 @@ from ._outcome import RunReport
 from ._postgres_listen import Listener, Notices
 from ._postgres_schema import ensure_schema
 from ._rows import (
+    check_claim_next,
     check_events,
     check_names,
     check_state,
     checked_labels,
+    claim_args,
     head_row,
     interrupt_signal,
     to_row,
@@ -196,12 +198,7 @@ class PostgresStore:
         reopen: bool = False,
     ) -> Claim | None:
         """Claim one run, its row locked (see `Store.claim`)."""
-        check_names("claim", flow, run_id)
-        head = None
-        if new is not None:
-            check_state("claim", flow, run_id, new)
-            head = head_row(flow, run_id, new)
-        checked = {} if labels is None else checked_labels(flow, run_id, labels)
+        head, checked = claim_args(flow, run_id, new, labels)
         if head is None and _storable(owner) and not _storable(flow, run_id):
             return None  # as in load(): no run of that name is stored
         self._text("claim", flow, run_id, owner, *checked, *checked.values())
@@ -215,10 +212,7 @@ class PostgresStore:
     async def claim_next(self, owner: str, flows: Collection[str], queues: Sequence[Queue]) -> Claim | None:
         """Claim the oldest queued run of `flows` in `queues`, or orphaned run of `flows` (see
         `Store.claim_next`), skipping runs that other workers are claiming."""
-        if isinstance(flows, str) or not all(isinstance(flow, str) for flow in flows):
-            raise TypeError(f"claim_next(): flows must be a collection of str, got {flows!r}")
-        if isinstance(queues, str) or not all(isinstance(queue, Queue) for queue in queues):
-            raise TypeError(f"claim_next(): queues must be a sequence of Queue, got {queues!r}")
+        check_claim_next(flows, queues)
         self._text("claim_next", owner)
         names = [flow for flow in flows if _storable(flow)]  # (a name no run can have is no stored run's)
         kept = [queue for queue in queues if _storable(queue.name)]

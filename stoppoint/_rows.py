@@ -18,6 +18,7 @@ from pydantic_core import PydanticSerializationError
 from ._checkpoint import Checkpoint, CheckpointFile
 from ._errors import CheckpointError, StoreError
 from ._events import Event
+from ._lease import Queue
 from ._outcome import RunReport, StepStatus
 from ._signal import InterruptSignal
 from ._store import RunRecord, RunState, RunStatus, StepRow, StoredEvents, StoredRun, run_status
@@ -26,10 +27,12 @@ __all__ = [
     "RECORD_COLUMNS",
     "ROW_COLUMNS",
     "Row",
+    "check_claim_next",
     "check_events",
     "check_names",
     "check_state",
     "checked_labels",
+    "claim_args",
     "head_row",
     "interrupt_signal",
     "interrupted_report",
@@ -278,6 +281,37 @@ def head_row(flow: str, run_id: str, state: RunState) -> Row:
         checkpoint=state.checkpoint_json,
         report=state.report_json,
     )
+
+
+def claim_args(
+    flow: str, run_id: str, new: object, labels: Mapping[str, str] | None
+) -> tuple[Row | None, dict[str, str]]:
+    """What `Store.claim()` was given, checked as every store checks it: the new run's head row (None without
+    `new`) and the labels.
+
+    Raises:
+        TypeError: A name, `new` or a label is not of its type (naming the run).
+        ValueError: A label key is empty.
+    """
+    check_names("claim", flow, run_id)
+    head = None
+    if new is not None:
+        check_state("claim", flow, run_id, new)
+        assert isinstance(new, RunState)
+        head = head_row(flow, run_id, new)
+    return head, ({} if labels is None else checked_labels(flow, run_id, labels))
+
+
+def check_claim_next(flows: object, queues: object) -> None:
+    """`Store.claim_next()`'s arguments, checked as every store checks them.
+
+    Raises:
+        TypeError: `flows` is not a collection of str, or `queues` not a sequence of `Queue`.
+    """
+    if isinstance(flows, str) or not isinstance(flows, Iterable) or not all(isinstance(f, str) for f in flows):
+        raise TypeError(f"claim_next(): flows must be a collection of str, got {flows!r}")
+    if isinstance(queues, str) or not isinstance(queues, Iterable) or not all(isinstance(q, Queue) for q in queues):
+        raise TypeError(f"claim_next(): queues must be a sequence of Queue, got {queues!r}")
 
 
 def check_state(method: str, flow: str, run_id: str, state: object, steps: object = ()) -> None:

@@ -25,10 +25,12 @@ from ._errors import StoreError
 from ._lease import Claim, Lease, Queue, check_lease
 from ._outcome import RunReport
 from ._rows import (
+    check_claim_next,
     check_events,
     check_names,
     check_state,
     checked_labels,
+    claim_args,
     head_row,
     interrupt_signal,
     to_row,
@@ -183,12 +185,7 @@ class SQLiteStore:
         reopen: bool = False,
     ) -> Claim | None:
         """Claim one run, in one IMMEDIATE transaction (see `Store.claim`)."""
-        check_names("claim", flow, run_id)
-        head = None
-        if new is not None:
-            check_state("claim", flow, run_id, new)
-            head = head_row(flow, run_id, new)
-        checked = {} if labels is None else checked_labels(flow, run_id, labels)
+        head, checked = claim_args(flow, run_id, new, labels)
         if head is None and utf8(owner) and not utf8(flow, run_id):
             return None  # as in load(): no run of that name is stored
         if not utf8(flow, run_id, owner):
@@ -201,10 +198,7 @@ class SQLiteStore:
     async def claim_next(self, owner: str, flows: Collection[str], queues: Sequence[Queue]) -> Claim | None:
         """Claim the oldest queued run of `flows` in `queues`, or orphaned run of `flows`, in one IMMEDIATE
         transaction that also counts the queues' live runs (see `Store.claim_next`)."""
-        if isinstance(flows, str) or not all(isinstance(flow, str) for flow in flows):
-            raise TypeError(f"claim_next(): flows must be a collection of str, got {flows!r}")
-        if isinstance(queues, str) or not all(isinstance(queue, Queue) for queue in queues):
-            raise TypeError(f"claim_next(): queues must be a sequence of Queue, got {queues!r}")
+        check_claim_next(flows, queues)
         names = [flow for flow in flows if utf8(flow)]  # (a name SQLite cannot take is no stored run's)
         return await self._call(
             leases.claim_next, owner, names, [queue for queue in queues if utf8(queue.name)], self._lease
