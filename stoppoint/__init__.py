@@ -143,15 +143,18 @@ __all__ = [
     "StoredRun",
     "Strategy",
     "Worker",
+    "dashboard",
     "interrupt_channel",
     "interrupt_on_signals",
     "interruptible",
 ]
 
+_LAZY = ("PostgresStore", "dashboard")
+
 # Public objects say they live in `stoppoint`, so reprs, docs and pickled names use the public path.
 for _name in __all__:
-    if _name == "PostgresStore":
-        continue  # imported on first use (below): psycopg is an optional extra
+    if _name in _LAZY:
+        continue  # imported on first use (below): psycopg and starlette are optional extras
     _obj = globals()[_name]
     if getattr(_obj, "__module__", "").startswith("stoppoint._"):
         _obj.__module__ = __name__
@@ -160,15 +163,22 @@ del _name, _obj
 
 if TYPE_CHECKING:
     from ._postgres import PostgresStore as PostgresStore
+    from ._ui import dashboard as dashboard
 
 
 def __getattr__(name: str) -> object:
-    """`stoppoint.PostgresStore`, imported on first use, so that `import stoppoint` needs no psycopg (the
-    `postgres` extra)."""
+    """`stoppoint.PostgresStore` and `stoppoint.dashboard`, imported on first use, so that `import stoppoint`
+    needs neither psycopg (the `postgres` extra) nor starlette (the `ui` extra)."""
     if name == "PostgresStore":
         from ._postgres import PostgresStore
 
         PostgresStore.__module__ = __name__
         globals()[name] = PostgresStore
         return PostgresStore
+    if name == "dashboard":
+        from ._ui import dashboard
+
+        dashboard.__module__ = __name__
+        globals()[name] = dashboard
+        return dashboard
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,6 +6,7 @@
     stoppoint runs [--flow NAME] [--store STORE]
     stoppoint show RUN_ID [--json] [--events] [--store STORE]
     stoppoint submit | worker | interrupt ...   (queues and workers: `_cli_worker`)
+    stoppoint ui [--store STORE] [--host 127.0.0.1] [--port 8765] [--token TOKEN]   (the dashboard: `_cli_ui`)
 
 Runs are kept in an embedded SQLite file, `.stoppoint/runs.db` under the current directory unless
 `--store` says otherwise: another file's path, or a PostgreSQL URL (`postgresql://...` or `postgres://...`,
@@ -467,9 +468,11 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="print it as JSON")
     show.add_argument("--events", action="store_true", help="print its stored events too, one line each")
     add_store_options(show, store_help)
-    from ._cli_worker import add_commands  # it imports this module's helpers: not at the top
+    from ._cli_ui import add_command as add_ui  # these import this module's helpers: not at the top
+    from ._cli_worker import add_commands
 
-    for name, command in {**_COMMANDS, **add_commands(commands, store_help)}.items():
+    added = {**add_commands(commands, store_help), **add_ui(commands, store_help)}
+    for name, command in {**_COMMANDS, **added}.items():
         commands.choices[name].set_defaults(command_function=command)
     return parser
 

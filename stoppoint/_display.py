@@ -33,7 +33,17 @@ if TYPE_CHECKING:
 
     from ._handle import FlowRun
 
-__all__ = ["Display", "event_line", "lease_text", "print_styled", "printable", "status_style", "step_lines", "summary"]
+__all__ = [
+    "Display",
+    "event_detail",
+    "event_line",
+    "lease_text",
+    "print_styled",
+    "printable",
+    "status_style",
+    "step_lines",
+    "summary",
+]
 
 REFRESH_SECONDS = 0.2  # how often the live table reads the run's report (for ctx.progress)
 
@@ -132,6 +142,14 @@ def event_line(event: RunEvent, flow: str, time_format: str = "%H:%M:%S", *, his
     display prints the steps' events, and, with `history`, `stoppoint show --events` every event (the run's
     start, end and interrupts with what they say: the live display says it in its notes and summary)."""
     step = getattr(event, "step", None)
+    detail = event_detail(event, history=history)
+    where = f" {event.flow}.{step}" if step is not None and event.flow != flow else f" {step or ''}"
+    return f"{event.at.astimezone().strftime(time_format)} {event.event}{where.rstrip()}{detail}"
+
+
+def event_detail(event: RunEvent, *, history: bool = True) -> str:
+    """What `event` says beyond its name and step, as `event_line` prints it (`" at file.py:12"`, `": error"`,
+    `" 3/10 message"`; `""` for nothing); the dashboard shows the same."""
     detail = ""
     if isinstance(event, StepCompletedEvent):
         detail = f" ({event.duration_s:.2f} s)"
@@ -156,8 +174,7 @@ def event_line(event: RunEvent, flow: str, time_format: str = "%H:%M:%S", *, his
         detail = f": {event.error} ({event.duration_s:.2f} s)"
     elif isinstance(event, FlowCompletedEvent):
         detail = f" ({event.duration_s:.2f} s)"
-    where = f" {event.flow}.{step}" if step is not None and event.flow != flow else f" {step or ''}"
-    return f"{event.at.astimezone().strftime(time_format)} {event.event}{where.rstrip()}{detail}"
+    return detail
 
 
 class Display:

@@ -1,0 +1,46 @@
+// stoppoint's dashboard: live updates without a reload. Every second, fetch this page's live part
+// (?part=live) and swap in each piece (data-part) whose HTML changed, so that a moving run's progress updates
+// while its buttons, unchanged until its status changes, are never replaced under the pointer.
+"use strict";
+(function () {
+  const live = document.getElementById("live");
+  const badge = document.getElementById("connection");
+  for (const select of document.querySelectorAll("select[data-autosubmit]")) {
+    select.addEventListener("change", () => select.form.submit());
+  }
+  if (!live) return;
+  const url = new URL(window.location.href);
+  url.searchParams.set("part", "live");
+  const seen = new Map();
+  for (const part of live.querySelectorAll("[data-part]")) seen.set(part.dataset.part, part.outerHTML);
+
+  function show(connected, why) {
+    if (!badge) return;
+    badge.textContent = connected ? "live" : "disconnected";
+    badge.className = connected ? "badge" : "badge off";
+    badge.title = connected ? "live updates, every second" : why;
+  }
+
+  async function refresh() {
+    try {
+      const response = await fetch(url, { credentials: "same-origin", cache: "no-store" });
+      const text = await response.text();
+      if (!response.ok) throw new Error(text || response.statusText);
+      const fresh = document.createElement("template");
+      fresh.innerHTML = text;
+      for (const part of fresh.content.querySelectorAll("[data-part]")) {
+        const name = part.dataset.part;
+        const html = part.outerHTML;
+        if (seen.get(name) === html) continue;
+        seen.set(name, html);
+        const current = live.querySelector(`[data-part="${CSS.escape(name)}"]`);
+        if (current) current.replaceWith(part);
+      }
+      show(true);
+    } catch (error) {
+      show(false, String(error && error.message ? error.message : error));
+    }
+    window.setTimeout(refresh, 1000);
+  }
+  window.setTimeout(refresh, 1000);
+})();
