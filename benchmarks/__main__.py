@@ -21,10 +21,21 @@ from importlib import metadata
 
 import anyio
 
-from . import across, latency, peers, persisted, postgres, saves, scale, steps, stopping_point
+from . import across, dashboard, latency, peers, persisted, postgres, saves, scale, steps, stopping_point
 from ._measure import Report
 
-SECTIONS = ["stopping-point", "steps", "latency", "scale", "peers", "persisted", "saves", "across", "postgres"]
+SECTIONS = [
+    "stopping-point",
+    "steps",
+    "latency",
+    "scale",
+    "peers",
+    "persisted",
+    "saves",
+    "across",
+    "postgres",
+    "dashboard",
+]
 
 
 def _versions() -> str:
@@ -92,6 +103,9 @@ def main(argv: list[str] | None = None) -> None:
             backend,
             backend=backend,
         )
+
+    if "dashboard" in only:
+        anyio.run(dashboard.measure, report, 100 if quick else 1_000, 1 if quick else 5, backend=backend)
 
     header = f"backend: {backend}{' (quick)' if quick else ''}; {_versions()}"
     if args.markdown:

@@ -56,12 +56,13 @@ async def cmd_ui(args: argparse.Namespace, signals: CommandSignals) -> int:
             server = _Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
             host, port = sock.getsockname()[:2]
             shown = f"[{host}]" if ":" in host else host
-            print(f"stoppoint ui: serving {store_name(store)} at http://{shown}:{port}/", flush=True)
-            if token is not None:
-                print("stoppoint ui: open it once with ?token=TOKEN (a cookie keeps it)", flush=True)
             again = shlex.join(["stoppoint", "ui", *store_words(args.store, args.schema)])
             interrupter, receiver = interrupt_channel()
             with interrupter, receiver, signals.running(interrupter, resume=again):
+                # Said once signals stop the server (not before: a SIGTERM right after the line would exit 130)
+                print(f"stoppoint ui: serving {store_name(store)} at http://{shown}:{port}/", flush=True)
+                if token is not None:
+                    print("stoppoint ui: open it once with ?token=TOKEN (a cookie keeps it)", flush=True)
                 async with anyio.create_task_group() as tg:
 
                     async def obey() -> None:

@@ -13,7 +13,7 @@ It is a control surface, so every request passes `_Guard` first:
   is refused when the browser says it comes from another site (`Origin`, `Sec-Fetch-Site`); one authorised by
   its `Authorization` header, which no other site can make a browser send, needs no form field;
 * **headers**: a Content-Security-Policy allowing only this app's own script and style, no framing, no
-  referrer (a token may be in the address), no caching.
+  referrer to other sites (a token may be in the address), no caching.
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ _HEADERS = {
     ),
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # the token may be in an address (`?token=`, once): it never goes to another site; this app's own forms keep
+    # their Origin header, which the CSRF check reads
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
 
@@ -67,19 +69,22 @@ def dashboard(store: BasicStore, *, token: str | None = None, name: str | None =
         name: How the pages name the store (default: its repr).
 
     Raises:
-        TypeError: `store` is not a store, or `token` not a non-empty str.
+        TypeError: `store` is not a store, `token` not a non-empty str, or `name` not a str.
     """
     if isinstance(store, type) or not isinstance(store, BasicStore):
         raise TypeError(f"dashboard(store): expected a store (such as SQLiteStore(path)), got {store!r}")
     if token is not None and (not isinstance(token, str) or not token):
         raise TypeError(f"dashboard(token): expected a non-empty str or None, got {token!r}")
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"dashboard(name): expected a str or None, got {name!r}")
     app = _Dashboard(store, name if name is not None else repr(store))
     guard = _Guard(token)
     routes = [
         Route("/", guard(app.runs), methods=["GET"]),
         Route("/run", guard(app.run), methods=["GET"]),
         Route("/run/{action}", guard(app.act), methods=["POST"]),
-        Route("/static/{file}", guard(app.static), methods=["GET"]),
+        # its own script and style sheet, the same for everyone: served to a page that shows why it was refused
+        Route("/static/{file}", _with_headers(app.static), methods=["GET"]),
     ]
     return Starlette(routes=routes)
 
@@ -169,6 +174,10 @@ class _Guard:
         base = request.scope.get("root_path", "")
         origin = request.headers.get("origin")
         site = request.headers.get("sec-fetch-site")
+        # `Origin: null` says nothing (a browser sends it for a form of a page whose Referrer-Policy is no-referrer,
+        # such as an older version of these pages); Sec-Fetch-Site and the CSRF field below still decide.
+        if origin == "null":
+            origin = None
         if (origin is not None and _host_of(origin) != request.headers.get("host", "").lower()) or site in (
             "cross-site",
             "same-site",
@@ -185,6 +194,15 @@ class _Guard:
                 "The form's CSRF token does not match this browser's cookie: reload the page and press again.",
             )  # fmt: skip
         return None
+
+
+def _with_headers(endpoint: Endpoint) -> Endpoint:
+    async def answered(request: Request) -> Response:
+        response = await endpoint(request)
+        response.headers.update(_HEADERS)
+        return response
+
+    return answered
 
 
 def _host_name(host_header: str) -> str:
@@ -339,10 +357,12 @@ class _Dashboard:
         return RedirectResponse(f"{base}/run?{query}", status_code=303)
 
     async def _interrupt(self, store: Store, flow: str, run_id: str, *, force: bool) -> str:
+        # What the run was before the request says what the request did: read after, a run its owner stopped
+        # meanwhile would look like one nobody held
+        before = await store.load(flow, run_id)
         if not await store.interrupt(flow, run_id, INTERRUPT_REASON, force=force, source="ui"):
-            return "nothing" if await store.load(flow, run_id) is not None else "gone"
-        after = await store.load(flow, run_id)
-        if after is not None and after.record.status is RunStatus.INTERRUPTED and after.record.owner is None:
+            return "nothing" if before is not None else "gone"
+        if before is None or before.record.status in (RunStatus.QUEUED, RunStatus.ORPHANED):
             return "marked"
         return "force" if force else "interrupt"
 

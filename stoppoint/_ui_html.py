@@ -92,7 +92,8 @@ class RunView:
 # -- the frame -----------------------------------------------------------------------------------------------
 
 
-def _page(base: str, title: str, crumbs: str, live: str, store: str) -> str:
+def _page(base: str, title: str, crumbs: str, live: str, store: str, *, follow: bool = True) -> str:
+    badge = '<span id="connection" class="badge" title="live updates, every second">live</span>' if follow else ""
     return (
         "<!doctype html>\n"
         '<html lang="en"><head><meta charset="utf-8">'
@@ -102,16 +103,15 @@ def _page(base: str, title: str, crumbs: str, live: str, store: str) -> str:
         f'<script src="{base}/static/dashboard.js" defer></script>'
         "</head><body>"
         f'<header><a class="brand" href="{base}/">stoppoint</a>{crumbs}'
-        f'<span class="store" title="the store">{escape(store)}</span>'
-        '<span id="connection" class="badge" title="live updates, every second">live</span></header>'
-        f'<main id="live">{live}</main></body></html>\n'
+        f'<span class="store" title="the store">{escape(store)}</span>{badge}</header>'
+        f'<main id="live"{" data-follow" if follow else ""}>{live}</main></body></html>\n'
     )
 
 
 def error_page(base: str, status: int, title: str, message: str) -> str:
     """A page that says what went wrong (a run that is not there, a store that cannot be read...)."""
     body = f'<section data-part="error"><h1>{escape(title)}</h1><p class="error">{escape(message)}</p></section>'
-    return _page(base, title, f'<span class="crumb">{status}</span>', body, "")
+    return _page(base, title, f'<span class="crumb">{status}</span>', body, "", follow=False)
 
 
 def _time(at: datetime | None) -> str:
@@ -263,7 +263,8 @@ def _actions(view: RunView) -> str:
 
 def _timeline(report: RunReport, now: datetime) -> str:
     starts = [step.started_at for step in _all_steps(report) if step.started_at is not None]
-    start = min([report.started_at, *starts])
+    # the axis of this attempt: steps completed in an earlier one (resumed) show no bar
+    start = min(starts) if starts else report.started_at
     end = report.finished_at or now
     ends = [step.finished_at for step in _all_steps(report) if step.finished_at is not None]
     end = max([end, *ends])
