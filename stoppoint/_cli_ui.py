@@ -34,6 +34,8 @@ async def cmd_ui(args: argparse.Namespace, signals: CommandSignals) -> int:
     from ._ui import is_loopback
 
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
+    if token is not None and not (token.isascii() and token.isprintable() and " " not in token and ";" not in token):
+        _fail("--token: only printable ASCII characters, no space nor ';' (a header and a cookie carry it)")
     if token is not None and len(token) < MIN_TOKEN:
         _fail(
             f"--token: at least {MIN_TOKEN} characters (it guards the buttons that stop runs); "
@@ -88,7 +90,8 @@ def _listening(host: str, port: int) -> Iterator[socket.socket]:
         family = infos[0][0]
         sock = socket.create_server((host, port), family=family)
     except OSError as exc:
-        _fail(f"--host {host} --port {port}: cannot listen there: {exc.strerror or exc}")
+        why = os.strerror(exc.errno) if exc.errno else str(exc)  # create_server's own text repeats the address
+        _fail(f"--host {host} --port {port}: cannot listen there: {why}")
     with sock:
         yield sock
 
@@ -113,7 +116,10 @@ def _Server(config: Any) -> Any:
 
 def add_command(commands: Any, store_help: str) -> dict[str, Any]:
     """Add `ui` to the command's subparsers; its function by name."""
-    ui = commands.add_parser("ui", help="serve a web dashboard of the stored runs (needs stoppoint[ui])")
+    ui = commands.add_parser(
+        "ui",
+        help="serve a web dashboard of the stored runs (needs stoppoint[ui]); it makes the store if there is none",
+    )
     add_store_options(ui, store_help)
     ui.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1)")
     ui.add_argument("--port", type=int, default=8765, help="the port (default: 8765; 0: any free one)")

@@ -9,15 +9,19 @@ It is a control surface, so every request passes `_Guard` first:
 * **token**: with one, every request carries it (`Authorization: Bearer`, the cookie `?token=` sets once, or
   `?token=` itself); without one, only requests addressed to a loopback name are answered, which stops a
   page served elsewhere from reaching it through DNS rebinding;
-* **CSRF**: a POST carries the value of its page's `stoppoint_csrf` cookie in a form field (double submit), and
-  is refused when the browser says it comes from another site (`Origin`, `Sec-Fetch-Site`); one authorised by
-  its `Authorization` header, which no other site can make a browser send, needs no form field;
+* **CSRF**: a POST carries the value of its page's CSRF cookie in a form field (double submit), a value this app
+  signed (a page on another port of the host can set cookies here, but cannot sign), and is refused when the
+  browser says it comes from another site (`Origin`, `Sec-Fetch-Site`); one authorised by its `Authorization`
+  header, which no other site can make a browser send, needs no form field;
+* **cookies** are named after the port (`stoppoint_token_8765`): cookies do not tell ports apart, and two
+  dashboards of one host must not overwrite each other's;
 * **headers**: a Content-Security-Policy allowing only this app's own script and style, no framing, no
   referrer to other sites (a token may be in the address), no caching.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import secrets
@@ -34,13 +38,13 @@ from starlette.routing import Route
 from ._errors import RunOwned, StoreError
 from ._events import Event
 from ._outcome import RunReport
-from ._store import BasicStore, EventStore, LabelStore, RunState, RunStatus, Store
+from ._store import BasicStore, EventStore, LabelStore, RunRecord, RunState, RunStatus, Store
 from ._ui_html import ACTIONS, SHOWN_RUNS, RunsView, RunView, error_page, run_live, run_page, runs_live, runs_page
 
-__all__ = ["CSRF_COOKIE", "INTERRUPT_REASON", "TOKEN_COOKIE", "dashboard", "is_loopback"]
+__all__ = ["CSRF_COOKIE", "INTERRUPT_REASON", "TOKEN_COOKIE", "cookie_name", "dashboard", "is_loopback"]
 
-TOKEN_COOKIE = "stoppoint_token"
-CSRF_COOKIE = "stoppoint_csrf"
+TOKEN_COOKIE = "stoppoint_token"  # followed by `_PORT`
+CSRF_COOKIE = "stoppoint_csrf"  # followed by `_PORT`
 INTERRUPT_REASON = "interrupted from the dashboard"
 _MAX_FORM = 16 * 1024  # a button's form is three short fields
 _HEADERS = {
@@ -70,23 +74,59 @@ def dashboard(store: BasicStore, *, token: str | None = None, name: str | None =
 
     Raises:
         TypeError: `store` is not a store, `token` not a non-empty str, or `name` not a str.
+        ValueError: `token` holds a character a header or cookie cannot carry (a space, a non-ASCII one).
     """
     if isinstance(store, type) or not isinstance(store, BasicStore):
         raise TypeError(f"dashboard(store): expected a store (such as SQLiteStore(path)), got {store!r}")
     if token is not None and (not isinstance(token, str) or not token):
         raise TypeError(f"dashboard(token): expected a non-empty str or None, got {token!r}")
+    if token is not None and not _sendable(token):
+        raise ValueError("dashboard(token): only printable ASCII characters, no space (an HTTP header carries it)")
     if name is not None and not isinstance(name, str):
         raise TypeError(f"dashboard(name): expected a str or None, got {name!r}")
-    app = _Dashboard(store, name if name is not None else repr(store))
-    guard = _Guard(token)
+    csrf = _Csrf()
+    app = _Dashboard(store, name if name is not None else repr(store), csrf)
+    guard = _Guard(token, csrf)
     routes = [
         Route("/", guard(app.runs), methods=["GET"]),
         Route("/run", guard(app.run), methods=["GET"]),
         Route("/run/{action}", guard(app.act), methods=["POST"]),
         # its own script and style sheet, the same for everyone: served to a page that shows why it was refused
         Route("/static/{file}", _with_headers(app.static), methods=["GET"]),
+        # anything else: guarded too (what is not there is told only to those who may ask)
+        Route("/{path:path}", guard(app.nothing), methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]),
     ]
     return Starlette(routes=routes)
+
+
+def _sendable(token: str) -> bool:
+    return token.isascii() and token.isprintable() and " " not in token and ";" not in token
+
+
+def cookie_name(kind: str, request: Request) -> str:
+    """`stoppoint_KIND_PORT`: this dashboard's cookie of that kind (`TOKEN_COOKIE`, `CSRF_COOKIE`)."""
+    port = request.url.port or (443 if request.url.scheme == "https" else 80)
+    return f"{kind}_{port}"
+
+
+class _Csrf:
+    """CSRF values this app made: a random part and its HMAC under a key of this app's (made at start)."""
+
+    def __init__(self) -> None:
+        self._key = secrets.token_bytes(32)
+
+    def _sign(self, nonce: str) -> str:
+        return hmac.new(self._key, nonce.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def issue(self) -> str:
+        nonce = secrets.token_urlsafe(18)
+        return f"{nonce}.{self._sign(nonce)}"
+
+    def valid(self, value: str | None) -> bool:
+        if not value or not value.isascii():
+            return False
+        nonce, _, signature = value.partition(".")
+        return hmac.compare_digest(signature.encode(), self._sign(nonce).encode())
 
 
 def is_loopback(host: str) -> bool:
@@ -108,8 +148,9 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 class _Guard:
     """Wraps each endpoint: the token (or the loopback rule), CSRF for POST, the security headers."""
 
-    def __init__(self, token: str | None) -> None:
+    def __init__(self, token: str | None, csrf: _Csrf) -> None:
         self._token = token.encode() if token is not None else None
+        self._csrf = csrf
 
     def __call__(self, endpoint: Endpoint) -> Endpoint:
         async def guarded(request: Request) -> Response:
@@ -148,7 +189,7 @@ class _Guard:
             return None
         if (
             self._bearer(request)
-            or self._matches(request.cookies.get(TOKEN_COOKIE))
+            or self._matches(request.cookies.get(cookie_name(TOKEN_COOKIE, request)))
             or self._matches(request.query_params.get("token"))
         ):
             return None
@@ -166,7 +207,11 @@ class _Guard:
         response = RedirectResponse(target, status_code=303)
         assert self._token is not None
         response.set_cookie(
-            TOKEN_COOKIE, self._token.decode(), httponly=True, samesite="strict", path=_cookie_path(request)
+            cookie_name(TOKEN_COOKIE, request),
+            self._token.decode(),
+            httponly=True,
+            samesite="strict",
+            path=_cookie_path(request),
         )
         return response
 
@@ -174,9 +219,9 @@ class _Guard:
         base = request.scope.get("root_path", "")
         origin = request.headers.get("origin")
         site = request.headers.get("sec-fetch-site")
-        # `Origin: null` says nothing (a browser sends it for a form of a page whose Referrer-Policy is no-referrer,
-        # such as an older version of these pages); Sec-Fetch-Site and the CSRF field below still decide.
-        if origin == "null":
+        # `Origin: null` (a form of a page whose Referrer-Policy is no-referrer, a sandboxed frame) says nothing of
+        # where a request comes from: taken only when the browser says that it comes from this very origin
+        if origin == "null" and site == "same-origin":
             origin = None
         if (origin is not None and _host_of(origin) != request.headers.get("host", "").lower()) or site in (
             "cross-site",
@@ -186,14 +231,29 @@ class _Guard:
         if self._bearer(request):
             return None
         form: dict[str, str] | None = request.state.form
-        expected = request.cookies.get(CSRF_COOKIE)
+        expected = request.cookies.get(cookie_name(CSRF_COOKIE, request))
         given = form.get("csrf") if form is not None else None
-        if not expected or given is None or not hmac.compare_digest(given.encode(), expected.encode()):
+        if (
+            not self._csrf.valid(expected)
+            or given is None
+            or not hmac.compare_digest(given.encode("utf-8", "replace"), (expected or "").encode())
+        ):
             return _error(
                 base, 403, "Refused",
                 "The form's CSRF token does not match this browser's cookie: reload the page and press again.",
             )  # fmt: skip
         return None
+
+
+def _aware(record: RunRecord) -> RunRecord:
+    """`record` with its times in UTC: a third-party store may give naive ones (taken as UTC)."""
+    fields = ("started_at", "updated_at", "finished_at", "lease_expires_at")
+    naive = {
+        name: at.replace(tzinfo=UTC)
+        for name in fields
+        if (at := getattr(record, name)) is not None and at.tzinfo is None
+    }
+    return record.model_copy(update=naive) if naive else record
 
 
 def _with_headers(endpoint: Endpoint) -> Endpoint:
@@ -250,9 +310,10 @@ def _error(base: str, status: int, title: str, message: str, *, live: bool = Fal
 class _Dashboard:
     """The endpoints, over one store."""
 
-    def __init__(self, store: BasicStore, name: str) -> None:
+    def __init__(self, store: BasicStore, name: str, csrf: _Csrf) -> None:
         self._store = store
         self._name = name
+        self._csrf = csrf
         self._static = {
             name: (resources.files("stoppoint").joinpath("_ui_static", name).read_bytes(), kind)
             for name, kind in (("dashboard.css", "text/css"), ("dashboard.js", "text/javascript"))
@@ -270,7 +331,7 @@ class _Dashboard:
             choices = ", ".join(status.value for status in RunStatus)
             return _error(base, 400, "No such status", f"status {status_text!r}: expected one of {choices}", live=live)
         try:
-            records = await self._store.list_runs()
+            records = [_aware(record) for record in await self._store.list_runs()]
         except StoreError as exc:
             return _error(base, 503, "The store cannot be read", str(exc), live=live)
         flows = sorted({record.flow for record in records})
@@ -297,8 +358,14 @@ class _Dashboard:
         if view is None:
             return _error(base, 404, "No such run", f"no run {run_id!r} of flow {flow!r} in {self._name}", live=live)
         response = HTMLResponse(run_live(view) if live else run_page(view))
-        if request.cookies.get(CSRF_COOKIE) != view.csrf:
-            response.set_cookie(CSRF_COOKIE, view.csrf, httponly=True, samesite="strict", path=_cookie_path(request))
+        if request.cookies.get(cookie_name(CSRF_COOKIE, request)) != view.csrf:
+            response.set_cookie(
+                cookie_name(CSRF_COOKIE, request),
+                view.csrf,
+                httponly=True,
+                samesite="strict",
+                path=_cookie_path(request),
+            )
         return response
 
     async def _run_view(self, request: Request, flow: str, run_id: str) -> RunView | None:
@@ -316,12 +383,12 @@ class _Dashboard:
             history = await store.events(flow, run_id)
             events, dropped = list(history), history.dropped
         labels = await store.labels(flow, run_id) if isinstance(store, LabelStore) else {}
-        csrf = request.cookies.get(CSRF_COOKIE) or ""
-        if len(csrf) < 32:  # absent, or not one this app made
-            csrf = secrets.token_urlsafe(32)
+        csrf = request.cookies.get(cookie_name(CSRF_COOKIE, request))
+        if csrf is None or not self._csrf.valid(csrf):  # absent, or not one this app made (since it started)
+            csrf = self._csrf.issue()
         return RunView(
             base=request.scope.get("root_path", ""),
-            record=stored.record,
+            record=_aware(stored.record),
             report=report,
             events=events,
             dropped=dropped,
@@ -329,6 +396,7 @@ class _Dashboard:
             can_control=isinstance(store, Store),
             csrf=csrf,
             said=request.query_params.get("said"),
+            progress_events=request.query_params.get("progress") == "1",
             now=datetime.now(UTC),
             store=self._name,
         )
@@ -385,6 +453,10 @@ class _Dashboard:
         except RunOwned:
             return "owned"
         return "resume" if queued else "completed"
+
+    async def nothing(self, request: Request) -> Response:
+        """A path or method the dashboard does not have."""
+        return _error(request.scope.get("root_path", ""), 404, "Not found", f"no page {request.url.path!r} here")
 
     async def static(self, request: Request) -> Response:
         """The page's script and style sheet."""

@@ -87,6 +87,7 @@ class RunView:
     said: str | None
     now: datetime
     store: str
+    progress_events: bool = False  # list the step.progress events (?progress=1); else count them
 
 
 # -- the frame -----------------------------------------------------------------------------------------------
@@ -204,6 +205,7 @@ def run_live(view: RunView) -> str:
         + _actions(view)
         + _timeline(view.report, view.now)
         + _interrupts(view.report.interrupts)
+        + _attempts(view)
         + _events(view)
         + f'<p class="dim" data-part="flow-version">flow version {escape(record.flow_version)}</p>'
     )
@@ -356,20 +358,67 @@ def _interrupts(interrupts: Sequence[InterruptSignal]) -> str:
     )
 
 
+_ENDS = {"flow.completed", "flow.interrupted", "flow.failed"}
+
+
+def _attempts(view: RunView) -> str:
+    """The run's attempts, from its history: the steps table shows the latest one only (its report)."""
+    record = view.record
+    attempts: list[tuple[RunEvent, RunEvent | None]] = []
+    for event in view.events or ():
+        if event.flow != record.flow:
+            continue  # an included flow's
+        if event.event == "flow.started":
+            attempts.append((event, None))
+        elif event.event in _ENDS and attempts and attempts[-1][1] is None:
+            attempts[-1] = (attempts[-1][0], event)
+    if len(attempts) < 2:
+        return '<section data-part="attempts"></section>'
+    rows = []
+    for number, (started, ended) in enumerate(attempts, 1):
+        if ended is not None:
+            outcome = ended.event.removeprefix("flow.")
+            detail = event_detail(ended).strip(" :").removeprefix("(").removesuffix(")")
+        elif number == len(attempts) and record.status in (RunStatus.RUNNING, RunStatus.QUEUED):
+            outcome, detail = "running", ""
+        else:
+            outcome, detail = "lost", "its process ended without a word (a crash): a later attempt took the run over"
+        rows.append(
+            f"<tr><td>{number}</td><td>{_time(started.at)}</td><td>{_time(ended.at if ended else None)}</td>"
+            f"<td>{_badge(outcome)}</td><td>{escape(detail)}</td></tr>"
+        )
+    earlier = '<p class="dim">Earlier attempts\' events were dropped.</p>' if view.dropped else ""
+    return (
+        f'<section data-part="attempts"><h2>Attempts <span class="count">{len(attempts)}</span></h2>'
+        '<table class="attempts"><thead><tr><th>#</th><th>started (UTC)</th><th>ended (UTC)</th><th>outcome</th>'
+        f"<th>detail</th></tr></thead><tbody>{''.join(rows)}</tbody></table>{earlier}</section>"
+    )
+
+
 def _events(view: RunView) -> str:
     if view.events is None:
         return '<section data-part="events"><h2>Events</h2><p class="dim">This store keeps no history.</p></section>'
-    shown = list(reversed(view.events))[:SHOWN_EVENTS]
+    listed = view.events
+    toggle = ""
+    progress = sum(1 for event in listed if event.event == "step.progress")
+    if progress and not view.progress_events:
+        listed = [event for event in listed if event.event != "step.progress"]
+        href = _run_href(view.base, view.record.flow, view.record.run_id, progress="1")
+        toggle = f' <a class="toggle" id="progress-events" href="{href}">show {progress} progress events</a>'
+    elif progress:
+        href = _run_href(view.base, view.record.flow, view.record.run_id)
+        toggle = f' <a class="toggle" id="progress-events" href="{href}">hide the progress events</a>'
+    shown = list(reversed(listed))[:SHOWN_EVENTS]
     rows = "".join(
         f'<tr data-event="{escape(event.event)}"><td>{_time(event.at)}</td><td>{escape(event.event)}</td>'
         f"<td>{escape(_event_step(event, view.record.flow))}</td>"
         f"<td>{escape(event_detail(event).strip(' :'))}</td></tr>"
         for event in shown
     )
-    more = len(view.events) - len(shown) + view.dropped
+    more = len(listed) - len(shown) + view.dropped
     note = f'<p class="dim">{more} earlier events not shown.</p>' if more else ""
     return (
-        f'<section data-part="events"><h2>Events <span class="count">{len(view.events)}</span></h2>'
+        f'<section data-part="events"><h2>Events <span class="count">{len(listed)}</span>{toggle}</h2>'
         '<table class="events"><thead><tr><th>at (UTC)</th><th>event</th><th>step</th><th>detail</th></tr></thead>'
         f"<tbody>{rows}</tbody></table>{note}</section>"
     )

@@ -39,6 +39,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -435,7 +436,7 @@ def test_with_a_token_a_page_needs_it_once_and_its_buttons_work(browser: WebDriv
         browser.get(f"{base}?token={token}")
         until(browser, lambda d: attribute(d, 'tr[data-run="spin-1"]', "data-status") == "queued", "the runs list")
         assert browser.current_url == base
-        cookie = browser.get_cookie("stoppoint_token")
+        cookie = browser.get_cookie(f"stoppoint_token_{urllib.parse.urlsplit(base).port}")  # named after the port
         assert cookie is not None
         assert (cookie["value"], cookie["httpOnly"]) == (token, True)
 
