@@ -21,6 +21,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
+
 import stoppoint as sp
 
 from ._measure import Report, percentile
@@ -76,6 +78,7 @@ async def measure(report: Report, steps: int, repeats: int) -> None:
     flow = chain(steps)  # flow "chain", which the viewers watch
     samples: dict[str, list[float]] = {name: [] for name in LOADS}
     waits: dict[str, list[float]] = {name: [] for name in LOADS if LOADS[name] is not None}
+    big: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         db = Path(tmp) / "runs.db"
         async with sp.SQLiteStore(db) as store:
@@ -92,6 +95,9 @@ async def measure(report: Report, steps: int, repeats: int) -> None:
                             outcome = await flow.run(store=store, run_id="watched")
                             samples[name].append((time.perf_counter() - t0) / steps)
                         assert isinstance(outcome, sp.Completed), outcome
+                # The page of the last run, completed: 1,000 steps and its last 1,000 events (300 shown)
+                with _viewers(url, 1, 10.0, big):
+                    await anyio.sleep(3)
     for name in LOADS:
         section.add(name, statistics.median(samples[name]), baseline="alone")
     for name, times in waits.items():
@@ -101,4 +107,10 @@ async def measure(report: Report, steps: int, repeats: int) -> None:
             p99=percentile(times, 99),
             note=f"{len(times):,} requests",
         )
+    section.add(
+        f"a viewer's request, a completed run of {steps:,} steps (its page, and the runs list, in turn)",
+        statistics.median(big),
+        p99=percentile(big, 99),
+        note=f"{len(big):,} requests",
+    )
     report.target("a persisted step with one dashboard viewer <= 1.1x alone", section.get("1 viewer").ratio, 1.1)
