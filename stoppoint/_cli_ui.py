@@ -90,7 +90,7 @@ def _listening(host: str, port: int) -> Iterator[socket.socket]:
         family = infos[0][0]
         sock = socket.create_server((host, port), family=family)
     except OSError as exc:
-        why = os.strerror(exc.errno) if exc.errno else str(exc)  # create_server's own text repeats the address
+        why = exc.strerror or str(exc)  # not os.strerror(errno): a gaierror's errno is negative ("Unknown error -2")
         _fail(f"--host {host} --port {port}: cannot listen there: {why}")
     with sock:
         yield sock

@@ -46,6 +46,9 @@ __all__ = ["CSRF_COOKIE", "INTERRUPT_REASON", "TOKEN_COOKIE", "cookie_name", "da
 TOKEN_COOKIE = "stoppoint_token"  # followed by `_PORT`
 CSRF_COOKIE = "stoppoint_csrf"  # followed by `_PORT`
 INTERRUPT_REASON = "interrupted from the dashboard"
+# every method a client may try: Starlette answers a method no route lists with its own 405, unguarded, bare
+_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"]
+_PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-forwarded-host", "x-real-ip")
 _MAX_FORM = 16 * 1024  # a button's form is three short fields
 _HEADERS = {
     "Content-Security-Policy": (
@@ -84,7 +87,7 @@ def dashboard(store: BasicStore, *, token: str | None = None, name: str | None =
         raise ValueError("dashboard(token): only printable ASCII characters, no space (an HTTP header carries it)")
     if name is not None and not isinstance(name, str):
         raise TypeError(f"dashboard(name): expected a str or None, got {name!r}")
-    csrf = _Csrf()
+    csrf = _Csrf(token)
     app = _Dashboard(store, name if name is not None else repr(store), csrf)
     guard = _Guard(token, csrf)
     routes = [
@@ -94,7 +97,7 @@ def dashboard(store: BasicStore, *, token: str | None = None, name: str | None =
         # its own script and style sheet, the same for everyone: served to a page that shows why it was refused
         Route("/static/{file}", _with_headers(app.static), methods=["GET"]),
         # anything else: guarded too (what is not there is told only to those who may ask)
-        Route("/{path:path}", guard(app.nothing), methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]),
+        Route("/{path:path}", guard(app.nothing), methods=_METHODS),
     ]
     return Starlette(routes=routes)
 
@@ -112,8 +115,14 @@ def cookie_name(kind: str, request: Request) -> str:
 class _Csrf:
     """CSRF values this app made: a random part and its HMAC under a key of this app's (made at start)."""
 
-    def __init__(self) -> None:
-        self._key = secrets.token_bytes(32)
+    def __init__(self, token: str | None = None) -> None:
+        # with a token, a key derived from it: every process serving the dashboard (uvicorn --workers N) signs
+        # alike; without one (loopback only, one process), a random key
+        self._key = (
+            hmac.new(token.encode(), b"stoppoint csrf key", hashlib.sha256).digest()
+            if token is not None
+            else secrets.token_bytes(32)
+        )
 
     def _sign(self, nonce: str) -> str:
         return hmac.new(self._key, nonce.encode(), hashlib.sha256).hexdigest()[:32]
@@ -178,13 +187,19 @@ class _Guard:
 
     def _refusal(self, request: Request) -> Response | None:
         base = request.scope.get("root_path", "")
+        live = request.query_params.get("part") == "live"  # a page's poll: its badge shows the text
         if self._token is None:
             host = _host_name(request.headers.get("host", ""))
-            if not is_loopback(host):
+            # A reverse proxy on this machine addresses it by a loopback name for whoever called the proxy:
+            # a request that says it was forwarded is not from this machine
+            proxied = any(name in request.headers for name in _PROXY_HEADERS)
+            if proxied or not is_loopback(host):
                 return _error(
                     base, 403, "Not a loopback address",
-                    f"This dashboard has no token, so it answers only requests to a loopback address, not to "
-                    f"{host!r}. Serve it with --token to reach it by another name.",
+                    f"This dashboard has no token, so it answers only requests to a loopback address, made on this "
+                    f"machine: not to {host!r}{' through a proxy' if proxied else ''}. Serve it with --token to "
+                    "reach it otherwise.",
+                    live=live,
                 )  # fmt: skip
             return None
         if (
@@ -197,20 +212,21 @@ class _Guard:
             base, 401, "Token required",
             "This dashboard needs its token: open it once with ?token=TOKEN in the address (a cookie keeps it), "
             "or send the header Authorization: Bearer TOKEN.",
+            live=live,
         )  # fmt: skip
 
     def _keep_token(self, request: Request) -> Response:
         """A request authorised by `?token=`: keep the token in a cookie, and go to the same address without
         it, so that it does not stay in the address bar, nor reach the page's links."""
         query = [(key, value) for key, value in request.query_params.multi_items() if key != "token"]
-        target = request.url.path + (f"?{urlencode(query)}" if query else "")
+        target = "/" + request.url.path.lstrip("/") + (f"?{urlencode(query)}" if query else "")  # not //host
         response = RedirectResponse(target, status_code=303)
         assert self._token is not None
         response.set_cookie(
             cookie_name(TOKEN_COOKIE, request),
             self._token.decode(),
             httponly=True,
-            samesite="strict",
+            samesite="lax",  # GETs change nothing; a link from another site must not meet "Token required"
             path=_cookie_path(request),
         )
         return response
@@ -268,8 +284,12 @@ def _with_headers(endpoint: Endpoint) -> Endpoint:
 def _host_name(host_header: str) -> str:
     """The name in a Host header, without its port (`[::1]:8765` -> `::1`)."""
     if host_header.startswith("["):
-        return host_header[1:].partition("]")[0]
-    return host_header.rpartition(":")[0] if host_header.count(":") == 1 else host_header
+        name, _, rest = host_header[1:].partition("]")
+        return name if rest == "" or (rest[:1] == ":" and rest[1:].isdigit()) else host_header
+    name, _, port = host_header.rpartition(":")
+    if host_header.count(":") == 1:
+        return name if port.isdigit() else host_header
+    return host_header
 
 
 def _host_of(origin: str) -> str:

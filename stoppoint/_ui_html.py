@@ -94,6 +94,7 @@ class RunView:
 
 
 def _page(base: str, title: str, crumbs: str, live: str, store: str, *, follow: bool = True) -> str:
+    base = escape(base)  # the root path: a Mount("/{tenant}") takes it from the request
     badge = '<span id="connection" class="badge" title="live updates, every second">live</span>' if follow else ""
     return (
         "<!doctype html>\n"
@@ -127,7 +128,7 @@ def _badge(status: str) -> str:
 
 
 def _run_href(base: str, flow: str, run_id: str, **extra: str) -> str:
-    return f"{base}/run?{escape(urlencode({'flow': flow, 'id': run_id, **extra}))}"
+    return f"{escape(base)}/run?{escape(urlencode({'flow': flow, 'id': run_id, **extra}))}"
 
 
 # -- the runs list -------------------------------------------------------------------------------------------
@@ -149,7 +150,7 @@ def runs_live(view: RunsView) -> str:
         for status in RunStatus
     )
     filters = (
-        f'<form class="filters" method="get" action="{view.base}/" data-part="filters">'
+        f'<form class="filters" method="get" action="{escape(view.base)}/" data-part="filters">'
         f'<label>flow <select name="flow" data-autosubmit><option value="">all</option>{flows}</select></label>'
         f'<label>status <select name="status" data-autosubmit><option value="">all</option>{statuses}</select>'
         '</label><noscript><button type="submit">filter</button></noscript></form>'
@@ -254,7 +255,7 @@ def _actions(view: RunView) -> str:
         f'<input type="hidden" name="csrf" value="{escape(view.csrf)}">'
     )
     forms = "".join(
-        f'<form method="post" action="{view.base}/run/{action}">{hidden}'
+        f'<form method="post" action="{escape(view.base)}/run/{action}">{hidden}'
         f'<button type="submit" id="{action}" class="action {action}" title="{titles[action]}"'
         f"{'' if enabled[action] else ' disabled'}>{action}</button></form>"
         for action in ACTIONS
@@ -269,7 +270,7 @@ def _timeline(report: RunReport, now: datetime) -> str:
     start = min(starts) if starts else report.started_at
     end = report.finished_at or now
     ends = [step.finished_at for step in _all_steps(report) if step.finished_at is not None]
-    end = max([end, *ends])
+    end = max([end, *ends, *starts])
     span = max((end - start).total_seconds(), 1e-3)
     rows = "".join(_step_rows(report, start, span, now, depth=0))
     head = (
@@ -305,7 +306,7 @@ def _step_row(name: str, step: StepReport, start: datetime, span: float, now: da
     bar = ""
     if step.started_at is not None:
         ended = step.finished_at or (now if step.status is StepStatus.RUNNING else step.started_at)
-        x = max(0.0, (step.started_at - start).total_seconds() / span * 1000)
+        x = min(max(0.0, (step.started_at - start).total_seconds() / span * 1000), 996.0)
         width = max(4.0, (ended - step.started_at).total_seconds() / span * 1000)
         bar = f'<rect class="bar s-{status}" x="{x:.1f}" y="1" width="{min(width, 1000 - x):.1f}" height="8"/>'
     timeline = f'<svg class="timeline" viewBox="0 0 1000 10" preserveAspectRatio="none">{bar}</svg>'

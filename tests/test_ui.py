@@ -920,7 +920,8 @@ async def test_with_a_token_every_request_carries_it() -> None:
         assert response.headers["location"] == "/run?flow=ab&id=r1"
         set_cookie = response.headers["set-cookie"]
         assert set_cookie.startswith(f"{TOKEN_COOKIE}={TOKEN};")
-        assert {"HttpOnly", "Path=/", "SameSite=strict"} <= {part.strip() for part in set_cookie.split(";")}
+        # lax: a link from another site (a chat, a ticket) opens the page; buttons keep the strict CSRF cookie
+        assert {"HttpOnly", "Path=/", "SameSite=lax"} <= {part.strip() for part in set_cookie.split(";")}
         assert http.cookies[TOKEN_COOKIE] == TOKEN
         doc = await page(http, response.headers["location"])
         assert head_shown(doc)["status"] == "completed"
@@ -1276,3 +1277,107 @@ async def test_naive_times_of_a_third_party_store_are_taken_as_utc() -> None:
         assert re.fullmatch(r"in \d+ s", shown["held"]["lease"])
         assert list(shown) == ["held", "done"]  # newest first
         assert head_shown(await run_page(http, "ab", "done"))["status"] == "completed"
+
+
+# -- what an adversarial review found -------------------------------------------------------------------------
+
+
+async def test_without_a_token_a_request_through_a_proxy_is_refused() -> None:
+    """A reverse proxy on this machine calls the dashboard by a loopback name for whoever called the proxy."""
+    store = sp.MemoryStore()
+    await a_then_b([]).run(store=store, run_id="r1")
+    async with client(sp.dashboard(store)) as http:
+        assert (await http.get("/")).status_code == 200
+        for header in ("Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Real-IP"):
+            response = await http.get("/", headers={header: "203.0.113.5"})
+            assert response.status_code == 403, header
+            assert "through a proxy" in response.text
+            live = await http.get("/", params={"part": "live"}, headers={header: "203.0.113.5"})
+            assert live.status_code == 403
+            assert live.headers["content-type"].startswith("text/plain")  # a poll's badge shows it as text
+    async with client(sp.dashboard(store, token=TOKEN)) as http:  # with a token, the token decides
+        bearer = {"authorization": f"Bearer {TOKEN}", "X-Forwarded-For": "203.0.113.5"}
+        assert (await http.get("/", headers=bearer)).status_code == 200
+
+
+async def test_the_token_redirect_stays_on_this_site() -> None:
+    async with client(sp.dashboard(sp.MemoryStore(), token=TOKEN)) as http:
+        response = await http.get(f"{BASE}//evil.example/", params={"token": TOKEN})  # path //evil.example/
+        assert response.status_code == 303
+        assert response.headers["location"] == "/evil.example/"
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["127.0.0.1:8765@evil.example", "[::1]evil.example", "[::1]:x@evil.example", "127.0.0.1:x", "localhost:8765:1"],
+)
+async def test_a_malformed_host_header_is_not_a_loopback_name(host: str) -> None:
+    async with client(sp.dashboard(sp.MemoryStore())) as http:
+        assert (await http.get("/", headers={"host": host})).status_code == 403
+
+
+async def test_every_method_meets_the_guard() -> None:
+    async with client(sp.dashboard(sp.MemoryStore()), base_url="http://evil.example:8765") as http:
+        for method in ("OPTIONS", "TRACE", "PUT", "PATCH", "DELETE"):
+            response = await http.request(method, "/")
+            assert response.status_code == 403, method
+            assert "Content-Security-Policy" in response.headers
+
+
+async def test_a_root_path_from_the_request_is_escaped() -> None:
+    store = sp.MemoryStore()
+    await a_then_b([]).run(store=store, run_id="r1")
+    hostile = '/x"><img src=x onerror=alert(1)>'
+    outer = Starlette(routes=[Mount("/{tenant}", app=sp.dashboard(store))])
+    async with client(outer) as http:
+        response = await http.get(f"{hostile}/run", params={"flow": "ab", "id": "r1"})
+        assert response.status_code == 200
+        doc = parse(response.text)
+        assert not doc.all("img")
+        assert "onerror=alert(1)>" not in response.text
+
+
+async def test_with_a_token_every_process_signs_the_csrf_values_alike() -> None:
+    """`uvicorn --workers N`: a button's POST may reach another process than the one that served its page."""
+    store = sp.MemoryStore()
+    flow, held = held_flow()
+    bearer = {"authorization": f"Bearer {TOKEN}"}
+    one, two = sp.dashboard(store, token=TOKEN), sp.dashboard(store, token=TOKEN)
+    async with client(one, headers=bearer) as first, client(two) as second, anyio.create_task_group() as tg:
+        handle = await flow.start(tg, store=store, run_id="r1")
+        await wait_for(held.waiting)
+        fields = await form_of(first, "interrupt", "held", "r1")
+        cookies = {"cookie": f"{TOKEN_COOKIE}={TOKEN}; {CSRF_COOKIE}={first.cookies[CSRF_COOKIE]}"}
+        response = await second.post("/run/interrupt", data=fields, headers=cookies)
+        assert said_of(response, "held", "r1") == "interrupt"
+        assert isinstance(await handle.outcome(), sp.Interrupted)
+    # Without a token (loopback, one process), each app has a key of its own.
+    async with client(sp.dashboard(store)) as first, client(sp.dashboard(store)) as second:
+        fields = await form_of(first, "resume", "held", "r1")
+        cookies = {"cookie": f"{CSRF_COOKIE}={first.cookies[CSRF_COOKIE]}"}
+        assert (await second.post("/run/resume", data=fields, headers=cookies)).status_code == 403
+
+
+def test_a_step_started_after_the_dashboards_clock_still_gets_a_bar() -> None:
+    """A worker whose clock is ahead of the dashboard's (another host): no negative width, which browsers reject."""
+    from datetime import UTC, datetime, timedelta
+
+    from stoppoint._ui_html import RunView, run_live
+
+    now = datetime.now(UTC)
+    ahead = now + timedelta(seconds=30)
+    report = sp.RunReport(
+        run_id="r1",
+        flow="ab",
+        started_at=ahead,
+        steps={"a": sp.StepReport(name="a", status=sp.StepStatus.RUNNING, started_at=ahead)},
+    )
+    record = sp.RunRecord(
+        flow="ab", run_id="r1", flow_version="1", status=sp.RunStatus.RUNNING, started_at=ahead, updated_at=ahead
+    )
+    view = RunView("", record, report, [], 0, {}, True, "c.s", None, now, "store")
+    rect = parse(run_live(view)).one("tr", data_step="a").one("rect")
+    x, width = float(rect.attrs["x"] or ""), float(rect.attrs["width"] or "")
+    assert 0 <= x <= 996
+    assert width > 0
+    assert x + width <= 1000
