@@ -31,7 +31,7 @@ MIN_TOKEN = 16  # characters: a token guards a control surface; `secrets.token_u
 
 
 async def cmd_ui(args: argparse.Namespace, signals: CommandSignals) -> int:
-    from ._ui import is_loopback
+    from ._ui_guard import is_loopback
 
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
     if token is not None and not (token.isascii() and token.isprintable() and " " not in token and ";" not in token):

@@ -24,7 +24,7 @@ import pytest
 import stoppoint as sp
 from stoppoint._cli import main
 from stoppoint._cli_ui import TOKEN_ENV
-from stoppoint._ui import TOKEN_COOKIE
+from stoppoint._ui_guard import TOKEN_COOKIE
 
 from .conftest import a_then_b
 from .test_cli_worker import FLOWS, submitted

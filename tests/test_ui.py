@@ -1,6 +1,6 @@
-"""The dashboard (`sp.dashboard(store)`, `stoppoint/_ui.py`): its pages over every store, on both backends, with
-real runs (running, queued, orphaned, interrupted, failed, completed), its buttons, and its guard (token, loopback
-rule, CSRF, security headers). `tests/test_cli_ui.py` serves it with `stoppoint ui`.
+"""The dashboard (`sp.dashboard(store)`, `stoppoint/_ui.py` and `_ui_guard.py`): its pages over every store, on
+both backends, with real runs (running, queued, orphaned, interrupted, failed, completed), its buttons, and its
+guard (token, loopback rule, CSRF, security headers). `tests/test_cli_ui.py` serves it with `stoppoint ui`.
 
 The app is driven in-process through httpx's ASGI transport; its pages are parsed (`parse`) so that the tests
 read what a browser shows, cell by cell. The order of things comes from the runs' own steps (anyio events they
@@ -30,9 +30,10 @@ import stoppoint as sp
 import stoppoint._persist
 from stoppoint._flow import plan_of
 from stoppoint._launch import new_state
-from stoppoint._ui import CSRF_COOKIE as CSRF_PREFIX
-from stoppoint._ui import INTERRUPT_REASON, is_loopback
-from stoppoint._ui import TOKEN_COOKIE as TOKEN_PREFIX
+from stoppoint._ui import INTERRUPT_REASON
+from stoppoint._ui_guard import CSRF_COOKIE as CSRF_PREFIX
+from stoppoint._ui_guard import TOKEN_COOKIE as TOKEN_PREFIX
+from stoppoint._ui_guard import is_loopback
 from stoppoint._ui_html import SAID
 from stoppoint.testing import interrupt_at
 
