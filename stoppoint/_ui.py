@@ -48,8 +48,10 @@ def dashboard(store: BasicStore, *, token: str | None = None, name: str | None =
     Args:
         store: Any store, opened (`async with store:`) for as long as the app serves. With a `BasicStore`
             the pages show runs but have no buttons (it takes no interrupts).
-        token: When given, every request must carry it (see the module's docstring); give one whenever the
-            app can be reached from anything but this machine's loopback.
+        token: When given, every request must carry it: the header `Authorization: Bearer TOKEN`, or the cookie
+            that opening a page once as `?token=TOKEN` sets. Without one, only requests made on this machine to a
+            loopback name are answered: give one whenever the app can be reached otherwise (a reverse proxy
+            included). See "The dashboard" in the "Observing runs" guide.
         name: How the pages name the store (default: its repr).
 
     Raises:

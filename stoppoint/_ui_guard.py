@@ -63,6 +63,7 @@ _HEADERS = {
 
 
 def sendable(token: str) -> bool:
+    """Whether a header (`Authorization: Bearer`) and a cookie can carry `token` as it is."""
     return token.isascii() and token.isprintable() and " " not in token and ";" not in token
 
 
@@ -73,7 +74,8 @@ def cookie_name(kind: str, request: Request) -> str:
 
 
 class Csrf:
-    """CSRF values this app made: a random part and its HMAC under a key of this app's (made at start)."""
+    """CSRF values this app made: a random part and its HMAC under the app's key (derived from the token, or
+    random), so that a value planted in a cookie by another page of the host is not taken."""
 
     def __init__(self, token: str | None = None) -> None:
         # with a token, a key derived from it: every process serving the dashboard (uvicorn --workers N) signs
