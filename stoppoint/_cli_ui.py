@@ -31,10 +31,16 @@ MIN_TOKEN = 16  # characters: a token guards a control surface; `secrets.token_u
 
 
 async def cmd_ui(args: argparse.Namespace, signals: CommandSignals) -> int:
-    from ._ui_guard import is_loopback
+    try:  # first: the guard's checks below are the dashboard's own, and need its extra too
+        import uvicorn
 
+        from ._ui import dashboard
+        from ._ui_guard import is_loopback, sendable
+    except ImportError as exc:
+        missing = (exc.name or "a module").partition(".")[0]  # the package, not the submodule that failed
+        _fail(f'stoppoint ui needs the "ui" extra ({missing} is missing): pip install "stoppoint[ui]"')
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
-    if token is not None and not (token.isascii() and token.isprintable() and " " not in token and ";" not in token):
+    if token is not None and not sendable(token):
         _fail("--token: only printable ASCII characters, no space nor ';' (a header and a cookie carry it)")
     if token is not None and len(token) < MIN_TOKEN:
         _fail(
@@ -46,16 +52,10 @@ async def cmd_ui(args: argparse.Namespace, signals: CommandSignals) -> int:
             f"--host {args.host}: not a loopback address; the dashboard can stop runs, so serving it to other "
             f"machines needs --token TOKEN (or {TOKEN_ENV}), which every request must carry"
         )
-    try:
-        import uvicorn
-
-        from ._ui import dashboard
-    except ImportError as exc:
-        _fail(f'stoppoint ui needs the "ui" extra ({exc.name} is missing): pip install "stoppoint[ui]"')
     with _listening(args.host, args.port) as sock:
         async with _store(args.store, schema=args.schema) as store:
             app = dashboard(store, token=token, name=store_name(store))
-            server = _Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
+            server = _server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off"))
             host, port = sock.getsockname()[:2]
             shown = f"[{host}]" if ":" in host else host
             again = shlex.join(["stoppoint", "ui", *store_words(args.store, args.schema)])
@@ -96,22 +96,17 @@ def _listening(host: str, port: int) -> Iterator[socket.socket]:
         yield sock
 
 
-def _server_class() -> Any:
+def _server(config: Any) -> Any:
+    """A uvicorn server without its own signal handlers: the command's own SIGINT and SIGTERM (`_cli_signals`),
+    and stop it through `should_exit`. The class is made here: uvicorn is an optional extra."""
     import uvicorn
 
     class Server(uvicorn.Server):
-        """uvicorn's server without its own signal handlers: the command's (`_cli_signals`) own SIGINT and
-        SIGTERM, and stop it through `should_exit`."""
-
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
             yield
 
-    return Server
-
-
-def _Server(config: Any) -> Any:
-    return _server_class()(config)
+    return Server(config)
 
 
 def add_command(commands: Any, store_help: str) -> dict[str, Any]:

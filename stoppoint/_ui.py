@@ -28,6 +28,7 @@ from ._ui_guard import (
     METHODS,
     Csrf,
     Guard,
+    base_of,
     cookie_name,
     cookie_path,
     error_response,
@@ -63,7 +64,9 @@ def dashboard(store: BasicStore, *, token: str | None = None, name: str | None =
     if token is not None and (not isinstance(token, str) or not token):
         raise TypeError(f"dashboard(token): expected a non-empty str or None, got {token!r}")
     if token is not None and not sendable(token):
-        raise ValueError("dashboard(token): only printable ASCII characters, no space (an HTTP header carries it)")
+        raise ValueError(
+            "dashboard(token): only printable ASCII characters, no space nor ';' (a header and a cookie carry it)"
+        )
     if name is not None and not isinstance(name, str):
         raise TypeError(f"dashboard(name): expected a str or None, got {name!r}")
     csrf = Csrf(token)
@@ -109,7 +112,7 @@ class _Dashboard:
 
     async def runs(self, request: Request) -> Response:
         """The runs list, filtered by `?flow=` and `?status=`."""
-        base = request.scope.get("root_path", "")
+        base = base_of(request)
         live = request.query_params.get("part") == "live"
         flow = request.query_params.get("flow") or None
         status_text = request.query_params.get("status") or None
@@ -136,7 +139,7 @@ class _Dashboard:
 
     async def run(self, request: Request) -> Response:
         """One run's page: `?flow=F&id=RUN_ID`."""
-        base = request.scope.get("root_path", "")
+        base = base_of(request)
         live = request.query_params.get("part") == "live"
         flow, run_id = request.query_params.get("flow"), request.query_params.get("id")
         if not flow or not run_id:
@@ -179,7 +182,7 @@ class _Dashboard:
         if csrf is None or not self._csrf.valid(csrf):  # absent, or not one this app made (since it started)
             csrf = self._csrf.issue()
         return RunView(
-            base=request.scope.get("root_path", ""),
+            base=base_of(request),
             record=_aware(stored.record),
             report=report,
             events=events,
@@ -195,7 +198,7 @@ class _Dashboard:
 
     async def act(self, request: Request) -> Response:
         """A button: interrupt, force or resume the run the form names; back to its page, saying what it did."""
-        base = request.scope.get("root_path", "")
+        base = base_of(request)
         action = request.path_params["action"]
         form: dict[str, str] = request.state.form or {}
         flow, run_id = form.get("flow"), form.get("id")
@@ -248,9 +251,7 @@ class _Dashboard:
 
     async def nothing(self, request: Request) -> Response:
         """A path or method the dashboard does not have."""
-        return error_response(
-            request.scope.get("root_path", ""), 404, "Not found", f"no page {request.url.path!r} here"
-        )
+        return error_response(base_of(request), 404, "Not found", f"no page {request.url.path!r} here")
 
     async def static(self, request: Request) -> Response:
         """The page's script and style sheet."""

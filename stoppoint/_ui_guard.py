@@ -34,6 +34,7 @@ __all__ = [
     "Csrf",
     "Endpoint",
     "Guard",
+    "base_of",
     "cookie_name",
     "cookie_path",
     "error_response",
@@ -148,7 +149,7 @@ class Guard:
         return scheme.lower() == "bearer" and self._matches(given.strip())
 
     def _refusal(self, request: Request) -> Response | None:
-        base = request.scope.get("root_path", "")
+        base = base_of(request)
         live = request.query_params.get("part") == "live"  # a page's poll: its badge shows the text
         if self._token is None:
             host = _host_name(request.headers.get("host", ""))
@@ -194,7 +195,7 @@ class Guard:
         return response
 
     def _csrf_refusal(self, request: Request) -> Response | None:
-        base = request.scope.get("root_path", "")
+        base = base_of(request)
         origin = request.headers.get("origin")
         site = request.headers.get("sec-fetch-site")
         # `Origin: null` (a form of a page whose Referrer-Policy is no-referrer, a sandboxed frame) says nothing of
@@ -248,8 +249,13 @@ def _host_of(origin: str) -> str:
     return origin.partition("://")[2].rstrip("/").lower()
 
 
+def base_of(request: Request) -> str:
+    """Where the dashboard is mounted (its root path, `""` at the root): its links start with it."""
+    return str(request.scope.get("root_path", ""))
+
+
 def cookie_path(request: Request) -> str:
-    return str(request.scope.get("root_path", "")) or "/"
+    return base_of(request) or "/"
 
 
 async def form_fields(request: Request) -> dict[str, str] | None:

@@ -244,3 +244,30 @@ def test_a_token_option_on_the_loopback_wins_over_the_environments(tmp_path: Pat
         assert runs_shown(parse(listed.text)) == {}
     code, _, err = stopped(proc, signal.SIGTERM)
     assert code == 0, err
+
+
+@pytest.mark.parametrize("missing", ["starlette", "uvicorn"])
+def test_without_the_ui_extra_it_says_what_to_install(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    missing: str,
+) -> None:
+    """One line naming the extra, not a traceback: the guard's own checks need starlette too."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    for name in [name for name in sys.modules if name == missing or name.startswith(f"{missing}.")]:
+        monkeypatch.delitem(sys.modules, name)
+    for name in ("stoppoint._ui", "stoppoint._ui_guard", "stoppoint._ui_html"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setitem(sys.modules, missing, None)  # `import missing` raises ImportError
+    assert main(["ui", "--port", "0"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert (
+        err
+        == 'stoppoint: error: stoppoint ui needs the "ui" extra ('
+        + missing
+        + ' is missing): pip install "stoppoint[ui]"\n'
+    )
+    assert not (tmp_path / ".stoppoint").exists()
